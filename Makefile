@@ -1,0 +1,43 @@
+# distributed_bism: set-up, tests and the demo.
+# `make demo` and `make test` build .venv on first use; later runs only check a stamp.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test demo bench bench-deps clean-venv
+
+setup: $(STAMP)
+
+# The stamp is rebuilt when the dependency spec changes. A venv whose interpreter no
+# longer runs (moved, or Python upgraded underneath it) is stale and is recreated.
+$(STAMP): pyproject.toml constraints.txt
+	@if [ -x $(PY) ] && $(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then \
+		echo "[setup] updating $(VENV)"; \
+	else \
+		echo "[setup] creating $(VENV) with $(PYTHON)"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); \
+		$(PIP) install -q -U pip; \
+	fi
+	@# torch first, exactly pinned: this resolves to the local CPU build (STACK.md).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dist,dev]'
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c constraints.txt deepspeed==0.19.8
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/bism demo
+
+# The `higher` library is the reference implementation's unroll; only the benchmark uses it.
+bench-deps: setup
+	$(PIP) install -q --no-deps higher==0.2.1
+
+bench: bench-deps
+	$(PY) bench/bench_bilevel.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,244 @@
+"""Typed configuration: one dataclass per component, composed into `Config`.
+
+Configs load from YAML or dicts and take dotted overrides (`objective.unroll_steps=5`). Unknown
+keys and wrong types raise `ConfigError` naming the offending key; value checks live in each
+component's `__post_init__`, so a `Config` that exists is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "checkerboard"
+    n_train: int = 50_000
+    n_test: int = 10_000
+    seed: int = 0  # the synthetic sets are drawn from this seed, independent of training
+
+    def __post_init__(self) -> None:
+        _check(self.n_train > 0 and self.n_test > 0, "data.n_train/n_test", "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "grbm"  # grbm | conv
+    h_dim: int = 4
+    init_std: float = 0.01  # grbm: std of the initial W
+    ch: int = 64  # conv: base width
+    blocks_per_stage: int = 1  # conv
+    coupling_dim: int | None = None  # conv: defaults to h_dim
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("grbm", "conv"), "model.name", f"unknown model {self.name!r}; expected grbm or conv")
+        _check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
+        _check(self.ch > 0 and self.blocks_per_stage >= 0, "model.ch/blocks_per_stage", "must be positive")
+
+
+@dataclass
+class PosteriorConfig:
+    name: str = "bernoulli"  # bernoulli | gaussian
+    hidden: list[int] = field(default_factory=list)  # bernoulli: () = linear logits; gaussian mlp widths
+    temperature: float = 0.1  # bernoulli Gumbel-sigmoid τ
+    encoder: str = "conv"  # gaussian: conv | mlp
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("bernoulli", "gaussian"), "posterior.name",
+               f"unknown posterior {self.name!r}; expected bernoulli or gaussian")
+        _check(self.temperature > 0, "posterior.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.encoder in ("conv", "mlp"), "posterior.encoder", f"expected conv or mlp, got {self.encoder!r}")
+
+
+BILEVEL_OBJECTIVES = ("bidsm", "bimdsm", "bissm")
+SINGLE_LEVEL_OBJECTIVES = ("dsm", "mdsm", "ssm", "cd", "pcd")
+OBJECTIVES = BILEVEL_OBJECTIVES + SINGLE_LEVEL_OBJECTIVES
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "bidsm"
+    sigma: float = 0.05  # (Bi)DSM noise level
+    sigma_begin: float = 0.05  # (Bi)MDSM schedule
+    sigma_end: float = 1.2
+    sigma_schedule: str = "linear"  # linear | geometric
+    sigma0: float = 0.1  # (Bi)MDSM target scale
+    lower_level: str = "kl"  # kl | fisher
+    warmup_steps: int = 5  # N: persistent lower-level steps per iteration
+    unroll_steps: int = 0  # K: differentiable lower-level steps per iteration
+    unroll_optimizer: str = "adam"  # sgd | adam
+    unroll_lr: float | None = None  # None: the posterior optimiser's lr
+    num_particles: int = 1
+    cd_steps: int = 1  # (P)CD: Gibbs sweeps per iteration
+    # Not the reference estimator: one noise draw for all inner steps of an iteration, so f(ṽ)
+    # is computed once. Cheaper unrolling, more correlated inner steps.
+    share_inner_noise: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.name in OBJECTIVES, "objective.name", f"unknown objective {self.name!r}; expected one of {OBJECTIVES}")
+        _check(self.warmup_steps >= 0, "objective.warmup_steps", f"N must be >= 0, got {self.warmup_steps}")
+        _check(self.unroll_steps >= 0, "objective.unroll_steps", f"K must be >= 0, got {self.unroll_steps}")
+        for key in ("sigma", "sigma_begin", "sigma_end", "sigma0"):
+            _check(getattr(self, key) > 0, f"objective.{key}", f"must be > 0, got {getattr(self, key)}")
+        _check(self.sigma_schedule in ("linear", "geometric"), "objective.sigma_schedule",
+               f"expected linear or geometric, got {self.sigma_schedule!r}")
+        _check(self.lower_level in ("kl", "fisher"), "objective.lower_level",
+               f"expected kl or fisher, got {self.lower_level!r}")
+        _check(self.unroll_optimizer in ("sgd", "adam"), "objective.unroll_optimizer",
+               f"expected sgd or adam, got {self.unroll_optimizer!r}")
+        _check(self.unroll_lr is None or self.unroll_lr > 0, "objective.unroll_lr", f"must be > 0, got {self.unroll_lr}")
+        _check(self.num_particles >= 1, "objective.num_particles", f"must be >= 1, got {self.num_particles}")
+        _check(self.cd_steps >= 1, "objective.cd_steps", f"must be >= 1, got {self.cd_steps}")
+
+    @property
+    def bilevel(self) -> bool:
+        return self.name in BILEVEL_OBJECTIVES
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # θ
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    posterior_lr: float = 1e-3  # φ
+    posterior_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "constant"  # constant | cosine
+    min_lr: float = 1e-6  # cosine floor
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.posterior_lr > 0, "optim.posterior_lr", f"must be > 0, got {self.posterior_lr}")
+        for key in ("betas", "posterior_betas"):
+            b = getattr(self, key)
+            _check(len(b) == 2 and all(0 <= x < 1 for x in b), f"optim.{key}", f"need two values in [0, 1), got {b}")
+        _check(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 2_000
+    batch_size: int = 100
+    seed: int = 0
+    log_every: int = 200
+    eval_every: int = 1_000
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "log_every", "eval_every"):
+            _check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int or tp is bool or tp is str:
+        _check(type(value) is tp, key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (valid keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        kwargs[name] = from_dict(tp, value, f"{key}.") if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__})") from e
+    apply_overrides(data, overrides or [])
+    return from_dict(Config, data)

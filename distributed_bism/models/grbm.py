@@ -1,0 +1,132 @@
+"""Gaussian-Bernoulli RBM in the reference parametrisation (METHODS.md §2).
+
+    E(v, h) = ½ Σ_i (v_i − b_i)² / σ_i² − cᵀh − vᵀWh,        h ∈ {0, 1}^H
+    F(v)    = ½ Σ_i (v_i − b_i)² / σ_i² − Σ_j softplus(c_j + (Wᵀv)_j)
+    p(h|v)  = sigmoid(c + Wᵀv)
+    p(v|h)  = N(b + σ² ⊙ W h, diag σ²)
+    ∇_v log p(v) = −(v − b) / σ² + W sigmoid(c + Wᵀv)
+
+Shapes: v is (B, D); h is (B, H) or, for several particles, (L, B, H). log σ is learned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# 2^20 configurations is the most that enumeration of h is allowed to visit.
+MAX_ENUMERABLE_H = 20
+
+
+class GaussianRBM(nn.Module):
+    """Gaussian RBM with learned per-pixel log σ.
+
+    Args:
+        v_dim: D, the number of visible units.
+        h_dim: H, the number of binary hidden units.
+        init_std: standard deviation of the initial W.
+        init_log_sigma: initial value of every log σ_i.
+    """
+
+    def __init__(self, v_dim: int, h_dim: int, *, init_std: float = 0.01, init_log_sigma: float = 0.0):
+        super().__init__()
+        if v_dim <= 0 or h_dim <= 0:
+            raise ValueError(f"GaussianRBM needs v_dim > 0 and h_dim > 0, got v_dim={v_dim}, h_dim={h_dim}")
+        self.v_dim, self.h_dim = v_dim, h_dim
+        self.W = nn.Parameter(torch.randn(v_dim, h_dim) * init_std)
+        self.b = nn.Parameter(torch.zeros(v_dim))
+        self.c = nn.Parameter(torch.zeros(h_dim))
+        self.log_sigma = nn.Parameter(torch.full((v_dim,), float(init_log_sigma)))
+
+    # ----------------------------------------------------------------- energies
+    def _check_v(self, v: Tensor) -> Tensor:
+        if v.dim() != 2 or v.shape[1] != self.v_dim:
+            raise ValueError(f"GaussianRBM expects v of shape (B, {self.v_dim}), got {tuple(v.shape)}")
+        return v
+
+    def _quadratic(self, v: Tensor) -> Tensor:
+        """½ Σ_i (v_i − b_i)²/σ_i², shape (B,)."""
+        return 0.5 * (((v - self.b) * torch.exp(-self.log_sigma)) ** 2).sum(-1)
+
+    def forward(self, v: Tensor, h: Tensor | None = None) -> Tensor:
+        """Joint energy E(v, h): v (B, D), h (B, H) or (L, B, H) → (B,) or (L, B).
+
+        With h=None this is the free energy F(v), (B,): the baselines call it through the same
+        forward, so that a DDP wrapper sees the call.
+        """
+        self._check_v(v)
+        if h is None:
+            return self.free_energy(v)
+        if h.shape[-1] != self.h_dim:
+            raise ValueError(f"GaussianRBM expects h with last dim {self.h_dim}, got {tuple(h.shape)}")
+        return self._quadratic(v) - h @ self.c - ((v @ self.W) * h).sum(-1)
+
+    energy = forward
+
+    def posterior_logits(self, v: Tensor) -> Tensor:
+        """Logits of the exact p(h|v): c + Wᵀv, shape (B, H)."""
+        return self._check_v(v) @ self.W + self.c
+
+    def free_energy(self, v: Tensor) -> Tensor:
+        """F(v) = −log Σ_h exp(−E(v, h)), shape (B,)."""
+        return self._quadratic(v) - F.softplus(self.posterior_logits(v)).sum(-1)
+
+    def score(self, v: Tensor) -> Tensor:
+        """Exact marginal score ∇_v log p(v) = −(v−b)/σ² + W sigmoid(c + Wᵀv), shape (B, D)."""
+        var = torch.exp(2 * self.log_sigma)
+        return -(v - self.b) / var + torch.sigmoid(self.posterior_logits(v)) @ self.W.T
+
+    # ----------------------------------------------------------------- sampling
+    def visible_mean(self, h: Tensor) -> Tensor:
+        """Mean of p(v|h): b + σ² ⊙ W h, for h (..., H) → (..., D)."""
+        return self.b + torch.exp(2 * self.log_sigma) * (h @ self.W.T)
+
+    def sample_h(self, v: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """h ~ p(h|v), binary, shape (B, H)."""
+        probs = torch.sigmoid(self.posterior_logits(v))
+        return torch.bernoulli(probs, generator=generator)
+
+    def sample_v(self, h: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """v ~ p(v|h), shape (B, D)."""
+        mean = self.visible_mean(h)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + torch.exp(self.log_sigma) * noise
+
+    def gibbs_step(self, v: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One block-Gibbs sweep v → h ~ p(h|v) → v' ~ p(v|h), shape (B, D)."""
+        return self.sample_v(self.sample_h(v, generator), generator)
+
+    # ------------------------------------------------------------ partition fn
+    def log_partition(self, *, chunk_size: int = 1 << 14) -> Tensor:
+        """Exact log Z by enumerating all 2^H hidden states, in chunks of `chunk_size`.
+
+        log Z = (D/2) log 2π + Σ_i log σ_i + logsumexp_h [ (c + Wᵀb)ᵀh + ½ ‖σ ⊙ (W h)‖² ]
+
+        Memory is O(chunk_size · max(D, H)) whatever H is. Raises ValueError for H > 20.
+        """
+        H = self.h_dim
+        if H > MAX_ENUMERABLE_H:
+            raise ValueError(
+                f"exact log Z enumerates 2^H hidden states; H={H} exceeds the limit of {MAX_ENUMERABLE_H}"
+                " (use an AIS estimate instead)"
+            )
+        linear = self.c + self.b @ self.W  # (H,)
+        sigma = torch.exp(self.log_sigma)
+        bits = 2 ** torch.arange(H, device=self.W.device)
+        partial = []
+        for start in range(0, 2**H, chunk_size):
+            idx = torch.arange(start, min(start + chunk_size, 2**H), device=self.W.device)
+            h = ((idx[:, None] & bits) > 0).to(self.W.dtype)  # (n, H)
+            term = h @ linear + 0.5 * ((h @ self.W.T) * sigma).pow(2).sum(-1)
+            partial.append(torch.logsumexp(term, 0))
+        log_norm = 0.5 * self.v_dim * math.log(2 * math.pi) + self.log_sigma.sum()
+        return log_norm + torch.logsumexp(torch.stack(partial), 0)
+
+    def log_likelihood(self, v: Tensor, *, log_z: Tensor | None = None) -> Tensor:
+        """Exact log p(v) = −F(v) − log Z, shape (B,). Pass `log_z` to reuse it across batches."""
+        if log_z is None:
+            log_z = self.log_partition()
+        return -self.free_energy(v) - log_z
