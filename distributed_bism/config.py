@@ -181,6 +181,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                f"expected a number, got {type(value).__name__} {value!r}")
         return float(value)
