@@ -152,6 +152,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def __post_init__(self) -> None:
+        # The single-level baselines use the exact free energy, which only the GRBM has.
+        _check(self.objective.bilevel or self.model.name == "grbm", "objective.name",
+               f"{self.objective.name} needs the exact free energy of model.name=grbm, got model.name={self.model.name}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

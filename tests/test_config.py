@@ -21,10 +21,12 @@ from distributed_bism.config import Config, ConfigError, ObjectiveConfig, from_d
     ("optim.betas=[0.9]", "optim.betas: need two values"),
     ("trainer.batch_size=abc", "trainer.batch_size: expected int, got str 'abc'"),
     ("nosuch.key=1", "nosuch: unknown key"),
+    ("model.name=conv", "objective.name: dsm needs the exact free energy of model.name=grbm"),
 ])
 def test_bad_values_name_the_key(override, message):
+    base = ["objective.name=dsm"] if override.startswith("model.name") else []
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, base + [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
