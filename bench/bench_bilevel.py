@@ -78,10 +78,11 @@ class BenchConfig:
     check: bool = True  # run the ours-vs-higher gradient equivalence check in this child
 
 
-# Default repeats are sized so the whole run takes about 10 minutes single-threaded on a small
-# CPU box. A conv iteration costs seconds (an 11M-parameter ResNet, differentiated twice), up to
-# a minute at batch 64 and K=10, so the conv configurations get one or two repeats; raise them
-# with --repeats on a bigger machine. The GRBM costs milliseconds and gets many.
+# Repeats are the fewest that still give a median: the default run takes ~13 minutes single-
+# threaded on a 2-core cloud VM, ~60% of it in conv-b64. A conv iteration costs seconds (an
+# 11M-parameter ResNet, differentiated twice), over a minute at batch 64 and K=10, so the conv
+# configurations get one or two repeats; raise them with --repeats on a bigger machine. The
+# GRBM costs milliseconds and gets many.
 FULL_CONFIGS = (
     BenchConfig("grbm", "grbm", 100, warmup_iters=3, warmup_per_k=3, repeats=30, plain_repeats=100),
     BenchConfig("conv-b16", "conv", 16, repeats=2, plain_repeats=3),
@@ -343,7 +344,9 @@ def equivalence_check(model: str, batch: int, seed: int, k: int = 2) -> dict[str
         torch.manual_seed(seed + 1)  # the same noise stream for both
         losses[name] = impl.iteration(step_theta=False)
         s = impl.s
-        grads[name] = torch.cat([p.grad.flatten() for p in s.energy.parameters()])
+        # A parameter J does not reach has no .grad (the GRBM's hidden bias c at K=0): count it as 0.
+        grads[name] = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                                 for p in s.energy.parameters()])
         phis[name] = torch.cat([p.detach().flatten() for p in s.posterior.parameters()])
     g, gh = grads["ours"].double(), grads["higher"].double()  # float32 sums over 11M entries drift
     return {
@@ -448,18 +451,37 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, all cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def spawn_child(spec: ChildSpec) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter and return its result."""
+    """Run one configuration in a fresh interpreter and return its result, with how many cores
+    other processes kept busy meanwhile (machine busy time minus the child's own CPU time)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
     payload = json.dumps({**asdict(spec), "config": asdict(spec.config)})
-    load0 = os.getloadavg()
+    load0, (busy0, steal0), own0, t0 = os.getloadavg(), machine_cpu_s(), children_cpu_s(), time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", payload], env=env, stdout=subprocess.PIPE,
                           text=True, check=False)
+    wall = time.perf_counter() - t0
+    (busy1, steal1), own1 = machine_cpu_s(), children_cpu_s()
     if proc.returncode != 0:
         raise RuntimeError(f"child for {spec.config.name} failed with exit status {proc.returncode}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK))
     result = json.loads(line[len(RESULT_MARK):])
     result["loadavg_before_after"] = [load0, os.getloadavg()]
+    result["child_wall_s"] = wall
+    result["other_processes_cores"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    result["steal_cores"] = (steal1 - steal0) / wall
     return result
 
 
@@ -547,6 +569,8 @@ def print_table(results: dict[str, Any]) -> None:
                            f"(={s['impl'][i]['fit_slope_over_plain']:.2f} plain)" for i in IMPLS)
         print(f"{name:<9} plain lower-level step: ours {_fmt_s(p['ours'])}, higher {_fmt_s(p['higher'])};"
               f" fitted slope: {slopes}")
+        print(f"{name:<9} other processes kept {res['other_processes_cores']:.2f} cores busy meanwhile "
+              f"(steal {res['steal_cores']:.2f}); memory method {res['memory_method']}")
         if "equivalence" in res:
             e = res["equivalence"]
             print(f"{name:<9} equivalence at K={e['K']}: dJ/dθ rel. err {e['grad_rel_err']:.2e}, "
@@ -614,11 +638,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs = [replace(c, repeats=args.repeats) for c in configs]
 
     info = machine_info(args.threads)
-    if info["loadavg_start"][0] > 0.5:
+    busy0, _ = machine_cpu_s()
+    time.sleep(1.0)
+    info["busy_cores_at_start"] = machine_cpu_s()[0] - busy0
+    if info["busy_cores_at_start"] > 0.2:
         # Another process is using the CPU: absolute times will be inflated, and with more than
         # one thread every parallel region can stall a whole scheduler time slice.
-        print(f"warning: load average {info['loadavg_start'][0]:.2f} at start; timings are contaminated",
-              file=sys.stderr)
+        print(f"warning: other processes keep {info['busy_cores_at_start']:.1f} cores busy; "
+              "timings will be contaminated", file=sys.stderr)
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
     for cfg in configs:
