@@ -32,7 +32,6 @@ import ctypes
 import gc
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import resource
@@ -40,19 +39,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from bench_report import plot, print_headline, print_table, summarise
+from bilevel_impls import IMPL_LABELS, IMPLS, equivalence_check, make_impl
 
 RESULT_MARK = "@@BENCH_RESULT@@ "
-IMPLS = ("ours", "ours_shared", "higher")
-IMPL_LABELS = {
-    "ours": "ours (functional unroll)",
-    "ours_shared": "ours, share_inner_noise=True (different estimator)",
-    "higher": "higher 0.2.1 (reference formulation)",
-}
-WARMUP_STEPS = 5  # N, as in the reference configs
 
 
 # ============================================================================ configuration
@@ -153,212 +148,7 @@ class PeakRSS:
         return (peak - self._base_kib) / 1024
 
 
-# ============================================================================ the models
-@dataclass
-class Setup:
-    """Models, optimisers and data of one implementation (each owns its own copies)."""
-
-    energy: Any
-    posterior: Any
-    opt_energy: Any
-    opt_posterior: Any
-    v: Any
-    lr: float
-    betas: tuple[float, float]
-    objective_kwargs: dict[str, Any]
-
-
-def build_setup(model: str, batch: int, seed: int) -> Setup:
-    """Identically seeded models and data for configuration `model` at batch size `batch`."""
-    import torch
-
-    from distributed_bism.models import BernoulliPosterior, ConvEBLVM, GaussianPosterior, GaussianRBM
-
-    torch.manual_seed(seed)
-    if model == "grbm":
-        # Checkerboard GRBM (METHODS.md §2): Adam 1e-3, BiDSM σ = 0.05, KL lower level.
-        energy, posterior = GaussianRBM(2, 4), BernoulliPosterior(2, 4, temperature=0.1)
-        v = torch.rand(batch, 2)
-        lr, betas = 1e-3, (0.9, 0.999)
-        obj = dict(name="bidsm", sigma=0.05, lower_level="kl")
-    elif model == "conv":
-        # MNIST-sized deep EBLVM: BiMDSM σ ∈ linspace[0.05, 1.2], σ0 = 0.1, Fisher lower level.
-        energy = ConvEBLVM((1, 32, 32), 20, ch=64, blocks_per_stage=1)
-        posterior = GaussianPosterior((1, 32, 32), 20, encoder="conv")
-        v = torch.rand(batch, 1, 32, 32)
-        lr, betas = 1e-4, (0.9, 0.95)
-        obj = dict(name="bimdsm", sigma_begin=0.05, sigma_end=1.2, sigma_schedule="linear", sigma0=0.1,
-                   lower_level="fisher")
-    else:
-        raise ValueError(f"unknown model {model!r}")
-    return Setup(energy, posterior, torch.optim.Adam(energy.parameters(), lr, betas=betas),
-                 torch.optim.Adam(posterior.parameters(), lr, betas=betas), v, lr, betas, obj)
-
-
-def objective_config(setup: Setup, unroll_steps: int, share_inner_noise: bool = False) -> Any:
-    from distributed_bism.config import ObjectiveConfig
-
-    return ObjectiveConfig(**setup.objective_kwargs, warmup_steps=WARMUP_STEPS, unroll_steps=unroll_steps,
-                           unroll_optimizer="adam", share_inner_noise=share_inner_noise)
-
-
-# ============================================================================ implementations
-class Impl(Protocol):
-    s: Setup
-
-    def set_unroll(self, k: int) -> None: ...
-
-    def iteration(self, *, step_theta: bool = True) -> float:
-        """One whole iteration; returns the higher-level loss (to check it stays finite)."""
-        ...
-
-    def plain_step(self) -> None:
-        """One ordinary lower-level optimiser step on φ (θ frozen)."""
-        ...
-
-
-class Ours:
-    """distributed_bism's BilevelStep, built exactly as the trainer builds it."""
-
-    def __init__(self, setup: Setup, *, share_inner_noise: bool = False):
-        from distributed_bism.bilevel import BilevelStep
-        from distributed_bism.objectives import get_objective
-
-        self.s, self.share = setup, share_inner_noise
-        self.objective = get_objective(objective_config(setup, 0, share_inner_noise))
-        self.plain = BilevelStep(self.objective, warmup_steps=1)  # one warm-up step = one plain step
-        self.set_unroll(0)
-
-    def set_unroll(self, k: int) -> None:
-        from distributed_bism.bilevel import step_from_config
-        from distributed_bism.objectives import get_objective
-
-        cfg = objective_config(self.s, k, self.share)
-        self.objective = get_objective(cfg)
-        self.step = step_from_config(self.objective, cfg, posterior_lr=self.s.lr, posterior_betas=self.s.betas)
-
-    def iteration(self, *, step_theta: bool = True) -> float:
-        s = self.s
-        s.opt_energy.zero_grad(set_to_none=True)
-        out = self.step(energy=s.energy, v=s.v, posterior=s.posterior, posterior_optimizer=s.opt_posterior)
-        if step_theta:
-            s.opt_energy.step()
-        return float(out.loss)
-
-    def plain_step(self) -> None:
-        self.plain.warmup(self.s.energy, self.s.posterior, self.s.v, self.s.opt_posterior)
-
-
-class Higher:
-    """The reference formulation (baofff/BiSM `_update`) on `higher`, with our loss functions.
-
-        warm-up: energy.requires_grad_(False); N × (zero_grad, inner_loss(v).backward(), opt_q.step())
-        with higher.innerloop_ctx(q, opt_q) as (fq, diffopt):
-            K × diffopt.step(inner_loss(v) using fq)
-            loss = outer(v) using fq; loss.backward(); opt_θ.step()
-        q.load_state_dict(backup)
-
-    inner_loss(v) draws fresh noise on every call, as the reference does. The energy is called
-    as a whole module (f(ṽ) recomputed inside each loss), as the reference does.
-    """
-
-    def __init__(self, setup: Setup):
-        self.s = setup
-        self.set_unroll(0)
-
-    def set_unroll(self, k: int) -> None:
-        from distributed_bism.objectives import get_objective
-
-        self.k = k
-        self.objective = get_objective(objective_config(self.s, k))
-
-    def _inner_loss(self, q: Any) -> Any:
-        from distributed_bism.models.posterior import PosteriorView
-
-        batch = self.objective.perturbation(self.s.v)  # fresh noise per call
-        return self.objective.inner_loss(self.s.energy, PosteriorView(module=q), batch).mean()
-
-    def _warmup_step(self) -> None:
-        s = self.s
-        s.opt_posterior.zero_grad()
-        self._inner_loss(s.posterior).backward()
-        s.opt_posterior.step()
-
-    def iteration(self, *, step_theta: bool = True) -> float:
-        import higher
-
-        from distributed_bism.models.posterior import PosteriorView
-
-        s = self.s
-        s.energy.requires_grad_(False)
-        s.posterior.requires_grad_(True)
-        for _ in range(WARMUP_STEPS):
-            self._warmup_step()
-
-        s.energy.requires_grad_(True)
-        # As in the reference: state_dict() holds references, not copies; innerloop_ctx never
-        # writes q's own parameters (copy_initial_weights=True), so the restore is a no-op copy.
-        backup = s.posterior.state_dict()
-        with higher.innerloop_ctx(s.posterior, s.opt_posterior) as (fq, diffopt):
-            for _ in range(self.k):
-                diffopt.step(self._inner_loss(fq))
-            batch = self.objective.perturbation(s.v)
-            loss = self.objective.outer(s.energy, PosteriorView(module=fq), batch).mean()
-            s.opt_energy.zero_grad(set_to_none=True)
-            s.posterior.requires_grad_(False)
-            loss.backward()
-            if step_theta:
-                s.opt_energy.step()
-        s.posterior.load_state_dict(backup)
-        s.posterior.requires_grad_(True)
-        return float(loss.detach())
-
-    def plain_step(self) -> None:
-        self.s.energy.requires_grad_(False)
-        self._warmup_step()
-        self.s.energy.requires_grad_(True)
-
-
-def make_impl(name: str, model: str, batch: int, seed: int) -> Impl:
-    setup = build_setup(model, batch, seed)
-    if name == "ours":
-        return Ours(setup)
-    if name == "ours_shared":
-        return Ours(setup, share_inner_noise=True)
-    if name == "higher":
-        return Higher(setup)
-    raise ValueError(name)
-
-
 # ============================================================================ measurements
-def equivalence_check(model: str, batch: int, seed: int, k: int = 2) -> dict[str, Any]:
-    """Run one iteration of ours and of higher from the same models and the same RNG stream
-    and compare dJ/dθ and the persistent φ. Equal up to float error means both compute the same
-    estimator (higher's Adam puts eps outside the bias correction, so not bit-for-bit)."""
-    import torch
-
-    grads, phis, losses = {}, {}, {}
-    for name in ("ours", "higher"):
-        impl = make_impl(name, model, batch, seed)
-        impl.set_unroll(k)
-        torch.manual_seed(seed + 1)  # the same noise stream for both
-        losses[name] = impl.iteration(step_theta=False)
-        s = impl.s
-        # A parameter J does not reach has no .grad (the GRBM's hidden bias c at K=0): count it as 0.
-        grads[name] = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
-                                 for p in s.energy.parameters()])
-        phis[name] = torch.cat([p.detach().flatten() for p in s.posterior.parameters()])
-    g, gh = grads["ours"].double(), grads["higher"].double()  # float32 sums over 11M entries drift
-    return {
-        "K": k,
-        "loss_ours": losses["ours"],
-        "loss_higher": losses["higher"],
-        "grad_rel_err": float((g - gh).norm() / gh.norm().clamp_min(1e-30)),
-        "grad_cosine": float(torch.nn.functional.cosine_similarity(g, gh, dim=0)),
-        "phi_max_abs_diff": float((phis["ours"] - phis["higher"]).abs().max()),
-    }
-
-
 def run_child(spec: ChildSpec) -> dict[str, Any]:
     """Measure every (implementation, K) of one configuration in this (fresh) process."""
     import torch
@@ -485,117 +275,7 @@ def spawn_child(spec: ChildSpec) -> dict[str, Any]:
     return result
 
 
-def _median(xs: Sequence[float]) -> float:
-    return statistics.median(xs)
-
-
-def summarise(raw: dict[str, Any]) -> dict[str, Any]:
-    """Medians, speed-ups vs higher, marginal cost of an unrolled step and its ratio to a plain
-    lower-level step, from one child's raw samples (JSON keys are strings after the round trip)."""
-    ks = sorted(int(k) for k in raw["times_s"]["ours"])
-    t = {n: {k: _median(raw["times_s"][n][str(k)]) for k in ks} for n in IMPLS}
-    plain = {n: _median(v) for n, v in raw["plain_step_s"].items()}
-    summary: dict[str, Any] = {"K": ks, "plain_step_s": plain, "impl": {}}
-    for n in IMPLS:
-        marginal = {k: (t[n][k] - t[n][0]) / k for k in ks if k > 0} if 0 in ks else {}
-        slope = _slope(ks, [t[n][k] for k in ks]) if len(ks) > 1 else math.nan
-        ref_plain = plain.get(n, plain["ours"])  # ours_shared's plain step is ours'
-        summary["impl"][n] = {
-            "label": IMPL_LABELS[n],
-            "time_s": t[n],
-            "n": {k: len(raw["times_s"][n][str(k)]) for k in ks},
-            "peak_rss_delta_mib": {k: max(raw["peak_rss_delta_mib"][n][str(k)]) for k in ks},
-            "speedup_vs_higher": {k: t["higher"][k] / t[n][k] for k in ks},
-            "marginal_unrolled_step_s": marginal,
-            "marginal_over_plain": {k: m / ref_plain for k, m in marginal.items()},
-            "fit_slope_s_per_K": slope,
-            "fit_slope_over_plain": slope / ref_plain,
-        }
-    return summary
-
-
-def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Least-squares slope of ys on xs."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Time and peak memory vs K, one column per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, axes = plt.subplots(2, len(names), figsize=(4.6 * len(names), 7), squeeze=False)
-    style = {"ours": dict(marker="o"), "ours_shared": dict(marker="s", ls="--"), "higher": dict(marker="^")}
-    for col, name in enumerate(names):
-        s = results[name]["summary"]
-        for impl in IMPLS:
-            d = s["impl"][impl]
-            axes[0][col].plot(s["K"], [d["time_s"][k] for k in s["K"]], label=IMPL_LABELS[impl], **style[impl])
-            axes[1][col].plot(s["K"], [d["peak_rss_delta_mib"][k] for k in s["K"]], **style[impl])
-        axes[0][col].set_title(name)
-        axes[0][col].set_ylabel("time per iteration [s] (median)")
-        axes[1][col].set_ylabel("peak RSS growth [MiB]")
-        axes[1][col].set_xlabel(f"K (unrolled steps), N={WARMUP_STEPS}")
-        for ax in (axes[0][col], axes[1][col]):
-            ax.set_xticks(s["K"])
-            ax.grid(alpha=0.3)
-            ax.set_ylim(bottom=0)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def print_table(results: dict[str, Any]) -> None:
-    head = f"{'config':<9} {'K':>2}  {'implementation':<12} {'time/it':>10} {'n':>3} {'peakΔMiB':>9} " \
-           f"{'higher/impl':>11} {'(tK-t0)/K':>10} {'/plain':>7}"
-    print("\n" + head + "\n" + "-" * len(head))
-    for name, res in results.items():
-        s = res["summary"]
-        for k in s["K"]:
-            for impl in IMPLS:
-                d = s["impl"][impl]
-                m = d["marginal_unrolled_step_s"].get(k)
-                r = d["marginal_over_plain"].get(k)
-                print(f"{name:<9} {k:>2}  {impl:<12} {_fmt_s(d['time_s'][k]):>10} {d['n'][k]:>3} "
-                      f"{d['peak_rss_delta_mib'][k]:>9.1f} {d['speedup_vs_higher'][k]:>10.2f}x "
-                      f"{_fmt_s(m) if m is not None else '-':>10} {f'{r:.2f}' if r is not None else '-':>7}")
-        p = s["plain_step_s"]
-        slopes = "  ".join(f"{i} {_fmt_s(s['impl'][i]['fit_slope_s_per_K'])}/K "
-                           f"(={s['impl'][i]['fit_slope_over_plain']:.2f} plain)" for i in IMPLS)
-        print(f"{name:<9} plain lower-level step: ours {_fmt_s(p['ours'])}, higher {_fmt_s(p['higher'])};"
-              f" fitted slope: {slopes}")
-        print(f"{name:<9} other processes kept {res['other_processes_cores']:.2f} cores busy meanwhile "
-              f"(steal {res['steal_cores']:.2f}); memory method {res['memory_method']}")
-        if "equivalence" in res:
-            e = res["equivalence"]
-            print(f"{name:<9} equivalence at K={e['K']}: dJ/dθ rel. err {e['grad_rel_err']:.2e}, "
-                  f"cos {e['grad_cosine']:.6f}, max|Δφ| {e['phi_max_abs_diff']:.1e}")
-        print("-" * len(head))
-
-
-def print_headline(results: dict[str, Any]) -> None:
-    """The numbers asked for most often: speed-up at K=5 and the unrolled-step cost ratio."""
-    print()
-    for name, res in results.items():
-        s = res["summary"]["impl"]
-        k = 5 if 5 in res["summary"]["K"] else max(res["summary"]["K"])
-        kmax = max(res["summary"]["K"])
-        print(f"{name}: higher/ours time at K={k}: {s['ours']['speedup_vs_higher'][k]:.2f}x "
-              f"(shared noise {s['ours_shared']['speedup_vs_higher'][k]:.2f}x); "
-              f"unrolled step at K={kmax} costs {s['ours']['marginal_over_plain'].get(kmax, math.nan):.2f} plain "
-              f"steps (higher {s['higher']['marginal_over_plain'].get(kmax, math.nan):.2f}, "
-              f"shared {s['ours_shared']['marginal_over_plain'].get(kmax, math.nan):.2f})")
-
-
-def _fmt_s(x: float) -> str:
-    return f"{x * 1e3:.2f}ms" if abs(x) < 1 else f"{x:.2f}s"
-
-
+# ============================================================================ command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
