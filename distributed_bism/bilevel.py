@@ -42,11 +42,12 @@ def inner_energy_fn(energy: nn.Module, x: Tensor, *, frozen: bool) -> EnergyFn:
     """E(·, h) at the fixed inner-loop input x, for lower-level losses.
 
     Models that expose `visible_features` (the conv EBLVM) compute f(x) once here; with
-    `frozen=True` without a graph, since the warm-up never differentiates in θ. The returned
-    function ignores its first argument and is valid for this x only.
+    `frozen=True` without a graph, since the warm-up never differentiates in θ. For them the
+    returned function ignores its first argument and is valid for this x only; other models
+    are returned as they are.
     """
     if not hasattr(energy, "visible_features"):
-        return lambda _x, h: energy(_x, h)
+        return energy
     with torch.no_grad() if frozen else nullcontext():
         feats = energy.visible_features(x.detach())
     return lambda _x, h: energy.energy_from_features(feats, h)
@@ -55,11 +56,10 @@ def inner_energy_fn(energy: nn.Module, x: Tensor, *, frozen: bool) -> EnergyFn:
 @dataclass
 class StepOutput:
     """What one iteration measured. loss: mean J (detached). inner_loss: mean G of the last
-    warm-up step, or None. phi_unrolled: φ_K (kept only when asked for)."""
+    warm-up step, or None."""
 
     loss: Tensor
     inner_loss: Tensor | None = None
-    phi_unrolled: ParamDict | None = None
 
 
 class BilevelStep:
@@ -120,20 +120,18 @@ class BilevelStep:
         return unroll(phi0, inner_loss, self.unroll_steps, self.unroll_optimizer, state)
 
     def hypergradient(self, energy: nn.Module, posterior: Posterior | None, phi: ParamDict | None, v: Tensor,
-                      optimizer_state: dict | None = None, shared: NoisyBatch | None = None,
-                      keep_unrolled: bool = False) -> StepOutput:
+                      optimizer_state: dict | None = None, shared: NoisyBatch | None = None) -> StepOutput:
         """Steps 2-3: J(θ, φ_K(θ)) and dJ/dθ, accumulated into θ's .grad (not φ's)."""
-        q, phi_k = None, None
+        q = None
         if posterior is not None and phi is not None:
-            phi_k = self.unrolled_posterior(energy, posterior, phi, v, optimizer_state, shared)
-            q = PosteriorView(posterior, params=phi_k)
+            q = PosteriorView(posterior, params=self.unrolled_posterior(energy, posterior, phi, v, optimizer_state, shared))
         loss = self.objective.outer(energy, q, self.objective.perturbation(v)).mean()
         loss.backward(inputs=[p for p in energy.parameters() if p.requires_grad])
-        return StepOutput(loss=loss.detach(), phi_unrolled=phi_k if keep_unrolled else None)
+        return StepOutput(loss=loss.detach())
 
     # ------------------------------------------------------------------ whole
     def __call__(self, *, energy: nn.Module, v: Tensor, posterior: nn.Module | None = None,
-                 posterior_optimizer: torch.optim.Optimizer | None = None, keep_unrolled: bool = False) -> StepOutput:
+                 posterior_optimizer: torch.optim.Optimizer | None = None) -> StepOutput:
         """One iteration on batch v (B, ...). θ's .grad receives dJ/dθ; the caller steps θ."""
         if not self.objective.bilevel:
             return self.hypergradient(energy, None, None, v)
@@ -143,8 +141,9 @@ class BilevelStep:
         inner = self.warmup(energy, posterior, v, posterior_optimizer, shared)
         core_q: Posterior = unwrap(posterior)  # type: ignore[assignment]
         phi = dict(core_q.named_parameters())
-        out = self.hypergradient(energy, core_q, phi, v, torch_optimizer_state(posterior_optimizer, phi),
-                                 shared, keep_unrolled)
+        # Only the unroll reads the optimiser state; at K = 0 skip collecting it.
+        warm_state = torch_optimizer_state(posterior_optimizer, phi) if self.unroll_steps else None
+        out = self.hypergradient(energy, core_q, phi, v, warm_state, shared)
         out.inner_loss = inner
         return out
 

@@ -34,7 +34,8 @@ class DataConfig:
     seed: int = 0  # the synthetic sets are drawn from this seed, independent of training
 
     def __post_init__(self) -> None:
-        _check(self.n_train > 0 and self.n_test > 0, "data.n_train/n_test", "must be > 0")
+        for key in ("n_train", "n_test"):
+            _check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -49,7 +50,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.name in ("grbm", "conv"), "model.name", f"unknown model {self.name!r}; expected grbm or conv")
         _check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
-        _check(self.ch > 0 and self.blocks_per_stage >= 0, "model.ch/blocks_per_stage", "must be positive")
+        _check(self.ch > 0, "model.ch", f"must be > 0, got {self.ch}")
+        _check(self.blocks_per_stage >= 0, "model.blocks_per_stage", f"must be >= 0, got {self.blocks_per_stage}")
 
 
 @dataclass

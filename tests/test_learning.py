@@ -8,8 +8,8 @@ above the start.
 
 What this budget proves: −0.356 is the best single Gaussian (σ → √(1/12), the spread of the
 data), a plateau every method reaches first. Leaving it for the two-cell structure takes longer
-than CI allows: in 20k-iteration runs (bench/learning_grbm.py) CD-1 leaves it near 8k
-iterations and DSM near 12k; see bench/results for the curves.
+than CI allows: in 20k-iteration runs (bench/learning_grbm.py) CD-1 leaves it at 8-9k
+iterations and DSM at 11-13k; see bench/results for the curves.
 """
 
 from __future__ import annotations
@@ -17,31 +17,18 @@ from __future__ import annotations
 import pytest
 
 from distributed_bism.config import Config, from_dict
+from distributed_bism.experiments import CHECKERBOARD_METHODS, checkerboard_grbm
 from distributed_bism.trainer import TrainLoop
 
 STEPS = 1500
 INITIAL_BELOW = -1.5
 FINAL_ABOVE = -0.6
 
-METHODS = {
-    "bidsm_k0": {"name": "bidsm", "warmup_steps": 5, "unroll_steps": 0},
-    "bidsm_k5": {"name": "bidsm", "warmup_steps": 5, "unroll_steps": 5},
-    "dsm": {"name": "dsm"},
-    "cd1": {"name": "cd", "cd_steps": 1},
-    "pcd1": {"name": "pcd", "cd_steps": 1},
-}
-
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(CHECKERBOARD_METHODS))
 def test_method_learns_the_checkerboard(method):
-    cfg = from_dict(Config, {
-        "data": {"name": "checkerboard"},
-        "model": {"name": "grbm", "h_dim": 4},
-        "objective": {"sigma": 0.05, "lower_level": "kl", **METHODS[method]},
-        "optim": {"lr": 1e-3, "posterior_lr": 1e-3},
-        "trainer": {"steps": STEPS, "batch_size": 100, "seed": 0, "log_every": STEPS, "eval_every": STEPS},
-    })
+    cfg = from_dict(Config, checkerboard_grbm(method, steps=STEPS, log_every=STEPS, eval_every=STEPS))
     loop = TrainLoop.from_config(cfg, log=lambda s: None)
     history = loop.run()
     initial, final = history.test_loglik[0], history.test_loglik[STEPS]

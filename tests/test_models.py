@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -78,4 +76,3 @@ def test_registry_builds_each_model():
     assert q(torch.rand(2, 1, 8, 8)).shape == (2, 8)
     with pytest.raises(ValueError, match="grbm needs flat data"):
         build_energy(ModelConfig(name="grbm"), (1, 8, 8))
-    assert math.prod((1, 8, 8)) == 64

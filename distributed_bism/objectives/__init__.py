@@ -28,7 +28,7 @@ from distributed_bism.objectives.score_matching import (
 
 __all__ = ["Objective", "get_objective", "NoisyBatch", "Perturbation"]
 
-# objective name → (perturbation kind, score-matching loss); cd / pcd use neither.
+# objective name → (perturbation kind, score-matching loss); cd / pcd perturb nothing.
 _SM_KINDS = {
     "bidsm": ("gaussian", "dsm"),
     "bimdsm": ("multiscale", "mdsm"),
@@ -36,8 +36,8 @@ _SM_KINDS = {
     "dsm": ("gaussian", "dsm"),
     "mdsm": ("multiscale", "mdsm"),
     "ssm": ("rademacher", "ssm"),
-    "cd": ("gaussian", None),
-    "pcd": ("gaussian", None),
+    "cd": ("none", None),
+    "pcd": ("none", None),
 }
 
 

@@ -4,7 +4,8 @@ A `Perturbation` turns a clean batch v (B, ...) into a `NoisyBatch`:
 - "gaussian" (DSM):    ṽ = v + σ ε,      one σ for the batch;
 - "multiscale" (MDSM): ṽ = v + σ_i ε,    σ_i = linspace(σ_begin, σ_end, B)_i, or its
                        geometric (logspace) version; deterministic per position in the batch;
-- "rademacher" (SSM):  ṽ = v, plus a Rademacher probe u.
+- "rademacher" (SSM):  ṽ = v, plus a Rademacher probe u;
+- "none" (CD, PCD):    ṽ = v, nothing drawn.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import Tensor
 
 @dataclass
 class NoisyBatch:
-    """A perturbed batch. `x` is ṽ as a fresh leaf that requires grad, shape (B, ...).
+    """A perturbed batch. `x` is ṽ, shape (B, ...): a fresh leaf that requires grad, except for
+    the "none" perturbation, where it is v itself.
 
     eps: the Gaussian noise ε (B, ...), or None. sigma: per-example σ_i (B,), or None.
     u: the Rademacher probe (B, ...), or None.
@@ -36,7 +38,7 @@ class NoisyBatch:
         return self.sigma.view(-1, *([1] * (self.x.dim() - 1)))
 
 
-PERTURBATIONS = ("gaussian", "multiscale", "rademacher")
+PERTURBATIONS = ("gaussian", "multiscale", "rademacher", "none")
 SIGMA_SCHEDULES = ("linear", "geometric")
 
 
@@ -69,6 +71,8 @@ class Perturbation:
 
     def __call__(self, v: Tensor) -> NoisyBatch:
         v = v.detach()
+        if self.kind == "none":
+            return NoisyBatch(v=v, x=v)
         if self.kind == "rademacher":
             u = torch.randint(0, 2, v.shape, device=v.device).to(v.dtype) * 2 - 1
             return NoisyBatch(v=v, x=v.clone().requires_grad_(True), u=u)

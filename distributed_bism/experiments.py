@@ -1,0 +1,33 @@
+"""Reference experiment set-ups shared by the demo, the tests and the benchmarks.
+
+`checkerboard_grbm` is the reference's checkerboard GRBM (METHODS.md §2: v=2, H=4, Adam 1e-3,
+batch 100, σ=0.05, N=5, KL lower level) for each learner in `CHECKERBOARD_METHODS`. It returns
+a plain dict, so callers can apply dotted overrides before building the `Config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# learner → its objective section on top of the shared set-up
+CHECKERBOARD_METHODS: dict[str, dict[str, Any]] = {
+    "bidsm_k0": {"name": "bidsm", "warmup_steps": 5, "unroll_steps": 0},
+    "bidsm_k5": {"name": "bidsm", "warmup_steps": 5, "unroll_steps": 5},
+    "dsm": {"name": "dsm"},
+    "cd1": {"name": "cd", "cd_steps": 1},
+    "pcd1": {"name": "pcd", "cd_steps": 1},
+}
+
+
+def checkerboard_grbm(method: str, *, steps: int, log_every: int, eval_every: int, seed: int = 0) -> dict[str, Any]:
+    """The checkerboard GRBM experiment for `method` (a key of CHECKERBOARD_METHODS), as a dict."""
+    if method not in CHECKERBOARD_METHODS:
+        raise ValueError(f"unknown checkerboard method {method!r}; expected one of {', '.join(CHECKERBOARD_METHODS)}")
+    return {
+        "data": {"name": "checkerboard"},
+        "model": {"name": "grbm", "h_dim": 4},
+        "posterior": {"name": "bernoulli", "temperature": 0.1},
+        "objective": {"sigma": 0.05, "lower_level": "kl", **CHECKERBOARD_METHODS[method]},
+        "optim": {"lr": 1e-3, "posterior_lr": 1e-3},
+        "trainer": {"steps": steps, "batch_size": 100, "seed": seed, "log_every": log_every, "eval_every": eval_every},
+    }
