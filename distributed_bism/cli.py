@@ -15,7 +15,7 @@ from distributed_bism.experiments import checkerboard_grbm
 
 
 def demo_config(overrides: list[str]) -> Config:
-    """BiDSM (N=5, K=5) on the checkerboard GRBM, shortened to 3000 iterations (about 30 s)."""
+    """BiDSM (N=5, K=5) on the checkerboard GRBM, shortened to 3000 iterations (about 40 s on 2 cores)."""
     return from_dict(Config, apply_overrides(checkerboard_grbm("bidsm_k5", steps=3000, log_every=250, eval_every=500),
                                              overrides))
 
