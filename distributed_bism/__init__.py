@@ -1,1 +1,15 @@
-"""distributed_bism."""
+"""distributed_bism: bi-level score matching for energy-based latent variable models, at scale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def train(config: Any, **kwargs: Any) -> Any:
+    """Train per `config` (a Config); see distributed_bism.run.train."""
+    from distributed_bism.run import train as _train
+
+    return _train(config, **kwargs)
+
+
+__all__ = ["train"]

@@ -16,7 +16,8 @@ the unwrapped modules.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +29,28 @@ from distributed_bism.models.posterior import Posterior, PosteriorView
 from distributed_bism.objectives import Objective
 from distributed_bism.objectives.noise import NoisyBatch
 from distributed_bism.objectives.score_matching import EnergyFn
+from distributed_bism.optim import Updater, as_updater
 from distributed_bism.unroll import (
     SGD,
     FunctionalOptimizer,
     ParamDict,
     get_unroll_optimizer,
-    torch_optimizer_state,
     unroll,
 )
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """θ held constant: no gradient reaches it, whoever calls backward (a DeepSpeed engine
+    cannot be told `inputs=`)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def inner_energy_fn(energy: nn.Module, x: Tensor, *, frozen: bool) -> EnergyFn:
@@ -84,20 +99,27 @@ class BilevelStep:
         self.share_inner_noise = share_inner_noise
 
     # ------------------------------------------------------------------ stages
-    def warmup(self, energy: nn.Module, posterior: nn.Module, v: Tensor, optimizer: torch.optim.Optimizer,
-               shared: NoisyBatch | None = None) -> Tensor | None:
+    def warmup(self, energy: nn.Module, posterior: nn.Module, v: Tensor,
+               optimizer: Updater | torch.optim.Optimizer, shared: NoisyBatch | None = None) -> Tensor | None:
         """Step 1: N persistent optimiser steps on φ. Returns the last mean G (detached)."""
+        if self.warmup_steps == 0:
+            return None
+        optimizer = as_updater(optimizer)
         core_q: Posterior = unwrap(posterior)  # type: ignore[assignment]
         q = PosteriorView(core_q, forward=posterior)
-        phi = list(core_q.parameters())
+        with frozen(unwrap(energy)):
+            return self._warmup(energy, q, v, optimizer, shared)
+
+    def _warmup(self, energy: nn.Module, q: PosteriorView, v: Tensor, optimizer: Updater,
+                shared: NoisyBatch | None) -> Tensor | None:
         frozen_fn = inner_energy_fn(unwrap(energy), shared.x, frozen=True) if shared else None
         last = None
         for _ in range(self.warmup_steps):
             batch = shared or self.objective.perturbation(v)
             energy_fn = frozen_fn or inner_energy_fn(unwrap(energy), batch.x, frozen=True)
             loss = self.objective.inner_loss(energy_fn, q, batch).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=phi)  # φ only: θ is frozen at this level
+            optimizer.zero_grad()
+            optimizer.backward(loss)  # φ only: θ is frozen at this level
             optimizer.step()
             last = loss.detach()
         return last
@@ -120,30 +142,38 @@ class BilevelStep:
         return unroll(phi0, inner_loss, self.unroll_steps, self.unroll_optimizer, state)
 
     def hypergradient(self, energy: nn.Module, posterior: Posterior | None, phi: ParamDict | None, v: Tensor,
-                      optimizer_state: dict | None = None, shared: NoisyBatch | None = None) -> StepOutput:
-        """Steps 2-3: J(θ, φ_K(θ)) and dJ/dθ, accumulated into θ's .grad (not φ's)."""
+                      optimizer_state: dict | None = None, shared: NoisyBatch | None = None,
+                      energy_updater: Updater | None = None) -> StepOutput:
+        """Steps 2-3: J(θ, φ_K(θ)) and dJ/dθ, accumulated into θ's .grad (not φ's) by
+        `energy_updater.backward`, or by backward(inputs=θ) when there is none."""
         q = None
         if posterior is not None and phi is not None:
             q = PosteriorView(posterior, params=self.unrolled_posterior(energy, posterior, phi, v, optimizer_state, shared))
         loss = self.objective.outer(energy, q, self.objective.perturbation(v)).mean()
-        loss.backward(inputs=[p for p in energy.parameters() if p.requires_grad])
+        if energy_updater is not None:
+            energy_updater.backward(loss)
+        else:
+            loss.backward(inputs=[p for p in energy.parameters() if p.requires_grad])
         return StepOutput(loss=loss.detach())
 
     # ------------------------------------------------------------------ whole
     def __call__(self, *, energy: nn.Module, v: Tensor, posterior: nn.Module | None = None,
-                 posterior_optimizer: torch.optim.Optimizer | None = None) -> StepOutput:
-        """One iteration on batch v (B, ...). θ's .grad receives dJ/dθ; the caller steps θ."""
+                 posterior_optimizer: Updater | torch.optim.Optimizer | None = None,
+                 energy_updater: Updater | None = None) -> StepOutput:
+        """One iteration on batch v (B, ...). θ's .grad receives dJ/dθ; the caller steps θ.
+        `posterior_optimizer` is stepped N times (a torch optimiser is wrapped as a TorchUpdater)."""
         if not self.objective.bilevel:
-            return self.hypergradient(energy, None, None, v)
+            return self.hypergradient(energy, None, None, v, energy_updater=energy_updater)
         if posterior is None or posterior_optimizer is None:
             raise ValueError(f"objective {self.objective.name!r} needs a posterior and its optimiser")
+        posterior_optimizer = as_updater(posterior_optimizer)
         shared = self.objective.perturbation(v) if self.share_inner_noise else None
         inner = self.warmup(energy, posterior, v, posterior_optimizer, shared)
         core_q: Posterior = unwrap(posterior)  # type: ignore[assignment]
         phi = dict(core_q.named_parameters())
         # Only the unroll reads the optimiser state; at K = 0 skip collecting it.
-        warm_state = torch_optimizer_state(posterior_optimizer, phi) if self.unroll_steps else None
-        out = self.hypergradient(energy, core_q, phi, v, warm_state, shared)
+        warm_state = posterior_optimizer.optimizer_state(phi) if self.unroll_steps else None
+        out = self.hypergradient(energy, core_q, phi, v, warm_state, shared, energy_updater)
         out.inner_loss = inner
         return out
 

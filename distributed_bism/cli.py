@@ -1,53 +1,58 @@
 """The `bism` command.
 
-    bism train CONFIG.yaml [key=value ...]   train one process on this machine
-    bism demo [key=value ...]                the embedded default: a GRBM on the checkerboard
+    bism train CONFIG.yaml [key=value ...] [--address HOST:PORT]
+    bism demo [key=value ...]      the embedded default: configs/demo.yaml (conv EBLVM, BiMDSM, digits, 2 DDP workers)
+
+Bad input (config, data set, paths, tracking store, cluster) is one line on stderr and exit 2,
+before any worker starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from distributed_bism.config import Config, ConfigError, apply_overrides, from_dict, load_config
-from distributed_bism.data.synthetic import CHECKERBOARD_BEST_LOGLIK
-from distributed_bism.experiments import checkerboard_grbm
+from distributed_bism.config import Config, ConfigError, load_config
 
-
-def demo_config(overrides: list[str]) -> Config:
-    """BiDSM (N=5, K=5) on the checkerboard GRBM, shortened to 3000 iterations (about 40 s on 2 cores)."""
-    return from_dict(Config, apply_overrides(checkerboard_grbm("bidsm_k5", steps=3000, log_every=250, eval_every=500),
-                                             overrides))
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def _train(cfg: Config) -> None:
-    from distributed_bism.trainer import TrainLoop  # torch loads only once the config is valid
+def _input_errors() -> tuple[type[Exception], ...]:
+    from distributed_bism.checkpoint import CheckpointError
+    from distributed_bism.data import DataError
 
-    print("resolved config:\n" + cfg.to_yaml(), flush=True)
-    loop = TrainLoop.from_config(cfg, log=lambda s: print(s, flush=True))
-    history = loop.run()
-    if history.test_loglik:  # run() evaluates at the last step
-        best = f"  (best possible on the checkerboard: log 2 = {CHECKERBOARD_BEST_LOGLIK:.4f})" \
-            if cfg.data.name == "checkerboard" else ""
-        print(f"exact test log-likelihood: {history.test_loglik[loop.step]:.4f} nats{best}")
+    return ConfigError, DataError, CheckpointError
+
+
+def _train(cfg: Config, address: str | None) -> int:
+    from distributed_bism.run import train
+
+    try:
+        train(cfg, address=address)
+    except _input_errors() as e:
+        print(f"bism: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bism", description="bi-level score matching for EBLVMs")
+    parser = argparse.ArgumentParser(prog="bism", description="bi-level score matching for EBLVMs, on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train from a YAML config")
     p_train.add_argument("config", help="path to a YAML config")
     p_train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.unroll_steps=5")
-    p_demo = sub.add_parser("demo", help="train the embedded default (checkerboard GRBM, BiDSM)")
+    p_train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, a running cluster, or a new local one)")
+    p_demo = sub.add_parser("demo", help=f"train the embedded default ({DEMO_CONFIG.name})")
     p_demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=500")
     args = parser.parse_args(argv)
+    path = args.config if args.command == "train" else DEMO_CONFIG
     try:
-        cfg = load_config(args.config, args.overrides) if args.command == "train" else demo_config(args.overrides)
+        cfg = load_config(path, args.overrides)
     except ConfigError as e:
         print(f"bism: error: {e}", file=sys.stderr)
         return 2
-    _train(cfg)
-    return 0
+    return _train(cfg, getattr(args, "address", None))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,17 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class DataConfig:
-    name: str = "checkerboard"
-    n_train: int = 50_000
-    n_test: int = 10_000
-    seed: int = 0  # the synthetic sets are drawn from this seed, independent of training
+    name: str = "checkerboard"  # see distributed_bism.data.DATASETS
+    root: str | None = None  # directory of file-based sets; None: the set's default location
+    n_train: int | None = None  # None: the whole set (synthetic sets: 50 000 draws)
+    n_test: int | None = None  # None: the whole test split (synthetic sets: 10 000 draws)
+    seed: int = 0  # synthetic draws and train/test splits come from this seed, not the training seed
+    download: bool = True  # torchvision sets: download into root when missing (needs internet)
 
     def __post_init__(self) -> None:
         for key in ("n_train", "n_test"):
-            _check(getattr(self, key) > 0, f"data.{key}", f"must be > 0, got {getattr(self, key)}")
+            n = getattr(self, key)
+            _check(n is None or n > 0, f"data.{key}", f"must be > 0, got {n}")
 
 
 @dataclass
@@ -132,17 +135,78 @@ class OptimConfig:
         _check(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
 
 
+STRATEGIES = ("ddp", "deepspeed", "local")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class TrainerConfig:
+    name: str | None = None  # run name; running again with the same name resumes. None: a fresh timestamped name
+    strategy: str = "ddp"  # ddp | deepspeed | local (one process, no Ray)
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
     steps: int = 2_000
-    batch_size: int = 100
+    batch_size: int = 100  # per worker: the global batch is batch_size × num_workers
     seed: int = 0
     log_every: int = 200
-    eval_every: int = 1_000
+    checkpoint_every: int = 1_000
+    num_to_keep: int = 2  # checkpoints kept
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    max_bad_steps: int = 10  # non-finite losses (each step skipped) before training stops
+    ema_decay: float = 0.999  # EMA of θ, kept in checkpoints; 0 disables
+    zero_stage: int = 1  # deepspeed: ZeRO stage 0, 1 or 2 (3 cannot run the unrolled step)
+    precision: str = "fp32"  # deepspeed: fp32 | bf16 | fp16 (the last two need GPUs)
+    output_dir: str = "outputs"  # MLflow store, samples and (by default) checkpoints live here
+    storage_path: str | None = None  # checkpoints; None: <output_dir>/ray_results. Shared storage on clusters
+    address: str | None = None  # Ray cluster; None: RAY_ADDRESS, then a running local cluster, else a new one
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "log_every", "eval_every"):
+        for key in ("num_workers", "steps", "batch_size", "log_every", "checkpoint_every", "num_to_keep"):
             _check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("max_failures", "max_bad_steps"):
+            _check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        _check(self.strategy in STRATEGIES, "trainer.strategy", f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        _check(self.strategy != "local" or self.num_workers == 1, "trainer.num_workers",
+               f"strategy local runs one process, got num_workers={self.num_workers}")
+        _check(self.zero_stage in (0, 1, 2), "trainer.zero_stage",
+               f"ZeRO stage {self.zero_stage} is not supported: the unrolled step needs repeated backward "
+               "passes through whole parameters, which ZeRO-3 partitions; use 0, 1 or 2")
+        _check(self.precision in PRECISIONS, "trainer.precision", f"expected one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.precision == "fp32" or self.strategy == "deepspeed", "trainer.precision",
+               f"{self.precision} is offered by strategy deepspeed only")
+        _check(0 <= self.ema_decay < 1, "trainer.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.name is None or (self.name.strip() != "" and "/" not in self.name), "trainer.name",
+               f"must be a non-empty name without '/', got {self.name!r}")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    experiment: str = "distributed_bism"
+    run_name: str | None = None  # None: trainer.name
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1_000  # steps between evaluations (and sample grids)
+    metrics: list[str] = field(default_factory=lambda: ["test_loglik", "samples"])
+    num_samples: int = 64  # images in each sample grid
+    # The reference's annealed Langevin (deep EBLVMs): steps at T=t_max, annealed to T=1, cooled to 0
+    langevin_steps: list[int] = field(default_factory=lambda: [500, 2000, 200])
+    langevin_step_size: float = 0.02  # √α
+    langevin_t_max: float = 100.0
+
+    def __post_init__(self) -> None:
+        _check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
+        _check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
+        _check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
+               f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
+        known = ("test_loglik", "samples")
+        for m in self.metrics:
+            _check(m in known, "eval.metrics", f"unknown metric {m!r}; expected some of {known}")
 
 
 @dataclass
@@ -153,6 +217,8 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         # The single-level baselines use the exact free energy, which only the GRBM has.
@@ -164,6 +230,10 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as {"section.key": value}: Ray param_space keys and MLflow params."""
+        return {f"{section}.{k}": v for section, values in self.to_dict().items() for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------- loading

@@ -29,5 +29,6 @@ def checkerboard_grbm(method: str, *, steps: int, log_every: int, eval_every: in
         "posterior": {"name": "bernoulli", "temperature": 0.1},
         "objective": {"sigma": 0.05, "lower_level": "kl", **CHECKERBOARD_METHODS[method]},
         "optim": {"lr": 1e-3, "posterior_lr": 1e-3},
-        "trainer": {"steps": steps, "batch_size": 100, "seed": seed, "log_every": log_every, "eval_every": eval_every},
+        "trainer": {"steps": steps, "batch_size": 100, "seed": seed, "log_every": log_every},
+        "eval": {"every": eval_every},
     }

@@ -1,148 +1,325 @@
-"""A single-process training loop over the bi-level step.
+"""The training loop one worker runs, whatever the strategy.
 
-`TrainLoop` owns the models, their optimisers and the data order; the maths of one iteration
-lives in `bilevel.BilevelStep`. The distributed strategies drive the same step.
+`TrainLoop` owns one worker's `Replica` (models and updaters, see strategies.py), its shard of
+the data and the schedule of logging, evaluation and checkpoints. The maths of an iteration is
+`bilevel.BilevelStep`; where checkpoints go is a `CheckpointSink` (Ray's report, or local
+directories), so this file has no Ray in it and runs in one process for tests and debugging.
+
+Every rank runs the same sequence of collectives: the loss average at log steps, the RNG
+gather at checkpoints, the skip decision of each optimiser step. Only rank 0 logs, evaluates
+and writes files other than its own optimiser shard.
 """
 
 from __future__ import annotations
 
-import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor, nn
+import torch.distributed as dist
+from torch import Tensor
 
 from distributed_bism.bilevel import BilevelStep, StepOutput, step_from_config
+from distributed_bism.checkpoint import all_finite, load_file, load_state, optim_shard_file, save_state
 from distributed_bism.config import Config
 from distributed_bism.data import load_dataset
-from distributed_bism.models import GaussianRBM, build_energy, build_posterior
+from distributed_bism.data.sharding import ShardedBatches
+from distributed_bism.evaluation import exact_test_loglik, sample_figure
+from distributed_bism.models import GaussianRBM, build_energy, build_posterior, unwrap
 from distributed_bism.objectives import Objective, get_objective
+from distributed_bism.optim import EMA, LRSchedule
+from distributed_bism.sampler import LangevinSchedule
+from distributed_bism.strategies import Replica, build_replica, deepspeed_safe_globals
+from distributed_bism.tracking import RunLogger
+
+PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
 
-def exact_test_loglik(energy: nn.Module, data: Tensor, *, batch_size: int = 10_000) -> float:
-    """Mean exact log p(v) of a Gaussian RBM over `data` (N, D), by enumerating h."""
-    assert isinstance(energy, GaussianRBM), "exact log-likelihood needs a Gaussian RBM"
-    with torch.no_grad():
-        log_z = energy.log_partition()
-        total = sum(energy.log_likelihood(chunk, log_z=log_z).sum().item() for chunk in data.split(batch_size))
-    return total / len(data)
+class CheckpointSink(Protocol):
+    """Where checkpoints go. Every rank calls `report` at the same steps."""
+
+    def latest(self) -> Path | None: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None: ...
 
 
-def lr_lambda(schedule: str, total: int, base_lr: float, min_lr: float) -> Callable[[int], float]:
-    """Multiplier on the base lr at step t: constant, or cosine decay to min_lr over `total` steps."""
-    if schedule == "constant":
-        return lambda t: 1.0
-    floor = min_lr / base_lr
-    return lambda t: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+class NoCheckpoints:
+    """Keeps nothing (benchmarks and tests of the loop itself)."""
+
+    def latest(self) -> Path | None:
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        return None
 
 
 @dataclass
 class History:
-    """Logged values: step → metric."""
+    """Logged values: step → metric (rank 0)."""
 
     loss: dict[int, float] = field(default_factory=dict)
     inner_loss: dict[int, float] = field(default_factory=dict)
     test_loglik: dict[int, float] = field(default_factory=dict)
+    samples: dict[int, str] = field(default_factory=dict)
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _mean_over_ranks(x: float, world_size: int, device: torch.device) -> float:
+    if world_size == 1:
+        return x
+    t = torch.tensor([x], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world_size
 
 
 class TrainLoop:
-    """Keyword-only training loop: `run_step` = `forward_backward` + optimiser steps."""
+    """Keyword-only training loop: `run_step` = `forward_backward` + optimiser steps; `save`/`load`."""
 
-    def __init__(self, *, energy: nn.Module, posterior: nn.Module | None, objective: Objective, step: BilevelStep,
-                 train_data: Tensor, test_data: Tensor | None, batch_size: int, steps: int,
-                 optimizer: torch.optim.Optimizer, posterior_optimizer: torch.optim.Optimizer | None,
-                 schedulers: list[torch.optim.lr_scheduler.LRScheduler] | None = None,
-                 log_every: int = 200, eval_every: int = 1000, seed: int = 0,
+    def __init__(self, *, cfg: Config, replica: Replica, objective: Objective, step: BilevelStep,
+                 batches: ShardedBatches, test_data: Tensor | None, sink: CheckpointSink | None = None,
+                 logger: RunLogger | None = None, run_id: str | None = None,
                  log: Callable[[str], None] = print):
-        self.energy, self.posterior, self.objective, self.step_fn = energy, posterior, objective, step
-        self.train_data, self.test_data = train_data, test_data
-        self.batch_size, self.steps = batch_size, steps
-        self.optimizer, self.posterior_optimizer = optimizer, posterior_optimizer
-        self.schedulers = schedulers or []
-        self.log_every, self.eval_every, self.log = log_every, eval_every, log
-        self.generator = torch.Generator().manual_seed(seed)
-        self.step = 0
+        self.cfg, self.replica, self.objective, self.step_fn = cfg, replica, objective, step
+        self.batches, self.test_data = batches, test_data
+        self.sink = sink or NoCheckpoints()
+        self.logger = logger or RunLogger(None, None)
+        self.run_id = run_id
+        self.rank, self.world_size = replica.rank, replica.world_size
+        self.log = log if self.rank == 0 else (lambda s: None)
+        self.ema = EMA(unwrap(replica.energy), cfg.trainer.ema_decay)
+        o, t = cfg.optim, cfg.trainer
+        self.schedules = (LRSchedule(o.lr, o.schedule, t.steps, o.min_lr),
+                          LRSchedule(o.posterior_lr, o.schedule, t.steps, o.min_lr))
+        self.step, self.bad_steps = 0, 0
         self.history = History()
-        self._order: list[Tensor] = []
+        self.data_shape = tuple(batches.data.shape[1:])
+        self.image_shape = self.data_shape
 
     @classmethod
-    def from_config(cls, cfg: Config, *, log: Callable[[str], None] = print) -> TrainLoop:
-        """Build data, models, optimisers and the step from a validated Config."""
+    def from_config(cls, cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                    **kwargs: Any) -> TrainLoop:
+        """Build data, models, updaters and the step from a validated Config. All ranks build the
+        same initial weights from trainer.seed, then draw their own noise from seed and rank."""
+        device = device or torch.device("cpu")
         torch.manual_seed(cfg.trainer.seed)
         train, test = load_dataset(cfg.data)
-        shape = tuple(train.shape[1:])
-        energy = build_energy(cfg.model, shape)
+        image_shape = tuple(train.shape[1:])
+        if cfg.model.name == "grbm":  # a GRBM sees flat vectors
+            train, test = train.flatten(1), test.flatten(1)
+        energy = build_energy(cfg.model, tuple(train.shape[1:]))
         if isinstance(energy, GaussianRBM):
             with torch.no_grad():  # start at the data mean, as the reference does
                 energy.b.copy_(train.mean(0))
         objective = get_objective(cfg.objective)
-        posterior = build_posterior(cfg.posterior, shape, cfg.model.h_dim) if objective.bilevel else None
-        o = cfg.optim
-        optimizer = torch.optim.Adam(energy.parameters(), lr=o.lr, betas=tuple(o.betas))
-        posterior_optimizer = (torch.optim.Adam(posterior.parameters(), lr=o.posterior_lr, betas=tuple(o.posterior_betas))
-                               if posterior is not None else None)
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.schedule, cfg.trainer.steps, o.lr, o.min_lr))]
-        step = step_from_config(objective, cfg.objective, posterior_lr=o.posterior_lr,
-                                posterior_betas=tuple(o.posterior_betas))  # type: ignore[arg-type]
-        t = cfg.trainer
-        return cls(energy=energy, posterior=posterior, objective=objective, step=step, train_data=train,
-                   test_data=test, batch_size=t.batch_size, steps=t.steps, optimizer=optimizer,
-                   posterior_optimizer=posterior_optimizer, schedulers=schedulers, log_every=t.log_every,
-                   eval_every=t.eval_every, seed=t.seed, log=log)
+        posterior = build_posterior(cfg.posterior, tuple(train.shape[1:]), cfg.model.h_dim) if objective.bilevel else None
+        replica = build_replica(cfg, energy, posterior, rank=rank, world_size=world_size, device=device)
+        step = step_from_config(objective, cfg.objective, posterior_lr=cfg.optim.posterior_lr,
+                                posterior_betas=tuple(cfg.optim.posterior_betas))  # type: ignore[arg-type]
+        batches = ShardedBatches(train.to(device), cfg.trainer.batch_size, rank=rank, world_size=world_size,
+                                 seed=cfg.trainer.seed)
+        torch.manual_seed(cfg.trainer.seed + 1_000_003 * rank)
+        loop = cls(cfg=cfg, replica=replica, objective=objective, step=step, batches=batches,
+                   test_data=test.to(device), **kwargs)
+        loop.image_shape = image_shape
+        return loop
 
-    # ------------------------------------------------------------------ steps
-    def next_batch(self) -> Tensor:
-        """The next batch of a shuffled pass over the training data (reshuffled each epoch)."""
-        if not self._order:
-            perm = torch.randperm(len(self.train_data), generator=self.generator)
-            self._order = list(perm.split(self.batch_size))
-            if len(self._order) > 1 and len(self._order[-1]) < self.batch_size:
-                self._order.pop()  # equal batch sizes: the MDSM σ schedule spans the batch
-        return self.train_data[self._order.pop(0)]
-
+    # ------------------------------------------------------------------ one iteration
     def forward_backward(self, v: Tensor) -> StepOutput:
-        """One bi-level iteration's losses and θ-gradients (φ's warm-up steps happen inside)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.step_fn(energy=self.energy, v=v, posterior=self.posterior,
-                            posterior_optimizer=self.posterior_optimizer)
+        """One bi-level iteration: φ's warm-up steps, then dJ/dθ (averaged over ranks) in θ's .grad."""
+        r = self.replica
+        r.energy_updater.zero_grad()
+        return self.step_fn(energy=r.energy, v=v, posterior=r.posterior, posterior_optimizer=r.posterior_updater,
+                            energy_updater=r.energy_updater)
 
     def run_step(self, v: Tensor) -> StepOutput:
+        """Schedules, forward_backward, θ's step (skipped on every rank if any rank's loss or
+        gradient is non-finite), EMA. Raises after more than trainer.max_bad_steps skips."""
+        r = self.replica
+        r.energy_updater.set_lr(self.schedules[0].at(self.step))
+        if r.posterior_updater is not None:
+            r.posterior_updater.set_lr(self.schedules[1].at(self.step))
         out = self.forward_backward(v)
-        self.optimizer.step()
-        for s in self.schedulers:
-            s.step()
+        if r.energy_updater.step():
+            self.ema.update(unwrap(r.energy))
+        else:
+            self.bad_steps += 1
+            limit = self.cfg.trainer.max_bad_steps
+            self.log(f"step {self.step + 1}: non-finite loss or gradient on some rank; step skipped "
+                     f"({self.bad_steps} of at most {limit})")
+            if self.bad_steps > limit:
+                raise FloatingPointError(f"training stopped: {self.bad_steps} non-finite steps by step {self.step + 1} "
+                                         f"(trainer.max_bad_steps={limit}); lower optim.lr or check the data")
         self.step += 1
         return out
 
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        """The checkpoint dict (see checkpoint.py); a collective: every rank must call it."""
+        r = self.replica
+        rng = _gather(torch.get_rng_state(), self.world_size)
+        obj = _gather(self.objective.state_dict(), self.world_size)
+        sharded = r.sharded_optimizer
+        return {
+            "step": self.step, "world_size": self.world_size, "bad_steps": self.bad_steps,
+            "energy": unwrap(r.energy).state_dict(),
+            "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
+            "ema": self.ema.state_dict(),
+            "energy_optimizer": None if sharded else r.energy_updater.state_dict(),
+            "posterior_optimizer": None if sharded or r.posterior_updater is None else r.posterior_updater.state_dict(),
+            "schedules": {"energy": self.schedules[0].at(self.step), "posterior": self.schedules[1].at(self.step)},
+            "rng": rng, "objective": obj,
+            "config": self.cfg.to_yaml(), "mlflow_run_id": self.run_id,
+        }
+
+    def save(self, directory: Path) -> None:
+        """Write a checkpoint into `directory` (rank 0: state.pt; ZeRO ranks: their optimiser shard).
+        Every rank refuses together when any weight is non-finite."""
+        r = self.replica
+        weights = [unwrap(r.energy).state_dict(), self.ema.state_dict()]
+        if r.posterior is not None:
+            weights.append(unwrap(r.posterior).state_dict())
+        if not all(all_finite(w) for w in weights):
+            raise FloatingPointError(f"refusing to write a checkpoint at step {self.step}: non-finite weights")
+        state = self.state()
+        if r.sharded_optimizer:
+            shard = {"energy": r.energy_updater.state_dict(),
+                     "posterior": r.posterior_updater.state_dict() if r.posterior_updater else None}
+            torch.save(shard, directory / optim_shard_file(self.rank))
+        if self.rank == 0:
+            save_state(directory, state)
+
+    def load(self, directory: Path) -> None:
+        """Restore everything `save` wrote; RNG streams and PCD chains only when the world size matches."""
+        r = self.replica
+        state = load_state(directory)
+        unwrap(r.energy).load_state_dict(state["energy"])
+        if r.posterior is not None:
+            unwrap(r.posterior).load_state_dict(state["posterior"])
+        self.ema.load_state_dict(state["ema"])
+        if r.sharded_optimizer:
+            shard = load_file(directory / optim_shard_file(self.rank), safe_globals=deepspeed_safe_globals())
+            r.energy_updater.load_state_dict(shard["energy"])
+            if r.posterior_updater is not None:
+                r.posterior_updater.load_state_dict(shard["posterior"])
+        else:
+            r.energy_updater.load_state_dict(state["energy_optimizer"])
+            if r.posterior_updater is not None:
+                r.posterior_updater.load_state_dict(state["posterior_optimizer"])
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.run_id = self.run_id or state["mlflow_run_id"]
+        if state["world_size"] == self.world_size:
+            torch.set_rng_state(state["rng"][self.rank])
+            self.objective.load_state_dict(state["objective"][self.rank])
+        else:
+            self.log(f"checkpoint was written by {state['world_size']} workers, resuming on {self.world_size}: "
+                     "noise streams are re-seeded, so the run is no longer bit-for-bit reproducible")
+            torch.manual_seed(self.cfg.trainer.seed + 1_000_003 * self.rank + self.step)
+
+    def checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Save into a fresh directory and hand it to the sink (every rank)."""
+        with tempfile.TemporaryDirectory(prefix="bism_ckpt_") as tmp:
+            self.save(Path(tmp))
+            self.sink.report(metrics, Path(tmp), self.step)
+
+    # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """Exact test log-likelihood for Gaussian RBMs; nothing yet for deep EBLVMs."""
-        if isinstance(self.energy, GaussianRBM) and self.test_data is not None:
-            ll = exact_test_loglik(self.energy, self.test_data)
-            self.history.test_loglik[self.step] = ll
-            return {"test_loglik": ll}
-        return {}
+        """Rank 0: exact test log-likelihood (GRBM) and a conditional-sample figure, per eval.metrics."""
+        if self.rank != 0:
+            return {}
+        e, metrics = self.cfg.eval, {}
+        energy = unwrap(self.replica.energy)
+        if "test_loglik" in e.metrics and isinstance(energy, GaussianRBM) and self.test_data is not None:
+            metrics["eval/test_loglik"] = exact_test_loglik(energy, self.test_data)
+            self.history.test_loglik[self.step] = metrics["eval/test_loglik"]
+        if "samples" in e.metrics and self.test_data is not None:
+            schedule = LangevinSchedule(step=e.langevin_step_size, t_max=e.langevin_t_max, hot=e.langevin_steps[0],
+                                        anneal=e.langevin_steps[1], cool=e.langevin_steps[2],
+                                        denoise_sigma=self.cfg.objective.sigma0)
+            name = self.cfg.trainer.name or "run"
+            path = Path(self.cfg.trainer.output_dir).resolve() / "samples" / name / f"step_{self.step:08d}.png"
+            n = min(e.num_samples, len(self.test_data))
+            sample_figure(energy, self.replica.posterior, self.test_data[:n], self.image_shape, path,
+                          schedule=schedule, step=self.step, seed=self.cfg.trainer.seed)
+            self.history.samples[self.step] = str(path)
+            self.logger.artifact(path, "samples")
+        if metrics:
+            self.logger.metrics(metrics, self.step)
+        return metrics
+
+    # ------------------------------------------------------------------ the run
+    def _log_metrics(self, out: StepOutput, window: tuple[int, float]) -> dict[str, float]:
+        """Loss averaged over ranks (a collective), grad norms, lrs, throughput since `window`."""
+        steps0, t0 = window
+        r = self.replica
+        dt = max(time.perf_counter() - t0, 1e-9)
+        m = {"train/loss": _mean_over_ranks(out.loss.item(), self.world_size, r.device),
+             "train/grad_norm_theta": r.energy_updater.grad_norm(),
+             "train/lr": self.schedules[0].at(self.step),
+             "perf/s_per_step": dt / max(self.step - steps0, 1),
+             "perf/samples_per_s": (self.step - steps0) * self.cfg.trainer.batch_size * self.world_size / dt}
+        if out.inner_loss is not None:
+            m["train/inner_loss"] = _mean_over_ranks(out.inner_loss.item(), self.world_size, r.device)
+        if r.posterior_updater is not None:
+            m["train/grad_norm_phi"] = r.posterior_updater.grad_norm()
+            m["train/posterior_lr"] = self.schedules[1].at(self.step)
+        self.history.loss[self.step] = m["train/loss"]
+        if "train/inner_loss" in m:
+            self.history.inner_loss[self.step] = m["train/inner_loss"]
+        return m
+
+    def resume(self) -> bool:
+        """Load the sink's latest checkpoint, if any."""
+        latest = self.sink.latest()
+        if latest is None:
+            return False
+        self.load(latest)
+        self.log(f"resumed from {latest} at step {self.step}")
+        return True
 
     def run(self) -> History:
-        """Train for `steps` iterations, logging every `log_every` and evaluating every `eval_every`."""
-        start = time.perf_counter()
-        initial = self.evaluate()
-        self.log(f"step 0/{self.steps}" + "".join(f"  {k} {v:.4f}" for k, v in initial.items()))
-        while self.step < self.steps:
-            out = self.run_step(self.next_batch())
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"non-finite loss {out.loss.item()} at step {self.step}")
-            if self.step % self.log_every == 0 or self.step == self.steps:
-                self.history.loss[self.step] = out.loss.item()
-                if out.inner_loss is not None:
-                    self.history.inner_loss[self.step] = out.inner_loss.item()
-                due = self.step % self.eval_every == 0 or self.step == self.steps
-                metrics = self.evaluate() if due else {}
-                elapsed = time.perf_counter() - start
-                eta = elapsed / self.step * (self.steps - self.step)
-                inner = "" if out.inner_loss is None else f"  inner {out.inner_loss.item():.4f}"
-                extra = "".join(f"  {k} {v:.4f}" for k, v in metrics.items())
-                self.log(f"step {self.step}/{self.steps}  loss {out.loss.item():.4f}{inner}{extra}"
-                         f"  {self.step / elapsed:.1f} it/s  eta {eta:.0f}s")
+        """Train to trainer.steps: progress lines, metrics every log_every, evaluation every
+        eval.every, checkpoints every checkpoint_every and at the end."""
+        t = self.cfg.trainer
+        if self.step == 0:
+            self.evaluate()
+        start_step, start = self.step, time.perf_counter()
+        window, last_print = (self.step, start), start
+        while self.step < t.steps:
+            out = self.run_step(self.batches(self.step))
+            now = time.perf_counter()
+            s, at_end = self.step, self.step == t.steps
+            logging = s % t.log_every == 0 or at_end
+            ckpt = s % t.checkpoint_every == 0 or at_end
+            metrics = self._log_metrics(out, window) if (logging or ckpt) else {}
+            if metrics:
+                self.logger.metrics(metrics, s)
+                window = (s, time.perf_counter())
+            if self.rank == 0 and (logging or now - last_print >= PROGRESS_EVERY_S):
+                done = s - start_step
+                eta = (now - start) / done * (t.steps - s)
+                rate = done * t.batch_size * self.world_size / (now - start)
+                self.log(f"step {s}/{t.steps}  loss {out.loss.item():.4f}"
+                         + ("" if out.inner_loss is None else f"  inner {out.inner_loss.item():.4f}")
+                         + f"  {rate:.0f} samples/s  eta {eta:.0f}s")
+                last_print = now
+            if s % self.cfg.eval.every == 0 or at_end:
+                evaluated = self.evaluate()
+                if evaluated:
+                    self.log(f"step {s} eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluated.items()))
+                metrics.update(evaluated)
+            if ckpt:
+                self.checkpoint({**metrics, "step": s, "samples_path": self.history.samples.get(s)})
+            elif logging:
+                self.sink.report({**metrics, "step": s}, None, s)
         return self.history

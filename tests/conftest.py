@@ -34,3 +34,18 @@ def tiny_conv(seed: int = 0) -> tuple[ConvEBLVM, GaussianPosterior]:
     energy = ConvEBLVM((1, 8, 8), h_dim=3, ch=2, blocks_per_stage=0)
     q = GaussianPosterior((1, 8, 8), 3, encoder="conv", channels=(4, 4, 4))
     return energy, q
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local 2-CPU Ray for the session, started and shut down by this process (never `ray stop`)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

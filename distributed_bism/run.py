@@ -1,0 +1,152 @@
+"""The product's main job: `train(config)`, the same from Python and from `bism train`.
+
+    cfg, resumed = preflight(cfg)          every input check, before any worker exists
+    run_id = open_run(...)                 MLflow (driver), continued when the name resumes
+    local:      one TrainLoop here         ddp / deepspeed: worker_main on a Ray TorchTrainer
+    close_run(FINISHED | FAILED)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed_bism.config import Config
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run leaves behind."""
+
+    name: str
+    step: int
+    seconds: float
+    run_id: str | None
+    tracking_uri: str | None
+    checkpoint: str | None
+    samples: str | None
+    metrics: dict[str, Any]
+
+
+def _print(msg: str) -> None:
+    # Not print(): in Ray Train workers print is patched to log *and* echo, doubling each line.
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _final_model(loop: Any) -> None:
+    """Rank 0: the final weights (θ, EMA θ, φ) and config as one safe-to-load file, logged to MLflow."""
+    import torch
+
+    from distributed_bism.models import unwrap
+
+    r = loop.replica
+    path = Path(loop.cfg.trainer.output_dir).resolve() / "models" / str(loop.cfg.trainer.name) / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": loop.step, "energy": unwrap(r.energy).state_dict(), "ema": loop.ema.state_dict(),
+                "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
+                "config": loop.cfg.to_yaml()}, path)
+    loop.logger.artifact(path, "model")
+
+
+def run_loop(loop: Any) -> dict[str, Any]:
+    """Resume if there is a checkpoint, train, and write the final model (rank 0)."""
+    t = loop.cfg.trainer
+    loop.resume()
+    loop.log(f"{loop.world_size} worker(s) × batch {t.batch_size} = global batch {t.batch_size * loop.world_size}; "
+             f"strategy {t.strategy}; steps {loop.step} → {t.steps}")
+    loop.run()
+    if loop.rank == 0:
+        _final_model(loop)
+    samples = loop.history.samples
+    return {"step": loop.step, "samples_path": samples[max(samples)] if samples else None}
+
+
+def worker_main(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build the loop for this rank and run it."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from distributed_bism.config import from_dict
+    from distributed_bism.launch import RaySink
+    from distributed_bism.tracking import RunLogger
+    from distributed_bism.trainer import TrainLoop
+
+    cfg = from_dict(Config, loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))  # 1 worker = its own cores, no oversubscription
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    loop = TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
+                                 sink=RaySink(), logger=logger, run_id=loop_config["run_id"], log=_print)
+    run_loop(loop)
+
+
+def _train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[str, Any], str | None]:
+    from distributed_bism.launch import LocalSink, storage_path
+    from distributed_bism.tracking import RunLogger
+    from distributed_bism.trainer import TrainLoop
+
+    sink = LocalSink(Path(storage_path(cfg)) / str(cfg.trainer.name), cfg.trainer.num_to_keep)
+    loop = TrainLoop.from_config(cfg, sink=sink, logger=RunLogger(uri, run_id), run_id=run_id, log=_print)
+    out = run_loop(loop)
+    out.update({k: v for k, v in loop.history.__dict__.items() if k == "test_loglik" and v})
+    last = sink.last or sink.latest()
+    return out, str(last) if last else None
+
+
+def train(cfg: Config, *, address: str | None = None) -> TrainSummary:
+    """Train as `cfg` says: check the input, open the MLflow run, run the strategy, close the run.
+    Running again with the same trainer.name continues the run from its latest checkpoint."""
+    from distributed_bism.launch import _record_run, preflight, run_on_ray
+    from distributed_bism.tracking import close_run, open_run, tracking_uri
+
+    cfg, resumed = preflight(cfg)
+    t = cfg.trainer
+    _print("resolved config:\n" + cfg.to_yaml())
+    _print(f"run {t.name!r}: " + ("continuing from its latest checkpoint" if resumed else "new run"))
+    uri = tracking_uri(cfg) if cfg.tracking.enabled else None
+    run_id = None
+    if uri:
+        run_id, continued = open_run(cfg, str(t.name))
+        _print(f"MLflow run {run_id} ({'continued' if continued else 'new'}) in {uri}")
+    _record_run(cfg)
+    start = time.perf_counter()
+    failed, checkpoint = True, None
+    try:
+        if t.strategy == "local":
+            out, checkpoint = _train_local(cfg, run_id, uri)
+        else:
+            result = run_on_ray(cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
+                                address=address)
+            out = dict(result.metrics or {})
+            checkpoint = result.checkpoint.path if result.checkpoint else None
+        failed = False
+    finally:
+        if run_id:
+            close_run(cfg, run_id, failed=failed, checkpoint=checkpoint if not failed else None)
+    summary = TrainSummary(name=str(t.name), step=int(out.get("step", t.steps)), seconds=time.perf_counter() - start,
+                           run_id=run_id, tracking_uri=uri, checkpoint=checkpoint,
+                           samples=out.get("samples_path"), metrics=out)
+    _print(describe(summary))
+    return summary
+
+
+def describe(s: TrainSummary) -> str:
+    lines = [f"done: run {s.name!r} at step {s.step} ({s.seconds:.0f} s)"]
+    if s.samples:
+        lines.append(f"samples (conditional, v given h = E_q[h|v_test]): {s.samples}")
+    if s.checkpoint:
+        lines.append(f"last checkpoint: {s.checkpoint}")
+    if s.run_id:
+        lines.append(f"MLflow run id: {s.run_id}")
+        lines.append(f"open it with:  mlflow ui --backend-store-uri '{s.tracking_uri}' --port 5000")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `bism train CONFIG` or distributed_bism.train(config)")

@@ -1,0 +1,170 @@
+"""Execution strategies: how one worker's energy and posterior are wrapped and stepped.
+
+    local      the modules as they are, torch Adam (one process, no Ray)
+    ddp        DistributedDataParallel around each module (gloo on CPU, nccl on GPU), torch Adam
+    deepspeed  one DeepSpeed engine per module, ZeRO stage 0/1/2, a client torch Adam (no compile)
+
+All three return a `Replica`, and the training loop runs the same `BilevelStep` on it. What
+the step calls matters under DDP (STACK.md): the higher-level loss calls `replica.energy`
+(the wrapper, so its reducer averages dJ/dθ), the warm-up calls `replica.posterior` (so dG/dφ
+is averaged), and every inner loss calls the unwrapped modules, whose gradients are either
+not accumulated (torch.autograd.grad) or flow into θ through the one outer backward.
+A parameter can be in the forward graph and still get no gradient from a score loss (the
+GRBM's c at K=0); DDP would then never reduce its bucket and the ranks would drift apart with
+no error, so under DDP every backward touches every parameter (`TorchUpdater(touch_all=True)`)
+and the reducer can expect all of them. DeepSpeed averages in engine.backward, whatever was called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distributed_bism.config import Config
+from distributed_bism.optim import TorchUpdater, Updater, adam, all_ranks_agree
+from distributed_bism.unroll import torch_optimizer_state
+
+
+@dataclass
+class Replica:
+    """One worker's models and their updaters, wrapped for the strategy."""
+
+    energy: nn.Module  # called by the higher-level loss: the DDP wrapper, or the module
+    posterior: nn.Module | None  # called by the warm-up
+    energy_updater: Updater
+    posterior_updater: Updater | None
+    strategy: str = "local"
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def sharded_optimizer(self) -> bool:
+        """True when each rank holds only its shard of the optimiser state (ZeRO ≥ 1)."""
+        return bool(getattr(self.energy_updater, "sharded", False))
+
+
+class EngineUpdater:
+    """A DeepSpeed engine as an `Updater`. engine.backward reduces the gradient across ranks;
+    the skip decision is taken on the loss and all-reduced, since under ZeRO-2 no rank sees
+    the whole gradient."""
+
+    def __init__(self, engine: Any, zero_stage: int):
+        self.engine, self.zero_stage = engine, zero_stage
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        self.sharded = zero_stage >= 1
+        self._loss_finite = True
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def backward(self, loss: Tensor) -> None:
+        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        if not all_ranks_agree(self._loss_finite):
+            self.engine.zero_grad()
+            return False
+        self.engine.step()
+        return True
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+
+    def full_grads(self) -> list[Tensor | None]:
+        """The averaged gradient of every parameter, assembled from the shards (a collective)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        return [safe_get_full_grad(p) for p in self.params]
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()  # computed by the last engine.step()
+        return float(norm) if norm is not None else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.optimizer.load_state_dict(state)
+
+    def optimizer_state(self, params: Mapping[str, Tensor]) -> dict[str, dict]:
+        """Adam's per-parameter state by name, assembled from the shards (a collective), so the
+        unrolled Adam continues from it exactly as under DDP."""
+        if not self.sharded:
+            return torch_optimizer_state(self.engine.optimizer, params)
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        base = self.engine.optimizer.optimizer.state
+        steps = [st["step"] for st in base.values() if "step" in st]
+        if not steps:
+            return {}
+        out = {}
+        for n, p in params.items():
+            out[n] = {"step": steps[0], "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                      "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+        return out
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """Classes a ZeRO optimiser's state_dict pickles besides tensors, allowed by name for
+    torch.load(weights_only=True)."""
+    return []
+
+
+def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Every backward reaches every parameter (touch_all), so there are no unused ones to search for.
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed config for one engine: no gradient accumulation, ZeRO stage from the config."""
+    t = cfg.trainer
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,  # our own progress lines instead
+        "zero_allow_untested_optimizer": True,  # a client torch Adam: nothing to compile
+    }
+
+
+def build_replica(cfg: Config, energy: nn.Module, posterior: nn.Module | None, *, rank: int = 0,
+                  world_size: int = 1, device: torch.device | None = None) -> Replica:
+    """Move the modules to `device`, wrap them for cfg.trainer.strategy and build their optimisers."""
+    device = device or torch.device("cpu")
+    strategy, o = cfg.trainer.strategy, cfg.optim
+    energy = energy.to(device)
+    posterior = posterior.to(device) if posterior is not None else None
+    if strategy == "deepspeed":
+        import deepspeed
+
+        ds = deepspeed_config(cfg)
+        e_engine, *_ = deepspeed.initialize(model=energy, optimizer=adam(energy.parameters(), o.lr, o.betas), config=ds)
+        p_engine = None
+        if posterior is not None:
+            p_engine, *_ = deepspeed.initialize(model=posterior, config=ds,
+                                                optimizer=adam(posterior.parameters(), o.posterior_lr, o.posterior_betas))
+        return Replica(energy=e_engine.module, posterior=p_engine.module if p_engine else None,
+                       energy_updater=EngineUpdater(e_engine, cfg.trainer.zero_stage),
+                       posterior_updater=EngineUpdater(p_engine, cfg.trainer.zero_stage) if p_engine else None,
+                       strategy=strategy, rank=rank, world_size=world_size, device=device)
+    ddp = strategy == "ddp" and world_size > 1
+    e_updater = TorchUpdater(adam(energy.parameters(), o.lr, o.betas), touch_all=ddp)
+    p_updater = (TorchUpdater(adam(posterior.parameters(), o.posterior_lr, o.posterior_betas), touch_all=ddp)
+                 if posterior is not None else None)
+    if ddp:
+        energy = _ddp(energy, device)
+        posterior = _ddp(posterior, device) if posterior is not None else None
+    return Replica(energy=energy, posterior=posterior, energy_updater=e_updater, posterior_updater=p_updater,
+                   strategy=strategy, rank=rank, world_size=world_size, device=device)

@@ -1,0 +1,98 @@
+"""Correctness across workers, on a real Ray TorchTrainer with 2 CPU workers (gloo).
+
+The silent trap (STACK.md): a wrapper whose forward is never called does not average
+gradients, and nothing raises; ranks drift apart. Each test here fails in that case:
+  * the gradient each rank applies after one step must equal the mean over shards of the
+    single-process hypergradient on each shard (and the shards' own gradients are checked
+    to differ, so an un-averaged gradient cannot pass);
+  * after 20 steps the energy's and the posterior's parameters must be equal on every rank;
+  * a NaN loss on rank 0 only must make every rank skip the step.
+The warm-up is off (N = 0) in the one-step check: with N > 0 φ would first be trained on the
+averaged warm-up gradient, which no single-process run on one shard reproduces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from ray import cloudpickle
+
+import dist_workers
+from dist_workers import first_step_config
+from distributed_bism.config import Config, from_dict
+from distributed_bism.launch import run_on_ray
+from distributed_bism.trainer import TrainLoop
+
+cloudpickle.register_pickle_by_value(dist_workers)  # workers cannot import tests/
+
+KS = (0, 3)
+
+
+def tiny_config(tmp_path, strategy: str, zero_stage: int = 1) -> dict:
+    return {
+        "data": {"name": "checkerboard", "n_train": 256, "n_test": 64},
+        "model": {"name": "grbm", "h_dim": 4, "init_std": 0.1},
+        "posterior": {"name": "bernoulli", "temperature": 0.5},
+        "objective": {"name": "bidsm", "sigma": 0.1, "warmup_steps": 2, "unroll_steps": 3, "unroll_optimizer": "adam"},
+        "optim": {"lr": 1e-2, "posterior_lr": 1e-2},
+        "trainer": {"name": f"probe-{strategy}-{zero_stage}", "strategy": strategy, "num_workers": 2,
+                    "batch_size": 16, "zero_stage": zero_stage, "output_dir": str(tmp_path / "out"),
+                    "max_failures": 0},
+        "tracking": {"enabled": False},
+    }
+
+
+def run_probe(tmp_path, strategy: str, zero_stage: int = 1) -> tuple[Config, list[dict]]:
+    cfg = from_dict(Config, tiny_config(tmp_path, strategy, zero_stage))
+    run_on_ray(cfg, dist_workers.gradient_probe, {"config": cfg.to_dict(), "ks": KS, "out": str(tmp_path)})
+    return cfg, [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def single_process_grads(cfg: Config, k: int, seen: dict) -> dict[str, torch.Tensor]:
+    """dJ/dθ on one shard in this process, from the same initial weights and noise stream."""
+    local = dataclasses.replace(first_step_config(cfg, k), trainer=dataclasses.replace(cfg.trainer, strategy="local", num_workers=1))
+    loop = TrainLoop.from_config(local)
+    torch.set_rng_state(seen["rng"])
+    loop.forward_backward(seen["batch"])
+    return {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in loop.replica.energy.named_parameters()}
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> bool:
+    return bool((a - b).abs().max() <= rel * max(1.0, b.abs().max().item()))
+
+
+def check_ranks(cfg: Config, ranks: list[dict]) -> None:
+    for k in KS:
+        shards = [single_process_grads(cfg, k, ranks[r]["first_step"][k]) for r in range(2)]
+        mean = {n: (shards[0][n] + shards[1][n]) / 2 for n in shards[0]}
+        spread = max((shards[0][n] - shards[1][n]).abs().max().item() for n in mean)
+        scale = max(m.abs().max().item() for m in mean.values())
+        assert spread > 1e-3 * scale, f"K={k}: the shards' gradients barely differ; the test could not see un-averaging"
+        for r in range(2):
+            applied = ranks[r]["first_step"][k]["grads"]
+            for n in mean:
+                assert close(applied[n], mean[n]), (
+                    f"K={k} rank {r} {n}: applied {applied[n].flatten()[:4]} != mean over shards {mean[n].flatten()[:4]} (shards {shards[0][n].flatten()[:4]} {shards[1][n].flatten()[:4]})")
+    for key in ("params_after_20", "params_after_nan"):
+        for n, p in ranks[0][key].items():
+            assert torch.equal(p, ranks[1][key][n]), f"{key}: {n} differs between ranks"
+    for r in range(2):
+        assert ranks[r]["bad_steps"] == 1, f"rank {r} did not skip the step where rank 0's loss was NaN"
+        for n, p in ranks[r]["params_after_20"].items():
+            assert torch.equal(p, ranks[r]["params_after_nan"][n]), f"rank {r}: {n} changed in a skipped step"
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_ddp_averages_hypergradients_across_ranks(tmp_path):
+    cfg, ranks = run_probe(tmp_path, "ddp")
+    check_ranks(cfg, ranks)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_deepspeed_averages_hypergradients_across_ranks(tmp_path, zero_stage):
+    cfg, ranks = run_probe(tmp_path, "deepspeed", zero_stage)
+    check_ranks(cfg, ranks)
