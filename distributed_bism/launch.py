@@ -87,9 +87,25 @@ def check_address(address: str, *, timeout: float = 3.0) -> None:
         raise ConfigError(f"trainer.address: no Ray cluster answers at {address} ({e.strerror or e})") from e
 
 
+def check_batch(cfg: Config) -> None:
+    """Every worker needs one full batch of its share of the training set (else each worker
+    would fail in ShardedBatches, after Ray started it)."""
+    from distributed_bism.data import SPLIT_SIZES
+    from distributed_bism.data.synthetic import N_TRAIN_DEFAULT, SYNTHETIC
+
+    d, t = cfg.data, cfg.trainer
+    n = d.n_train
+    if n is None:
+        n = N_TRAIN_DEFAULT if d.name in SYNTHETIC else SPLIT_SIZES.get(d.name, (None,))[0]
+    if n is not None and n // t.num_workers < t.batch_size:
+        raise ConfigError(f"trainer.batch_size: {t.batch_size} per worker × {t.num_workers} worker(s) needs "
+                          f"{t.batch_size * t.num_workers} training examples, {d.name} has {n} (data.n_train)")
+
+
 def preflight(cfg: Config) -> tuple[Config, bool]:
     """Check everything cheap; returns the config with its run name fixed, and whether it resumes."""
     check_dataset(cfg.data)
+    check_batch(cfg)
     name = cfg.trainer.name or f"{cfg.data.name}-{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Absolute: Ray Train workers run in a directory of their own.
     output_dir = Path(cfg.trainer.output_dir).expanduser().resolve()
@@ -144,6 +160,37 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
         ray.shutdown()
 
 
+def _ray_running_here() -> bool:
+    """Whether ray.init(address="auto") would find a cluster on this machine: Ray's own lookup (the
+    address file of the last `ray start`, or a running GCS process), no connection made."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # a private API; if it moved, assume a cluster may be running
+        return True
+    try:
+        return get_ray_address_from_environment("auto", None) is not None
+    except ConnectionError:
+        return False
+
+
+def check_local_cpus(cfg: Config, address: str | None) -> None:
+    """Before any ray.init: when no address is given ($RAY_ADDRESS unset) and no cluster runs here,
+    Ray would start a new local cluster with at most os.cpu_count() CPUs, so CPU workers that need
+    more fail now, naming the key, instead of after Ray started. A running cluster may have more
+    CPUs than this machine; check_resources checks it once connected."""
+    import torch
+
+    t = cfg.trainer
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    if t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()):
+        return
+    need, have = t.num_workers * t.cpus_per_worker, os.cpu_count() or 1
+    if need > have and not _ray_running_here():
+        raise ConfigError(f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
+                          f"CPUs, this machine has {have} (no Ray cluster running here and no address given)")
+
+
 def check_resources(cfg: Config, ray: Any) -> bool:
     """Whether the workers use GPUs; a clear error if the cluster cannot hold them."""
     t = cfg.trainer
@@ -168,6 +215,7 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_co
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.trainer
+    check_local_cpus(cfg, address or t.address)
     with ray_session(address or t.address) as ray:
         use_gpu = check_resources(cfg, ray)
         trainer = TorchTrainer(

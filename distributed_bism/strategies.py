@@ -91,7 +91,16 @@ class EngineUpdater:
         return self.engine.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.optimizer.load_state_dict(state)
+        """This rank's shard (ZeRO ≥ 1), or the whole state (stage 0). ZeRO wants a list indexed by
+        data-parallel rank; only this rank's entry is read for a checkpoint of the same world size,
+        and its fp32 master weights are restored exactly (load_from_fp32_weights)."""
+        if not self.sharded:
+            self.engine.optimizer.load_state_dict(state)
+            return
+        import torch.distributed as dist
+
+        shards = [state] * dist.get_world_size()
+        self.engine.optimizer.load_state_dict(shards, load_from_fp32_weights=True)
 
     def optimizer_state(self, params: Mapping[str, Tensor]) -> dict[str, dict]:
         """Adam's per-parameter state by name, assembled from the shards (a collective), so the
@@ -112,9 +121,14 @@ class EngineUpdater:
 
 
 def deepspeed_safe_globals() -> list[Any]:
-    """Classes a ZeRO optimiser's state_dict pickles besides tensors, allowed by name for
-    torch.load(weights_only=True)."""
-    return []
+    """The plain data classes a ZeRO optimiser's state_dict pickles besides tensors, allowed by
+    name for torch.load(weights_only=True); nothing else in the file may be a class."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # Found by listing the pickle's GLOBAL opcodes of ZeRO-1/2 shards (fp32 and a loss scaler).
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _ddp(module: nn.Module, device: torch.device) -> nn.Module:

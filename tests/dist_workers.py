@@ -44,7 +44,8 @@ def params_of(loop: TrainLoop) -> dict[str, torch.Tensor]:
 
 def gradient_probe(conf: dict[str, Any]) -> None:
     """For each K in conf["ks"]: one forward_backward (N = 0) on this rank's first batch; then
-    20 steps of conf["config"]; then one step where rank 0's batch is NaN."""
+    20 steps of conf["config"]; a save, 2 more steps, and the same 2 steps from the reloaded
+    checkpoint; then one step where rank 0's batch is NaN."""
     import ray.train
 
     torch.set_num_threads(1)
@@ -61,6 +62,19 @@ def gradient_probe(conf: dict[str, Any]) -> None:
     for _ in range(20):
         loop.run_step(loop.batches(loop.step))
     out["params_after_20"] = params_of(loop)
+    # A checkpoint round trip: 2 more steps from a reloaded copy must equal 2 more steps here.
+    ckpt = Path(conf["out"]) / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    loop.save(ckpt)
+    torch.distributed.barrier()
+    for _ in range(2):
+        loop.run_step(loop.batches(loop.step))
+    out["params_continued"] = params_of(loop)
+    reloaded = TrainLoop.from_config(cfg, rank=rank, world_size=world)
+    reloaded.load(ckpt)
+    for _ in range(2):
+        reloaded.run_step(reloaded.batches(reloaded.step))
+    out["params_reloaded"] = params_of(reloaded)
     v = loop.batches(loop.step)
     if rank == 0:
         v = torch.full_like(v, float("nan"))

@@ -6,7 +6,8 @@ gradients, and nothing raises; ranks drift apart. Each test here fails in that c
     single-process hypergradient on each shard (and the shards' own gradients are checked
     to differ, so an un-averaged gradient cannot pass);
   * after 20 steps the energy's and the posterior's parameters must be equal on every rank;
-  * a NaN loss on rank 0 only must make every rank skip the step.
+  * a NaN loss on rank 0 only must make every rank skip the step;
+  * a checkpoint (with ZeRO, every rank's optimiser shard) reloads to the same continuation.
 The warm-up is off (N = 0) in the one-step check: with N > 0 φ would first be trained on the
 averaged warm-up gradient, which no single-process run on one shard reproduces.
 """
@@ -76,12 +77,14 @@ def check_ranks(cfg: Config, ranks: list[dict]) -> None:
             for n in mean:
                 assert close(applied[n], mean[n]), (
                     f"K={k} rank {r} {n}: applied {applied[n].flatten()[:4]} != mean over shards {mean[n].flatten()[:4]} (shards {shards[0][n].flatten()[:4]} {shards[1][n].flatten()[:4]})")
-    for key in ("params_after_20", "params_after_nan"):
+    for key in ("params_after_20", "params_continued", "params_after_nan"):
         for n, p in ranks[0][key].items():
             assert torch.equal(p, ranks[1][key][n]), f"{key}: {n} differs between ranks"
     for r in range(2):
+        for n, p in ranks[r]["params_continued"].items():
+            assert torch.equal(p, ranks[r]["params_reloaded"][n]), f"rank {r}: {n} differs after a checkpoint round trip"
         assert ranks[r]["bad_steps"] == 1, f"rank {r} did not skip the step where rank 0's loss was NaN"
-        for n, p in ranks[r]["params_after_20"].items():
+        for n, p in ranks[r]["params_continued"].items():
             assert torch.equal(p, ranks[r]["params_after_nan"][n]), f"rank {r}: {n} changed in a skipped step"
 
 
