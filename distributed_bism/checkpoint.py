@@ -23,6 +23,7 @@ Under Ray, directories are handed to `ray.train.report` and kept by CheckpointCo
 from __future__ import annotations
 
 import math
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -77,7 +78,7 @@ def load_file(path: str | Path, *, safe_globals: list[Any] | None = None) -> dic
     try:
         with torch.serialization.safe_globals(safe_globals or []):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # pickle errors surface as these
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # a bad zip, a bad pickle
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}") from e
 
