@@ -8,6 +8,7 @@ component's `__post_init__`, so a `Config` that exists is valid.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,16 @@ class ConfigError(ValueError):
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """Create `path` if needed; a ConfigError naming `key` if it cannot be created or written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create {path} ({e.strerror})") from e
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{key}: {path} is not writable")
 
 
 @dataclass

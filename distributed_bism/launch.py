@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from distributed_bism.checkpoint import LocalCheckpoints, checkpoint_dir_name
-from distributed_bism.config import Config, ConfigError, from_dict
+from distributed_bism.config import Config, ConfigError, check_writable_dir, from_dict
 from distributed_bism.data import check_dataset
-from distributed_bism.tracking import check_tracking_uri, close_run, open_run, tracking_uri
+from distributed_bism.tracking import check_tracking_uri, tracking_uri
 
 RUN_CONFIG_FILE = "bism_config.yaml"
 # What must match for a run to continue under the same trainer.name; the rest (steps, logging,
@@ -39,15 +39,6 @@ def storage_path(cfg: Config) -> str:
     if sp and "://" in sp:
         return sp
     return str(Path(sp or Path(cfg.trainer.output_dir) / "ray_results").expanduser().resolve())
-
-
-def _check_writable(path: Path, key: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot create {path} ({e.strerror})") from e
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"{key}: {path} is not writable")
 
 
 def _math_of(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -102,25 +93,31 @@ def check_batch(cfg: Config) -> None:
                           f"{t.batch_size * t.num_workers} training examples, {d.name} has {n} (data.n_train)")
 
 
-def preflight(cfg: Config) -> tuple[Config, bool]:
-    """Check everything cheap; returns the config with its run name fixed, and whether it resumes."""
+def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
+    """Check everything cheap, the Ray address included; returns the config with its run name
+    fixed, and whether it resumes. Nothing is written or opened before this passes."""
     check_dataset(cfg.data)
     check_batch(cfg)
     name = cfg.trainer.name or f"{cfg.data.name}-{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Absolute: Ray Train workers run in a directory of their own.
     output_dir = Path(cfg.trainer.output_dir).expanduser().resolve()
     cfg = replace(cfg, trainer=replace(cfg.trainer, name=name, output_dir=str(output_dir)))
-    _check_writable(output_dir, "trainer.output_dir")
+    check_writable_dir(output_dir, "trainer.output_dir")
     sp = storage_path(cfg)
     resumed = False
     if "://" not in sp:
         run_dir = Path(sp) / name
-        _check_writable(Path(sp), "trainer.storage_path")
+        check_writable_dir(Path(sp), "trainer.storage_path")
         resumed = check_resume(cfg, run_dir)
     if cfg.tracking.enabled:
         check_tracking_uri(tracking_uri(cfg))
     if cfg.trainer.precision != "fp32" and cfg.trainer.use_gpu is False:
         raise ConfigError(f"trainer.precision: {cfg.trainer.precision} needs GPUs, but trainer.use_gpu is false")
+    if cfg.trainer.strategy != "local":
+        address = address or cfg.trainer.address or os.environ.get("RAY_ADDRESS")
+        if address and address != "auto":
+            check_address(address)
+        check_local_cpus(cfg, address)
     return cfg, resumed
 
 
@@ -272,10 +269,3 @@ class RaySink:
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
 
-
-def config_dict(cfg: Config) -> dict[str, Any]:
-    return cfg.to_dict()
-
-
-def config_from_dict(d: dict[str, Any]) -> Config:
-    return from_dict(Config, d)

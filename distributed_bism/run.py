@@ -56,6 +56,9 @@ def run_loop(loop: Any) -> dict[str, Any]:
     """Resume if there is a checkpoint, train, and write the final model (rank 0)."""
     t = loop.cfg.trainer
     loop.resume()
+    if loop.step >= t.steps:
+        loop.log(f"run {t.name!r} is already complete at step {loop.step}: nothing to train. To train again, "
+                 f"give it a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it")
     loop.log(f"{loop.world_size} worker(s) × batch {t.batch_size} = global batch {t.batch_size * loop.world_size}; "
              f"strategy {t.strategy}; steps {loop.step} → {t.steps}")
     loop.run()
@@ -105,7 +108,7 @@ def train(cfg: Config, *, address: str | None = None) -> TrainSummary:
     from distributed_bism.launch import _record_run, preflight, run_on_ray
     from distributed_bism.tracking import close_run, open_run, tracking_uri
 
-    cfg, resumed = preflight(cfg)
+    cfg, resumed = preflight(cfg, address)
     t = cfg.trainer
     _print("resolved config:\n" + cfg.to_yaml())
     _print(f"run {t.name!r}: " + ("continuing from its latest checkpoint" if resumed else "new run"))

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from distributed_bism.config import Config, ConfigError
+from distributed_bism.config import Config, ConfigError, check_writable_dir
 
 RUN_TAG = "bism.run"  # trainer.name, to find the run again on resume
 
@@ -43,14 +43,7 @@ def check_tracking_uri(uri: str, *, timeout: float = 5.0) -> None:
         if not ok:
             raise ConfigError(f"tracking.tracking_uri: MLflow server {uri} is not healthy")
     elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        parent = db.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"tracking.tracking_uri: cannot create {parent} for {uri} ({e.strerror})") from e
-        if not os.access(parent, os.W_OK):
-            raise ConfigError(f"tracking.tracking_uri: {parent} is not writable ({uri})")
+        check_writable_dir(Path(uri[len("sqlite:///"):]).parent, f"tracking.tracking_uri ({uri})")
     elif uri.startswith(("file:", "/")) or re.match(r"^[A-Za-z]:", uri):
         raise ConfigError(f"tracking.tracking_uri: {uri} is a file store, which MLflow 3 runs only in maintenance "
                           "mode; use sqlite:///path/mlflow.db or an http(s) server")

@@ -120,8 +120,12 @@ def test_unreachable_tracking_uri(tmp_path: Path, config_file: Path, capsys: pyt
 
 def test_unreachable_ray_address(tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--address at a port where no Ray cluster answers is named, and no connection to Ray is attempted."""
-    line = bism_error(capsys, ["train", str(config_file), "trainer.strategy=ddp", "--address", "127.0.0.1:9"])
+    line = bism_error(capsys, ["train", str(config_file), "trainer.strategy=ddp", "tracking.enabled=true",
+                               "--address", "127.0.0.1:9"])
     assert "127.0.0.1:9" in line and "address" in line
+    # refused before anything was written: no MLflow store, no run record
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+    assert not list((tmp_path / "out").rglob("bism_config.yaml"))
     assert_nothing_trained(tmp_path)
 
 
