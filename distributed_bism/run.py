@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -37,14 +38,17 @@ def _print(msg: str) -> None:
     sys.stdout.flush()
 
 
-def _final_model(loop: Any) -> None:
-    """Rank 0: the final weights (θ, EMA θ, φ) and config as one safe-to-load file, logged to MLflow."""
+def _final_model(loop: Any, *, trained: bool) -> None:
+    """Rank 0: the final weights (θ, EMA θ, φ) and config as one safe-to-load file, logged to
+    MLflow; a relaunch that trained nothing leaves an existing file alone."""
     import torch
 
     from distributed_bism.models import unwrap
 
     r = loop.replica
     path = Path(loop.cfg.trainer.output_dir).resolve() / "models" / str(loop.cfg.trainer.name) / "model.pt"
+    if path.exists() and not trained:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"step": loop.step, "energy": unwrap(r.energy).state_dict(), "ema": loop.ema.state_dict(),
                 "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
@@ -61,9 +65,10 @@ def run_loop(loop: Any) -> dict[str, Any]:
                  f"give it a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it")
     loop.log(f"{loop.world_size} worker(s) × batch {t.batch_size} = global batch {t.batch_size * loop.world_size}; "
              f"strategy {t.strategy}; steps {loop.step} → {t.steps}")
+    start = loop.step
     loop.run()
     if loop.rank == 0:
-        _final_model(loop)
+        _final_model(loop, trained=loop.step > start)
     samples = loop.history.samples
     return {"step": loop.step, "samples_path": samples[max(samples)] if samples else None}
 
@@ -80,6 +85,8 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     from distributed_bism.trainer import TrainLoop
 
     cfg = from_dict(Config, loop_config["config"])
+    # Ray Train logs every report at INFO (a long line per rank per report); our progress lines say it better.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))  # 1 worker = its own cores, no oversubscription

@@ -36,9 +36,10 @@ def tiny_conv(seed: int = 0) -> tuple[ConvEBLVM, GaussianPosterior]:
     return energy, q
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A local 2-CPU Ray for the session, started and shut down by this process (never `ray stop`)."""
+    """A local 2-CPU Ray for one test module, started and shut down by this process (never
+    `ray stop`); per module, so it is gone before other modules start clusters of their own."""
     import os
 
     import ray

@@ -130,7 +130,7 @@ def test_finished_run_relaunch_changes_nothing(tmp_path: Path, capsys: pytest.Ca
     before = snapshot(run_dir(cfg))
     samples_before = snapshot(tmp_path / "samples")
     model = tmp_path / "models" / "tiny" / "model.pt"
-    model_before = model.read_bytes()
+    model_before, model_mtime = model.read_bytes(), model.stat().st_mtime_ns
     capsys.readouterr()
 
     again = train(cfg)
@@ -140,7 +140,8 @@ def test_finished_run_relaunch_changes_nothing(tmp_path: Path, capsys: pytest.Ca
     assert "step 12/12" not in log  # no training step ran
     assert snapshot(run_dir(cfg)) == before
     assert snapshot(tmp_path / "samples") == samples_before
-    assert model.read_bytes() == model_before
+    assert model.read_bytes() == model_before and model.stat().st_mtime_ns == model_mtime  # not rewritten
+    assert "already complete" in log
     assert again.checkpoint == first.checkpoint == str(run_dir(cfg) / "checkpoint_00000012")
 
 
