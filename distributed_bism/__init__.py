@@ -6,7 +6,7 @@ from typing import Any
 
 
 def train(config: Any, **kwargs: Any) -> Any:
-    """Train per `config` (a Config); see distributed_bism.run.train."""
+    """Train per `config` (a Config, a nested dict or a YAML path); see distributed_bism.run.train."""
     from distributed_bism.run import train as _train
 
     return _train(config, **kwargs)

@@ -121,6 +121,18 @@ def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
     return cfg, resumed
 
 
+def completed_checkpoint(cfg: Config) -> Path | None:
+    """The run's final checkpoint if an earlier launch already reached trainer.steps (local
+    storage only), so a relaunch can report it without starting Ray."""
+    sp = storage_path(cfg)
+    if "://" in sp:
+        return None
+    latest = LocalCheckpoints(Path(sp) / str(cfg.trainer.name), cfg.trainer.num_to_keep).latest()
+    if latest is None or int(latest.name.rsplit("_", 1)[1]) < cfg.trainer.steps:
+        return None
+    return latest
+
+
 def _record_run(cfg: Config) -> None:
     sp = storage_path(cfg)
     if "://" not in sp:

@@ -109,17 +109,27 @@ def _train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict
     return out, str(last) if last else None
 
 
-def train(cfg: Config, *, address: str | None = None) -> TrainSummary:
-    """Train as `cfg` says: check the input, open the MLflow run, run the strategy, close the run.
-    Running again with the same trainer.name continues the run from its latest checkpoint."""
-    from distributed_bism.launch import _record_run, preflight, run_on_ray
+def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = None) -> TrainSummary:
+    """Train as `cfg` (a Config, a nested dict, or a YAML path) says: check the input, open the
+    MLflow run, run the strategy, close the run. Running again with the same trainer.name
+    continues the run from its latest checkpoint."""
+    from distributed_bism.config import from_dict, load_config
+
+    if isinstance(cfg, dict):
+        cfg = from_dict(Config, cfg)
+    elif not isinstance(cfg, Config):
+        cfg = load_config(cfg)
+    from distributed_bism.launch import _record_run, completed_checkpoint, preflight, run_on_ray
     from distributed_bism.tracking import close_run, open_run, tracking_uri
 
     cfg, resumed = preflight(cfg, address)
     t = cfg.trainer
     _print("resolved config:\n" + cfg.to_yaml())
-    _print(f"run {t.name!r}: " + ("continuing from its latest checkpoint" if resumed else "new run"))
     uri = tracking_uri(cfg) if cfg.tracking.enabled else None
+    done = completed_checkpoint(cfg) if resumed else None
+    if done is not None:
+        return _already_complete(cfg, done, uri)
+    _print(f"run {t.name!r}: " + ("continuing from its latest checkpoint" if resumed else "new run"))
     run_id = None
     if uri:
         run_id, continued = open_run(cfg, str(t.name))
@@ -142,6 +152,22 @@ def train(cfg: Config, *, address: str | None = None) -> TrainSummary:
     summary = TrainSummary(name=str(t.name), step=int(out.get("step", t.steps)), seconds=time.perf_counter() - start,
                            run_id=run_id, tracking_uri=uri, checkpoint=checkpoint,
                            samples=out.get("samples_path"), metrics=out)
+    _print(describe(summary))
+    return summary
+
+
+def _already_complete(cfg: Config, checkpoint: Path, uri: str | None) -> TrainSummary:
+    """A relaunch of a finished run: report what it left, start nothing, write nothing."""
+    from distributed_bism.checkpoint import load_state
+
+    state = load_state(checkpoint)
+    name = str(cfg.trainer.name)
+    _print(f"run {name!r} is already complete at step {state['step']}: nothing to train. To train again, give it "
+           "a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it")
+    grids = sorted((Path(cfg.trainer.output_dir) / "samples" / name).glob("step_*.png"))
+    summary = TrainSummary(name=name, step=int(state["step"]), seconds=0.0, run_id=state["mlflow_run_id"],
+                           tracking_uri=uri, checkpoint=str(checkpoint), samples=str(grids[-1]) if grids else None,
+                           metrics={})
     _print(describe(summary))
     return summary
 

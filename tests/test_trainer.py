@@ -123,8 +123,8 @@ def test_resume_is_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_finished_run_relaunch_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Relaunching a finished run resumes at its last step, trains nothing, and leaves every
-    checkpoint (files, contents, mtimes) and sample as it was; the final model keeps its content."""
+    """Relaunching a finished run reports its last checkpoint, trains nothing, and leaves every
+    checkpoint (files, contents, mtimes), sample and the final model as they were."""
     cfg = tiny(tmp_path, **{"eval.metrics": ["test_loglik", "samples"]})
     first = train(cfg)
     before = snapshot(run_dir(cfg))
@@ -136,7 +136,7 @@ def test_finished_run_relaunch_changes_nothing(tmp_path: Path, capsys: pytest.Ca
     again = train(cfg)
     log = capsys.readouterr().out
     assert again.step == first.step == 12
-    assert "resumed from" in log and "at step 12" in log and "steps 12 → 12" in log
+    assert "already complete at step 12" in log  # reported from the checkpoint, nothing started
     assert "step 12/12" not in log  # no training step ran
     assert snapshot(run_dir(cfg)) == before
     assert snapshot(tmp_path / "samples") == samples_before
@@ -416,3 +416,24 @@ def test_mlflow_tracking_uri_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert run.info.status == "FINISHED" and run.data.tags["bism.run"] == "env"
     assert not (out / "mlflow.db").exists() and not Path("mlruns").exists()
     assert os.path.getsize(tmp_path / "elsewhere" / "store.db") > 0
+
+
+def test_train_takes_a_config_a_dict_or_a_yaml_path(tmp_path: Path) -> None:
+    """distributed_bism.train accepts the three forms of a config, and they train the same model."""
+    cfg = tiny(tmp_path)
+    finals = []
+    for name, form in [("as-config", None), ("as-dict", "dict"), ("as-path", "path")]:
+        data = cfg.to_dict()
+        data["trainer"]["name"] = name
+        if form == "dict":
+            arg: Any = data
+        elif form == "path":
+            arg = tmp_path / f"{name}.yaml"
+            arg.write_text(yaml.safe_dump(data))
+        else:
+            arg = from_dict(Config, data)
+        summary = train(arg)
+        assert summary.name == name and summary.step == cfg.trainer.steps
+        finals.append(torch.load(tmp_path / "models" / name / "model.pt", weights_only=True)["energy"])
+    assert_same(finals[0], finals[1], "dict")
+    assert_same(finals[0], finals[2], "path")
