@@ -170,7 +170,9 @@ class TrainerConfig:
     precision: str = "fp32"  # deepspeed: fp32 | bf16 | fp16 (the last two need GPUs)
     output_dir: str = "outputs"  # MLflow store, samples and (by default) checkpoints live here
     storage_path: str | None = None  # checkpoints; None: <output_dir>/ray_results. Shared storage on clusters
-    address: str | None = None  # Ray cluster; None: RAY_ADDRESS, then a running local cluster, else a new one
+    # Ray cluster host:port; None: $RAY_ADDRESS, else a cluster running here, else a new local one;
+    # "local": always a new local cluster
+    address: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "steps", "batch_size", "log_every", "checkpoint_every", "num_to_keep"):

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from distributed_bism.checkpoint import LocalCheckpoints, checkpoint_dir_name
-from distributed_bism.config import Config, ConfigError, check_writable_dir, from_dict
+from distributed_bism.config import Config, ConfigError, check_writable_dir
 from distributed_bism.data import check_dataset
 from distributed_bism.tracking import check_tracking_uri, tracking_uri
 
@@ -115,7 +115,7 @@ def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
         raise ConfigError(f"trainer.precision: {cfg.trainer.precision} needs GPUs, but trainer.use_gpu is false")
     if cfg.trainer.strategy != "local":
         address = address or cfg.trainer.address or os.environ.get("RAY_ADDRESS")
-        if address and address != "auto":
+        if address and address not in ("auto", "local"):
             check_address(address)
         check_local_cpus(cfg, address)
     return cfg, resumed
@@ -146,7 +146,8 @@ def _record_run(cfg: Config) -> None:
 @contextlib.contextmanager
 def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator[Any]:
     """Connect to the cluster at `address` (or $RAY_ADDRESS, or one already running here), else
-    start a local one with the dashboard on 127.0.0.1 (Tune hangs without it, STACK.md). Shuts
+    start a local one with the dashboard on 127.0.0.1 (Tune hangs without it, STACK.md). The
+    address "local" always starts a new local cluster, even when one is running here. Shuts
     down only what this process started or connected."""
     import ray
 
@@ -155,14 +156,17 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # progress lines look alike; do not fold them
     address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "auto":
+    local = {"num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "logging_level": "WARNING"}
+    if address == "local":
+        ray.init(address="local", **local)
+    elif address and address != "auto":
         check_address(address)
         ray.init(address=address, logging_level="WARNING")
     else:
         try:
             ray.init(address="auto", logging_level="WARNING")
         except ConnectionError:
-            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+            ray.init(**local)
     try:
         yield ray
     finally:
@@ -190,12 +194,13 @@ def check_local_cpus(cfg: Config, address: str | None) -> None:
     import torch
 
     t = cfg.trainer
-    if address or os.environ.get("RAY_ADDRESS"):
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
         return
     if t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()):
         return
     need, have = t.num_workers * t.cpus_per_worker, os.cpu_count() or 1
-    if need > have and not _ray_running_here():
+    if need > have and (address == "local" or not _ray_running_here()):
         raise ConfigError(f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
                           f"CPUs, this machine has {have} (no Ray cluster running here and no address given)")
 
@@ -247,8 +252,8 @@ class LocalSink:
         self.checkpoints = LocalCheckpoints(root, num_to_keep)
         self.last: Path | None = None
 
-    def latest(self) -> Path | None:
-        return self.checkpoints.latest()
+    def candidates(self) -> list[Path]:
+        return self.checkpoints.all()[::-1]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None:
@@ -262,16 +267,25 @@ class LocalSink:
 
 
 class RaySink:
-    """ray.train.report and get_checkpoint. A rank with no files reports no checkpoint."""
+    """ray.train.report and get_checkpoint. A rank with no files reports no checkpoint.
 
-    def __init__(self) -> None:
+    Ray registers a reported checkpoint only when its controller next polls (every ~2 s in Ray
+    2.60), so a worker killed just after reporting can come back with get_checkpoint() None,
+    or an older one, although the files were already written (uploads are synchronous). With
+    local storage the run directory is therefore also searched, and the newest wins."""
+
+    def __init__(self, run_dir: Path | None = None) -> None:
+        self.run_dir = run_dir
         self._stack = contextlib.ExitStack()
 
-    def latest(self) -> Path | None:
+    def candidates(self) -> list[Path]:
         import ray.train
 
+        found = {p.resolve() for p in LocalCheckpoints(self.run_dir, 1).all()} if self.run_dir else set()
         ckpt = ray.train.get_checkpoint()
-        return Path(self._stack.enter_context(ckpt.as_directory())) if ckpt else None
+        if ckpt is not None:
+            found.add(Path(self._stack.enter_context(ckpt.as_directory())).resolve())
+        return sorted(found, key=lambda p: p.name, reverse=True)  # checkpoint_XXXXXXXX: by step
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         import ray.train

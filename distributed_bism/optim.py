@@ -108,7 +108,8 @@ class TorchUpdater:
         loss.backward(inputs=self.params)
 
     def step(self) -> bool:
-        ok = self._loss_finite and all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None)
+        grads = [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
+        ok = self._loss_finite and (not grads or bool(torch.stack(grads).all()))  # one device sync, not one per tensor
         if not all_ranks_agree(ok):
             self.zero_grad()
             return False

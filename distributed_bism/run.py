@@ -92,8 +92,15 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))  # 1 worker = its own cores, no oversubscription
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     loop = TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
-                                 sink=RaySink(), logger=logger, run_id=loop_config["run_id"], log=_print)
+                                 sink=RaySink(_local_run_dir(cfg)), logger=logger, run_id=loop_config["run_id"], log=_print)
     run_loop(loop)
+
+
+def _local_run_dir(cfg: Config) -> Path | None:
+    from distributed_bism.launch import storage_path
+
+    sp = storage_path(cfg)
+    return None if "://" in sp else Path(sp) / str(cfg.trainer.name)
 
 
 def _train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[str, Any], str | None]:
@@ -105,7 +112,7 @@ def _train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict
     loop = TrainLoop.from_config(cfg, sink=sink, logger=RunLogger(uri, run_id), run_id=run_id, log=_print)
     out = run_loop(loop)
     out.update({k: v for k, v in loop.history.__dict__.items() if k == "test_loglik" and v})
-    last = sink.last or sink.latest()
+    last = sink.last or sink.checkpoints.latest()
     return out, str(last) if last else None
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from distributed_bism.bilevel import BilevelStep, StepOutput, step_from_config
-from distributed_bism.checkpoint import all_finite, load_file, load_state, optim_shard_file, save_state
+from distributed_bism.checkpoint import CheckpointError, all_finite, load_file, load_state, optim_shard_file, save_state
 from distributed_bism.config import Config
 from distributed_bism.data import load_dataset
 from distributed_bism.data.sharding import ShardedBatches
@@ -42,7 +42,8 @@ PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_ever
 class CheckpointSink(Protocol):
     """Where checkpoints go. Every rank calls `report` at the same steps."""
 
-    def latest(self) -> Path | None: ...
+    def candidates(self) -> list[Path]:
+        """Checkpoint directories to resume from, newest first."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None: ...
 
@@ -50,8 +51,8 @@ class CheckpointSink(Protocol):
 class NoCheckpoints:
     """Keeps nothing (benchmarks and tests of the loop itself)."""
 
-    def latest(self) -> Path | None:
-        return None
+    def candidates(self) -> list[Path]:
+        return []
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         return None
@@ -65,6 +66,15 @@ class History:
     inner_loss: dict[int, float] = field(default_factory=dict)
     test_loglik: dict[int, float] = field(default_factory=dict)
     samples: dict[int, str] = field(default_factory=dict)
+
+
+def _move_aside(directory: Path) -> Path:
+    """Rename a checkpoint directory to <name>.unreadable[.N], so nothing writes over it."""
+    target, n = directory.with_name(directory.name + ".unreadable"), 1
+    while target.exists():
+        target, n = directory.with_name(f"{directory.name}.unreadable.{n}"), n + 1
+    directory.rename(target)
+    return target
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
@@ -279,12 +289,26 @@ class TrainLoop:
         return m
 
     def resume(self) -> bool:
-        """Load the sink's latest checkpoint, if any."""
-        latest = self.sink.latest()
-        if latest is None:
+        """Load the newest readable checkpoint of the sink, if any. Rank 0 chooses and every rank
+        loads the same one; one cut short by a crash is renamed *.unreadable (kept, never
+        overwritten by the retrained step) and the next older one is tried."""
+        choice: list[str | None] = [None]
+        if self.rank == 0:
+            for candidate in self.sink.candidates():
+                try:
+                    load_state(candidate)
+                except CheckpointError as e:
+                    aside = _move_aside(candidate)
+                    self.log(f"skipping unreadable checkpoint ({e}); kept as {aside}")
+                    continue
+                choice[0] = str(candidate)
+                break
+        if self.world_size > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
             return False
-        self.load(latest)
-        self.log(f"resumed from {latest} at step {self.step}")
+        self.load(Path(choice[0]))
+        self.log(f"resumed from {choice[0]} at step {self.step}")
         return True
 
     def run(self) -> History:
@@ -318,8 +342,8 @@ class TrainLoop:
                 if evaluated:
                     self.log(f"step {s} eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluated.items()))
                 metrics.update(evaluated)
+            # Ray hears of the run at checkpoints only: each ray.train.report is a barrier that can
+            # wait up to ~2 s for the controller (Ray 2.60), while MLflow gets metrics every log step.
             if ckpt:
                 self.checkpoint({**metrics, "step": s, "samples_path": self.history.samples.get(s)})
-            elif logging:
-                self.sink.report({**metrics, "step": s}, None, s)
         return self.history

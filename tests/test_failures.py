@@ -2,10 +2,10 @@
 group, the run continues from its last checkpoint, and ends with the parameters of an
 uninterrupted run of the same seed, in the same MLflow run, FINISHED.
 
-Each `bism train` runs as a subprocess with its own Ray (RAY_TMPDIR points at a fresh short
-directory, so it neither joins nor disturbs any other cluster). The test kills one of that
-subprocess's own RayTrainWorker descendants, and at the end kills whatever descendants are
-left by their PIDs (never `ray stop`).
+Each `bism train` runs as a subprocess that starts its own Ray (trainer.address=local: a new
+local cluster even if another runs on this machine; RAY_TMPDIR keeps its files apart). The test
+kills one of that subprocess's own RayTrainWorker descendants, and at the end kills whatever
+descendants are left by their PIDs (never `ray stop`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def write_config(path: Path, output_dir: Path) -> Path:
         "posterior": {"name": "bernoulli", "temperature": 0.1},
         "objective": {"name": "bidsm", "sigma": 0.05, "warmup_steps": 2, "unroll_steps": 2},
         "optim": {"lr": 1e-3, "posterior_lr": 1e-3},
-        "trainer": {"name": "killme", "strategy": "ddp", "num_workers": 2, "steps": STEPS, "batch_size": 50,
+        "trainer": {"name": "killme", "strategy": "ddp", "num_workers": 2, "address": "local", "steps": STEPS, "batch_size": 50,
                     "log_every": 50, "checkpoint_every": EVERY, "max_failures": 2, "output_dir": str(output_dir)},
         "eval": {"every": STEPS, "metrics": ["test_loglik"]},
     }

@@ -160,15 +160,24 @@ def test_same_name_other_setup_refused(tmp_path: Path, capsys: pytest.CaptureFix
     train(tiny(tmp_path, **{"trainer.steps": 3, "trainer.checkpoint_every": 1, "trainer.log_every": 1}))
 
 
-def test_corrupt_latest_checkpoint_is_named(tmp_path: Path) -> None:
-    """Relaunching onto a damaged latest checkpoint raises CheckpointError naming its state.pt
-    (the CLI turns that into exit 2), rather than training from scratch or a pickle traceback."""
-    cfg = tiny(tmp_path, **{"trainer.steps": 4})
+def test_damaged_latest_checkpoint_is_kept_aside(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A latest checkpoint cut short (as by a crash mid-copy) is named in the log, renamed
+    *.unreadable with its bytes intact, and the run resumes from the one before it; the
+    retrained step writes a fresh checkpoint beside it instead of over it."""
+    cfg = tiny(tmp_path, **{"trainer.steps": 4, "trainer.checkpoint_every": 2})
     train(cfg)
-    bad = checkpoint_dirs(cfg)[-1] / STATE_FILE
-    bad.write_bytes(bad.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match=str(bad)):
-        train(tiny(tmp_path, **{"trainer.steps": 8}))
+    damaged_dir = checkpoint_dirs(cfg)[-1]
+    bad = damaged_dir / STATE_FILE
+    truncated = bad.read_bytes()[:200]
+    bad.write_bytes(truncated)
+    capsys.readouterr()
+    summary = train(tiny(tmp_path, **{"trainer.steps": 6, "trainer.checkpoint_every": 2}))
+    log = capsys.readouterr().out
+    assert str(bad) in log and "unreadable" in log
+    assert "at step 2" in log  # resumed from the checkpoint before the damaged one
+    aside = damaged_dir.with_name(damaged_dir.name + ".unreadable")
+    assert (aside / STATE_FILE).read_bytes() == truncated
+    assert summary.step == 6 and load_state(damaged_dir)["step"] == 4  # step 4 retrained and saved anew
 
 
 # --------------------------------------------------------------------------- checkpoints
