@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-deps clean-venv
+.PHONY: setup test demo bench bench-deps bench-trainer clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ bench-deps: setup
 
 bench: bench-deps
 	$(PY) bench/bench_bilevel.py
+
+# Worker scaling, harness overhead and time to first step of the distributed trainer (~9 min).
+bench-trainer: setup
+	$(PY) bench/bench_trainer.py
 
 clean-venv:
 	rm -rf $(VENV)

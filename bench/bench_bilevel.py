@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,6 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench_machine import busy_cores_now, machine_cpu_s, machine_info, package_version
 from bench_report import plot, print_headline, print_table, summarise
 from bilevel_impls import IMPL_LABELS, IMPLS, equivalence_check, make_impl
 
@@ -213,40 +212,10 @@ def rotate(items: list[str], r: int) -> list[str]:
 
 
 # ============================================================================ orchestration
-def machine_info(threads: int) -> dict[str, Any]:
-    import torch
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        higher_version: str | None = importlib.metadata.version("higher")
-    except importlib.metadata.PackageNotFoundError:
-        higher_version = None
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "cuda_available": torch.cuda.is_available(),
-        "higher": higher_version,
-        "loadavg_start": os.getloadavg(),
-        "time_start": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def machine_cpu_s() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, all cores (/proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    hz = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / hz, steal / hz
+def bilevel_machine_info(threads: int) -> dict[str, Any]:
+    info = machine_info()
+    info.update(torch_threads=threads, higher=package_version("higher"))
+    return info
 
 
 def children_cpu_s() -> float:
@@ -317,10 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats:
         configs = [replace(c, repeats=args.repeats) for c in configs]
 
-    info = machine_info(args.threads)
-    busy0, _ = machine_cpu_s()
-    time.sleep(1.0)
-    info["busy_cores_at_start"] = machine_cpu_s()[0] - busy0
+    info = bilevel_machine_info(args.threads)
+    info["busy_cores_at_start"] = busy_cores_now()
     if info["busy_cores_at_start"] > 0.2:
         # Another process is using the CPU: absolute times will be inflated, and with more than
         # one thread every parallel region can stall a whole scheduler time slice.
