@@ -328,7 +328,6 @@ class TrainLoop:
             metrics = self._log_metrics(out, window) if (logging or ckpt) else {}
             if metrics:
                 self.logger.metrics(metrics, s)
-                window = (s, time.perf_counter())
             if self.rank == 0 and (logging or now - last_print >= PROGRESS_EVERY_S):
                 done = s - start_step
                 eta = (now - start) / done * (t.steps - s)
@@ -346,4 +345,6 @@ class TrainLoop:
             # wait up to ~2 s for the controller (Ray 2.60), while MLflow gets metrics every log step.
             if ckpt:
                 self.checkpoint({**metrics, "step": s, "samples_path": self.history.samples.get(s)})
+            if metrics:  # the next throughput window starts after evaluation and checkpointing
+                window = (s, time.perf_counter())
         return self.history
