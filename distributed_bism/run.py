@@ -187,7 +187,9 @@ def describe(s: TrainSummary) -> str:
         lines.append(f"last checkpoint: {s.checkpoint}")
     if s.run_id:
         lines.append(f"MLflow run id: {s.run_id}")
-        lines.append(f"open it with:  mlflow ui --backend-store-uri '{s.tracking_uri}' --port 5000")
+        mlflow = Path(sys.executable).parent / "mlflow"  # the venv's, which need not be on PATH
+        lines.append(f"open it with:  {mlflow if mlflow.exists() else 'mlflow'} ui --backend-store-uri "
+                     f"'{s.tracking_uri}' --host 127.0.0.1 --port 5000")
     return "\n".join(lines)
 
 
