@@ -16,6 +16,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,11 @@ def sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
 
 
-def open_run(cfg: Config, run_name: str) -> tuple[str, bool]:
-    """(run id, resumed): the run tagged with `run_name`, set RUNNING again, or a new one with the
-    flattened config as params and the config as `config.yaml`."""
+def open_run(cfg: Config, run_name: str, *, parent_run_id: str | None = None,
+             params: dict[str, Any] | None = None, artifact: tuple[str, str] | None = None) -> tuple[str, bool]:
+    """(run id, resumed): the run tagged with `run_name`, set RUNNING again, or a new one (nested
+    under `parent_run_id` if given) with `params` (default: the flattened config) and `artifact`
+    (text, file name; default: the config as `config.yaml`)."""
     from mlflow.entities import Param
 
     uri = tracking_uri(cfg)
@@ -83,12 +86,15 @@ def open_run(cfg: Config, run_name: str) -> tuple[str, bool]:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or run_name, tags={RUN_TAG: run_name})
+    tags = {RUN_TAG: run_name} | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or run_name, tags=tags)
     run_id = run.info.run_id
-    params = [Param(sanitize(k), str(v)[:6000]) for k, v in cfg.flat().items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100])
-    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    values = cfg.flat() if params is None else params
+    logged = [Param(sanitize(k), str(v)[:6000]) for k, v in values.items()]
+    for i in range(0, len(logged), 100):
+        client.log_batch(run_id, params=logged[i:i + 100])
+    text, name = artifact or (cfg.to_yaml(), "config.yaml")
+    client.log_text(run_id, text, name)
     return run_id, False
 
 
@@ -98,6 +104,22 @@ def close_run(cfg: Config, run_id: str, *, failed: bool, checkpoint: str | None 
     if checkpoint:
         client.set_tag(run_id, "checkpoint_path", checkpoint)
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def close_children(cfg: Config, parent_run_id: str, failed: Callable[[str], bool]) -> int:
+    """End the child runs of `parent_run_id` left RUNNING (a trial stopped early by the scheduler
+    is interrupted before it can end its run): FAILED if failed(its name), else FINISHED with tag
+    stopped_early=true. Returns how many were closed."""
+    client = _client(tracking_uri(cfg))
+    exp_id = _experiment_id(client, cfg, tracking_uri(cfg))
+    left = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                                      "and attributes.status = 'RUNNING'")
+    for run in left:
+        bad = failed(run.data.tags.get(RUN_TAG, ""))
+        if not bad:
+            client.set_tag(run.info.run_id, "stopped_early", "true")
+        client.set_terminated(run.info.run_id, status="FAILED" if bad else "FINISHED")
+    return len(left)
 
 
 class RunLogger:

@@ -336,15 +336,19 @@ class TrainLoop:
                          + ("" if out.inner_loss is None else f"  inner {out.inner_loss.item():.4f}")
                          + f"  {rate:.0f} samples/s  eta {eta:.0f}s")
                 last_print = now
-            if s % self.cfg.eval.every == 0 or at_end:
+            evaluating = s % self.cfg.eval.every == 0 or at_end
+            if evaluating:
                 evaluated = self.evaluate()
                 if evaluated:
                     self.log(f"step {s} eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluated.items()))
                 metrics.update(evaluated)
-            # Ray hears of the run at checkpoints only: each ray.train.report is a barrier that can
-            # wait up to ~2 s for the controller (Ray 2.60), while MLflow gets metrics every log step.
+            # Ray hears of the run at checkpoints and evaluations only (a sweep's scheduler decides
+            # on those): each ray.train.report is a barrier that can wait up to ~2 s for the
+            # controller (Ray 2.60), while MLflow gets metrics every log step.
             if ckpt:
                 self.checkpoint({**metrics, "step": s, "samples_path": self.history.samples.get(s)})
+            elif evaluating:
+                self.sink.report({**metrics, "step": s}, None, s)
             if metrics:  # the next throughput window starts after evaluation and checkpointing
                 window = (s, time.perf_counter())
         return self.history

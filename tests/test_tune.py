@@ -1,0 +1,105 @@
+"""`bism tune` end to end on a local Ray (2 CPUs): a 4-trial ASHA sweep over K and lr_θ on a tiny
+GRBM, run in a subprocess that starts its own Ray (trainer.address is not used by sweeps; the
+subprocess gets --address local) and is cleaned up by PID.
+
+Trials run one at a time (max_concurrent_trials 1), so ASHA's decisions are reproducible: the
+grid puts lr_θ = 1e-6 (no learning) after lr_θ = 3e-2, so at the first rung the slow trials
+fall below the median of those before them and are stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+TINY = {
+    "data": {"name": "checkerboard", "n_train": 512, "n_test": 256},
+    "model": {"name": "grbm", "h_dim": 4},
+    "posterior": {"name": "bernoulli", "temperature": 0.5},
+    "objective": {"name": "bidsm", "sigma": 0.1, "warmup_steps": 1, "unroll_steps": 0},
+    "optim": {"lr": 1e-2, "posterior_lr": 1e-2},
+    "trainer": {"strategy": "ddp", "num_workers": 1, "steps": 40, "batch_size": 32, "log_every": 5,
+                "checkpoint_every": 20},
+    "eval": {"every": 5, "metrics": ["test_loglik"]},
+}
+
+
+def spec(tmp_path: Path) -> Path:
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    s = {"base": str(tmp_path / "tiny.yaml"),
+         "search": {"objective.unroll_steps": {"grid": [0, 1]}, "optim.lr": {"grid": [3e-2, 1e-6]}},
+         "metric": "eval/test_loglik", "mode": "max",
+         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 8},
+         "searcher": {"name": "random"}, "num_samples": 1, "max_concurrent_trials": 1,
+         "resources": {"workers_per_trial": 1, "gpus_per_worker": 0}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(s))
+    return path
+
+
+def bism(args: list[str], log: Path, timeout: float) -> int:
+    """Run `bism ARGS` with its own Ray temp dir; kill what is left of its process tree after."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen([sys.executable, "-m", "distributed_bism.cli", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        try:
+            left = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            left = []
+        if proc.poll() is None:
+            proc.kill()
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_asha_sweep_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    log = tmp_path / "tune.log"
+    rc = bism(["tune", str(spec(tmp_path)), "--name", "t4", "--output-dir", str(out)], log, timeout=600)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    sweep = out / "sweeps" / "t4"
+    rows = json.loads((sweep / "results.json").read_text())
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"done", "stopped early"}, rows
+    assert any(r["status"] == "stopped early" and r["iterations"] < 8 for r in rows), f"ASHA stopped no trial: {rows}"
+    assert rows[0]["optim.lr"] == 3e-2  # best first
+    assert (sweep / "metric_vs_params.png").stat().st_size > 0
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("distributed_bism")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert all(c.data.metrics.get("eval/test_loglik") is not None for c in children), [c.data.metrics for c in children]
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {
+        "sweep_spec.yaml", "results.md", "best_config.yaml", "metric_vs_params.png"}
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    assert any(c.data.tags.get("stopped_early") == "true" for c in children)
+
+    # the best config trains as it is
+    rc = bism(["train", str(sweep / "best_config.yaml"), "trainer.steps=5", "trainer.name=from-best",
+               f"trainer.output_dir={tmp_path / 'best'}", "tracking.enabled=false"], tmp_path / "best.log", 300)
+    assert rc == 0, (tmp_path / "best.log").read_text()[-3000:]
