@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -46,28 +48,40 @@ def spec(tmp_path: Path) -> Path:
     return path
 
 
-def bism(args: list[str], log: Path, timeout: float) -> int:
-    """Run `bism ARGS` with its own Ray temp dir; kill what is left of its process tree after."""
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": "local"}
-    proc = subprocess.Popen([sys.executable, "-m", "distributed_bism.cli", *args], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
+class Bism:
+    """`bism ARGS` in its own session, with its own Ray temp dir; `stop` kills what is left of
+    its process tree, by PID."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        env = {**os.environ, "RAY_TMPDIR": self.ray_tmp, "RAY_ADDRESS": "local"}
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "distributed_bism.cli", *args], stdout=log.open("w"),
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def stop(self) -> None:
         try:
-            left = psutil.Process(proc.pid).children(recursive=True)
+            left = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             left = []
-        if proc.poll() is None:
-            proc.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()
         for p in left:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        proc.wait(timeout=30)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def bism(args: list[str], log: Path, timeout: float) -> int:
+    """Run `bism ARGS` to the end; its exit status."""
+    run = Bism(args, log)
+    try:
+        return run.proc.wait(timeout=timeout)
+    finally:
+        run.stop()
 
 
 @pytest.mark.slow
@@ -103,3 +117,39 @@ def test_asha_sweep_end_to_end(tmp_path):
     rc = bism(["train", str(sweep / "best_config.yaml"), "trainer.steps=5", "trainer.name=from-best",
                f"trainer.output_dir={tmp_path / 'best'}", "tracking.enabled=false"], tmp_path / "best.log", 300)
     assert rc == 0, (tmp_path / "best.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    """The sweep's driver is SIGKILLed (with its Ray) once its first trial has finished; the
+    same command then completes the sweep, and the finished trial is not started again."""
+    out = tmp_path / "out"
+    args = ["tune", str(spec(tmp_path)), "--name", "rs", "--output-dir", str(out)]
+    first = Bism(args, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 300
+        while "completed after" not in (tmp_path / "first.log").read_text():
+            assert first.proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.5)
+    finally:
+        first.stop()
+    done = re.findall(r"Trial (trial_driver_\w+) completed after", (tmp_path / "first.log").read_text())
+    assert done and not (out / "sweeps" / "rs" / "results.json").exists()
+
+    assert bism(args, tmp_path / "second.log", timeout=600) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    second = (tmp_path / "second.log").read_text()
+    assert "resuming sweep 'rs'" in second
+    for trial in done:
+        assert f"Trial {trial} started" not in second, f"{trial} was run again"
+    rows = json.loads((out / "sweeps" / "rs" / "results.json").read_text())
+    assert len(rows) == 4
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("distributed_bism").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) - len(children) == 1, "the resumed sweep opened a second parent run"
+    assert len(children) == 4, "a trial got a second child run"
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
