@@ -153,3 +153,33 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert len(runs) - len(children) == 1, "the resumed sweep opened a second parent run"
     assert len(children) == 4, "a trial got a second child run"
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+
+
+@pytest.mark.slow
+def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
+    """TPE through ray.tune.search.optuna, FIFO, 3 trials one at a time; lr_θ's range reaches
+    1e30, where the GRBM's loss turns non-finite and max_bad_steps=0 stops the trial with an error.
+    The failed trial is recorded as ERROR and its MLflow run FAILED; the others finish."""
+    path = spec(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["search"] = {"optim.lr": {"choice": [3e-2, 1e30]}}
+    raw.update({"searcher": {"name": "optuna", "seed": 0}, "scheduler": {"name": "fifo"}, "num_samples": 3})
+    raw["overrides"] = {"trainer.max_bad_steps": 0}
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    rc = bism(["tune", str(path), "--name", "opt", "--output-dir", str(out)], tmp_path / "opt.log", timeout=600)
+    text = (tmp_path / "opt.log").read_text()
+    assert rc == 0, text[-4000:]
+    rows = json.loads((out / "sweeps" / "opt" / "results.json").read_text())
+    assert len(rows) == 3
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    assert failed and all(r["optim.lr"] == 1e30 for r in failed), rows
+    assert any(r["status"] == "done" for r in rows), rows
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("distributed_bism").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    statuses = sorted(r.info.status for r in children)
+    assert statuses.count("FAILED") == len(failed) and statuses.count("FINISHED") == 3 - len(failed), statuses
