@@ -126,12 +126,13 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     out = tmp_path / "out"
     args = ["tune", str(spec(tmp_path)), "--name", "rs", "--output-dir", str(out)]
     first = Bism(args, tmp_path / "first.log")
-    try:
+    state = out / "sweeps" / "rs" / "tune" / "rs"
+    try:  # a trial is finished for the sweep once Tune's experiment state on disk says so
         deadline = time.monotonic() + 300
-        while "completed after" not in (tmp_path / "first.log").read_text():
+        while not any('\\"status\\": \\"TERMINATED\\"' in f.read_text() for f in state.glob("experiment_state-*.json")):
             assert first.proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial finished"
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         first.stop()
     done = re.findall(r"Trial (trial_driver_\w+) completed after", (tmp_path / "first.log").read_text())

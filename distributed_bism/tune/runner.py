@@ -14,6 +14,7 @@ run per trial (tag mlflow.parentRunId), both found again by name when the sweep 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,9 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, output_dir: str = "ou
     ctx = SweepContext(spec, sweep, str(sweep_dir), parent, uri)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, ctx=ctx), {"cpu": DRIVER_CPU})
     tune_dir = sweep_dir / "tune"
+    # Tune records finished trials in its experiment state at most every 10 s by default; a driver
+    # killed in between re-runs them on resume. The state is small: write it every 2 s.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     failed = True
     try:
         with ray_session(address):
