@@ -10,12 +10,7 @@ descendants are left by their PIDs (never `ray stop`).
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +18,8 @@ import psutil
 import pytest
 import torch
 import yaml
+
+from processes import BismProcess
 
 STEPS, EVERY = 600, 100
 
@@ -42,46 +39,6 @@ def write_config(path: Path, output_dir: Path) -> Path:
     return path
 
 
-class BismProcess:
-    """`bism train CONFIG` in its own session, with its own Ray temp dir; cleaned up by PID."""
-
-    def __init__(self, config: Path, log: Path):
-        self.ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-        env = {**os.environ, "RAY_TMPDIR": self.ray_tmp}
-        env.pop("RAY_ADDRESS", None)
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "distributed_bism.cli", "train", str(config)],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def workers(self) -> list[psutil.Process]:
-        found = []
-        for p in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                if "RayTrainWorker" in " ".join(p.cmdline()):
-                    found.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return found
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def cleanup(self) -> None:
-        try:
-            left = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            left = []
-        if self.proc.poll() is None:
-            self.proc.kill()
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(timeout=30)
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
 def final_model(output_dir: Path) -> dict:
     return torch.load(output_dir / "models" / "killme" / "model.pt", weights_only=True)
 
@@ -97,13 +54,13 @@ def mlflow_runs(output_dir: Path) -> list:
 @pytest.mark.slow
 def test_sigkill_of_a_worker_resumes_to_the_uninterrupted_result(tmp_path):
     clean_out, killed_out = tmp_path / "clean", tmp_path / "killed"
-    clean = BismProcess(write_config(tmp_path / "clean.yaml", clean_out), tmp_path / "clean.log")
+    clean = BismProcess(["train", str(write_config(tmp_path / "clean.yaml", clean_out))], tmp_path / "clean.log")
     try:
         assert clean.wait(timeout=300) == 0, (tmp_path / "clean.log").read_text()[-3000:]
     finally:
-        clean.cleanup()
+        clean.stop()
 
-    run = BismProcess(write_config(tmp_path / "killed.yaml", killed_out), tmp_path / "killed.log")
+    run = BismProcess(["train", str(write_config(tmp_path / "killed.yaml", killed_out))], tmp_path / "killed.log")
     victim = None
     try:
         marker = killed_out / "ray_results" / "killme" / f"checkpoint_{2 * EVERY:08d}"
@@ -118,7 +75,7 @@ def test_sigkill_of_a_worker_resumes_to_the_uninterrupted_result(tmp_path):
         victim.send_signal(signal.SIGKILL)
         assert run.wait(timeout=300) == 0, (tmp_path / "killed.log").read_text()[-3000:]
     finally:
-        run.cleanup()
+        run.stop()
     log = (tmp_path / "killed.log").read_text()
     assert not psutil.pid_exists(victim.pid) or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE
     assert "resumed from" in log, "the restarted workers did not load a checkpoint"

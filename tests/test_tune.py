@@ -10,18 +10,14 @@ fall below the median of those before them and are stopped.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+
+from processes import BismProcess, run_bism
 
 TINY = {
     "data": {"name": "checkerboard", "n_train": 512, "n_test": 256},
@@ -48,47 +44,11 @@ def spec(tmp_path: Path) -> Path:
     return path
 
 
-class Bism:
-    """`bism ARGS` in its own session, with its own Ray temp dir; `stop` kills what is left of
-    its process tree, by PID."""
-
-    def __init__(self, args: list[str], log: Path):
-        self.ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-        env = {**os.environ, "RAY_TMPDIR": self.ray_tmp, "RAY_ADDRESS": "local"}
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "distributed_bism.cli", *args], stdout=log.open("w"),
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def stop(self) -> None:
-        try:
-            left = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            left = []
-        if self.proc.poll() is None:
-            self.proc.kill()
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(timeout=30)
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
-def bism(args: list[str], log: Path, timeout: float) -> int:
-    """Run `bism ARGS` to the end; its exit status."""
-    run = Bism(args, log)
-    try:
-        return run.proc.wait(timeout=timeout)
-    finally:
-        run.stop()
-
-
 @pytest.mark.slow
 def test_asha_sweep_end_to_end(tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "tune.log"
-    rc = bism(["tune", str(spec(tmp_path)), "--name", "t4", "--output-dir", str(out)], log, timeout=600)
+    rc = run_bism(["tune", str(spec(tmp_path)), "--name", "t4", "--output-dir", str(out)], log, timeout=600)
     text = log.read_text()
     assert rc == 0, text[-4000:]
     sweep = out / "sweeps" / "t4"
@@ -114,7 +74,7 @@ def test_asha_sweep_end_to_end(tmp_path):
     assert any(c.data.tags.get("stopped_early") == "true" for c in children)
 
     # the best config trains as it is
-    rc = bism(["train", str(sweep / "best_config.yaml"), "trainer.steps=5", "trainer.name=from-best",
+    rc = run_bism(["train", str(sweep / "best_config.yaml"), "trainer.steps=5", "trainer.name=from-best",
                f"trainer.output_dir={tmp_path / 'best'}", "tracking.enabled=false"], tmp_path / "best.log", 300)
     assert rc == 0, (tmp_path / "best.log").read_text()[-3000:]
 
@@ -125,7 +85,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     same command then completes the sweep, and the finished trial is not started again."""
     out = tmp_path / "out"
     args = ["tune", str(spec(tmp_path)), "--name", "rs", "--output-dir", str(out)]
-    first = Bism(args, tmp_path / "first.log")
+    first = BismProcess(args, tmp_path / "first.log")
     state = out / "sweeps" / "rs" / "tune" / "rs"
     try:  # a trial is finished for the sweep once Tune's experiment state on disk says so
         deadline = time.monotonic() + 300
@@ -138,7 +98,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     done = re.findall(r"Trial (trial_driver_\w+) completed after", (tmp_path / "first.log").read_text())
     assert done and not (out / "sweeps" / "rs" / "results.json").exists()
 
-    assert bism(args, tmp_path / "second.log", timeout=600) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    assert run_bism(args, tmp_path / "second.log", timeout=600) == 0, (tmp_path / "second.log").read_text()[-4000:]
     second = (tmp_path / "second.log").read_text()
     assert "resuming sweep 'rs'" in second
     for trial in done:
@@ -168,7 +128,7 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
     raw["overrides"] = {"trainer.max_bad_steps": 0}
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
-    rc = bism(["tune", str(path), "--name", "opt", "--output-dir", str(out)], tmp_path / "opt.log", timeout=600)
+    rc = run_bism(["tune", str(path), "--name", "opt", "--output-dir", str(out)], tmp_path / "opt.log", timeout=600)
     text = (tmp_path / "opt.log").read_text()
     assert rc == 0, text[-4000:]
     rows = json.loads((out / "sweeps" / "opt" / "results.json").read_text())
