@@ -99,7 +99,7 @@ class TrainLoop:
     def __init__(self, *, cfg: Config, replica: Replica, objective: Objective, step: BilevelStep,
                  batches: ShardedBatches, test_data: Tensor | None, sink: CheckpointSink | None = None,
                  logger: RunLogger | None = None, run_id: str | None = None,
-                 log: Callable[[str], None] = print):
+                 image_shape: tuple[int, ...] | None = None, log: Callable[[str], None] = print):
         self.cfg, self.replica, self.objective, self.step_fn = cfg, replica, objective, step
         self.batches, self.test_data = batches, test_data
         self.sink = sink or NoCheckpoints()
@@ -113,8 +113,8 @@ class TrainLoop:
                           LRSchedule(o.posterior_lr, o.schedule, t.steps, o.min_lr))
         self.step, self.bad_steps = 0, 0
         self.history = History()
-        self.data_shape = tuple(batches.data.shape[1:])
-        self.image_shape = self.data_shape
+        # what a sample is drawn as: (C, H, W) even when a GRBM sees flat vectors
+        self.image_shape = image_shape or tuple(batches.data.shape[1:])
 
     @classmethod
     def from_config(cls, cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
@@ -139,10 +139,8 @@ class TrainLoop:
         batches = ShardedBatches(train.to(device), cfg.trainer.batch_size, rank=rank, world_size=world_size,
                                  seed=cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed + 1_000_003 * rank)
-        loop = cls(cfg=cfg, replica=replica, objective=objective, step=step, batches=batches,
-                   test_data=test.to(device), **kwargs)
-        loop.image_shape = image_shape
-        return loop
+        return cls(cfg=cfg, replica=replica, objective=objective, step=step, batches=batches,
+                   test_data=test.to(device), image_shape=image_shape, **kwargs)
 
     # ------------------------------------------------------------------ one iteration
     def forward_backward(self, v: Tensor) -> StepOutput:

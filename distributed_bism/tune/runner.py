@@ -41,8 +41,8 @@ def trial_config(ctx: SweepContext, params: dict[str, Any], trial_name: str) -> 
     the trial, its files under the sweep's directory, its workers sized by the spec's resources."""
     cfg = ctx.spec.trial_config(params)
     r = ctx.spec.resources
+    # spec.trial_config already sized the workers; the trial's driver takes DRIVER_CPU of one CPU
     trainer = dataclasses.replace(cfg.trainer, name=trial_name, output_dir=ctx.output_dir,
-                                  num_workers=r.workers_per_trial, use_gpu=r.gpus_per_worker > 0,
                                   cpus_per_worker=r.cpus_per_worker - DRIVER_CPU, max_failures=0)
     tracking = dataclasses.replace(cfg.tracking, run_name=trial_name,
                                    tracking_uri=ctx.tracking_uri or cfg.tracking.tracking_uri)
