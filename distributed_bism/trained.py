@@ -1,0 +1,126 @@
+"""A trained model, rebuilt from a checkpoint: what `bism eval`, `bism sample` and `bism diagnose` start from.
+
+    load_trained("outputs/ray_results/run/checkpoint_00001000")   a checkpoint directory
+    load_trained("outputs/ray_results/run")                       its newest checkpoint
+    load_trained("3f2a...")                                        an MLflow run id, through the
+                                                                  run's `checkpoint_path` tag
+
+The modules are built from the config stored in the checkpoint by the same builder the trainer
+uses (`build_models`), then loaded with the checkpoint's θ (or its EMA) and φ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from distributed_bism.checkpoint import STATE_FILE, CheckpointError, LocalCheckpoints, load_state
+from distributed_bism.config import Config, ConfigError, from_dict
+from distributed_bism.models import build_energy, build_posterior
+
+
+def model_input_shape(cfg: Config, image_shape: Sequence[int]) -> tuple[int, ...]:
+    """What the energy sees per example: flat (D,) for a GRBM, the data set's own shape otherwise."""
+    return (math.prod(image_shape),) if cfg.model.name == "grbm" else tuple(image_shape)
+
+
+def build_models(cfg: Config, input_shape: Sequence[int], *, with_posterior: bool) -> tuple[nn.Module, nn.Module | None]:
+    """Freshly initialised (energy, posterior or None) for inputs of `input_shape` (see model_input_shape)."""
+    energy = build_energy(cfg.model, tuple(input_shape))
+    posterior = build_posterior(cfg.posterior, tuple(input_shape), cfg.model.h_dim) if with_posterior else None
+    return energy, posterior
+
+
+def dataset_shape(cfg: Config) -> tuple[int, ...]:
+    """The shape of one example of cfg.data, (C, H, W) or (2,), from a one-example load."""
+    from distributed_bism.data import load_dataset
+
+    train, _ = load_dataset(replace(cfg.data, n_train=1, n_test=1))
+    return tuple(train.shape[1:])
+
+
+@dataclass
+class TrainedModel:
+    """A model at one checkpoint. `energy` and `posterior` are in eval mode on `device`.
+
+    data_shape: what the energy takes per example, (D,) for a GRBM or (C, H, W);
+    image_shape: the data set's own example shape, for drawing samples.
+    """
+
+    cfg: Config
+    energy: nn.Module
+    posterior: nn.Module | None
+    step: int
+    run_id: str | None
+    checkpoint: Path
+    data_shape: tuple[int, ...]
+    image_shape: tuple[int, ...] = ()
+
+
+def _checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
+    from distributed_bism.tracking import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri(Config())
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as e:
+        raise CheckpointError(f"{run_id}: neither a checkpoint directory nor an MLflow run in {uri}") from e
+    tag = run.data.tags.get("checkpoint_path")
+    if not tag:
+        raise CheckpointError(f"MLflow run {run_id} has no checkpoint_path tag (it never finished with a checkpoint)")
+    return Path(tag)
+
+
+def resolve_checkpoint(ref: str | Path, *, tracking_uri: str | None = None) -> Path:
+    """The checkpoint directory `ref` names: a checkpoint directory, a run directory (its newest
+    checkpoint), or an MLflow run id. A one-line CheckpointError naming `ref` otherwise."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if (path / STATE_FILE).is_file():
+            return path
+        latest = LocalCheckpoints(path, 1).latest()
+        if latest is None:
+            raise CheckpointError(f"{path}: no {STATE_FILE} and no checkpoint_XXXXXXXX/ directory in it")
+        return latest
+    if path.exists() or "/" in str(ref) or str(ref).startswith("."):
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    return _checkpoint_of_run(str(ref), tracking_uri)
+
+
+def load_trained(ref: str | Path, *, tracking_uri: str | None = None, use_ema: bool = False,
+                 device: str | torch.device = "cpu") -> TrainedModel:
+    """Rebuild the model of checkpoint `ref` (see resolve_checkpoint); θ is the EMA weights when
+    `use_ema` and the checkpoint kept them. Raises CheckpointError with one line naming `ref`."""
+    directory = resolve_checkpoint(ref, tracking_uri=tracking_uri)
+    state = load_state(directory)
+    try:
+        cfg = from_dict(Config, yaml.safe_load(state["config"]))
+    except (ConfigError, yaml.YAMLError, KeyError) as e:
+        raise CheckpointError(f"{directory}: its stored config is not usable ({e})") from e
+    image_shape = dataset_shape(cfg)
+    input_shape = model_input_shape(cfg, image_shape)
+    energy, posterior = build_models(cfg, input_shape, with_posterior=state.get("posterior") is not None)
+    try:
+        energy.load_state_dict(state["energy"])
+        if use_ema and state.get("ema"):  # the EMA holds parameters only; buffers come from θ
+            energy.load_state_dict(state["ema"], strict=False)
+        if posterior is not None:
+            posterior.load_state_dict(state["posterior"])
+    except RuntimeError as e:  # shapes that do not match the stored config
+        raise CheckpointError(f"{directory}: weights do not fit the stored config "
+                              f"({str(e).strip().splitlines()[0]})") from e
+    energy.to(device).eval()
+    if posterior is not None:
+        posterior.to(device).eval()
+    return TrainedModel(cfg=cfg, energy=energy, posterior=posterior, step=int(state["step"]),
+                        run_id=state.get("mlflow_run_id"), checkpoint=directory, data_shape=input_shape,
+                        image_shape=image_shape)
