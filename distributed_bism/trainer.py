@@ -28,13 +28,14 @@ from distributed_bism.checkpoint import CheckpointError, all_finite, load_file, 
 from distributed_bism.config import Config
 from distributed_bism.data import load_dataset
 from distributed_bism.data.sharding import ShardedBatches
-from distributed_bism.evaluation import exact_test_loglik, sample_figure
-from distributed_bism.models import GaussianRBM, build_energy, build_posterior, unwrap
+from distributed_bism.evaluation.metrics import EvalContext, run_metrics
+from distributed_bism.evaluation.progress import log_loglik_curve
+from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.objectives import Objective, get_objective
 from distributed_bism.optim import EMA, LRSchedule
-from distributed_bism.sampler import LangevinSchedule
 from distributed_bism.strategies import Replica, build_replica, deepspeed_safe_globals
 from distributed_bism.tracking import RunLogger
+from distributed_bism.trained import build_models
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
@@ -127,12 +128,11 @@ class TrainLoop:
         image_shape = tuple(train.shape[1:])
         if cfg.model.name == "grbm":  # a GRBM sees flat vectors
             train, test = train.flatten(1), test.flatten(1)
-        energy = build_energy(cfg.model, tuple(train.shape[1:]))
+        objective = get_objective(cfg.objective)
+        energy, posterior = build_models(cfg, tuple(train.shape[1:]), with_posterior=objective.bilevel)
         if isinstance(energy, GaussianRBM):
             with torch.no_grad():  # start at the data mean, as the reference does
                 energy.b.copy_(train.mean(0))
-        objective = get_objective(cfg.objective)
-        posterior = build_posterior(cfg.posterior, tuple(train.shape[1:]), cfg.model.h_dim) if objective.bilevel else None
         replica = build_replica(cfg, energy, posterior, rank=rank, world_size=world_size, device=device)
         step = step_from_config(objective, cfg.objective, posterior_lr=cfg.optim.posterior_lr,
                                 posterior_betas=tuple(cfg.optim.posterior_betas))  # type: ignore[arg-type]
@@ -242,27 +242,27 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """Rank 0: exact test log-likelihood (GRBM) and a conditional-sample figure, per eval.metrics."""
+        """eval.metrics at this step (evaluation/metrics.py). Every rank calls it: metrics with
+        collectives (AIS) run on every rank, the others on rank 0, which logs eval/* to MLflow
+        and redraws the log-likelihood curve. Samplers use their own generators, so an
+        evaluation leaves the training RNG as it was."""
+        r = self.replica
+        ctx = EvalContext(cfg=self.cfg, energy=unwrap(r.energy),
+                          posterior=unwrap(r.posterior) if r.posterior is not None else None,
+                          train_data=self.batches.data, test_data=self.test_data, image_shape=self.image_shape,
+                          step=self.step, device=r.device, rank=self.rank, world_size=self.world_size,
+                          output_dir=Path(self.cfg.trainer.output_dir).resolve(),
+                          logger=self.logger if self.rank == 0 else None)
+        metrics = run_metrics(self.cfg.eval.metrics, ctx)
         if self.rank != 0:
             return {}
-        e, metrics = self.cfg.eval, {}
-        energy = unwrap(self.replica.energy)
-        if "test_loglik" in e.metrics and isinstance(energy, GaussianRBM) and self.test_data is not None:
-            metrics["eval/test_loglik"] = exact_test_loglik(energy, self.test_data)
-            self.history.test_loglik[self.step] = metrics["eval/test_loglik"]
-        if "samples" in e.metrics and self.test_data is not None:
-            schedule = LangevinSchedule(step=e.langevin_step_size, t_max=e.langevin_t_max, hot=e.langevin_steps[0],
-                                        anneal=e.langevin_steps[1], cool=e.langevin_steps[2],
-                                        denoise_sigma=self.cfg.objective.sigma0)
-            name = self.cfg.trainer.name or "run"
-            path = Path(self.cfg.trainer.output_dir).resolve() / "samples" / name / f"step_{self.step:08d}.png"
-            n = min(e.num_samples, len(self.test_data))
-            sample_figure(energy, self.replica.posterior, self.test_data[:n], self.image_shape, path,
-                          schedule=schedule, step=self.step, seed=self.cfg.trainer.seed)
-            self.history.samples[self.step] = str(path)
-            self.logger.artifact(path, "samples")
+        if "samples" in ctx.artifacts:
+            self.history.samples[self.step] = str(ctx.artifacts["samples"])
         if metrics:
             self.logger.metrics(metrics, self.step)
+        if "eval/test_loglik" in metrics:
+            self.history.test_loglik[self.step] = metrics["eval/test_loglik"]
+            log_loglik_curve(ctx, self.history.test_loglik)
         return metrics
 
     # ------------------------------------------------------------------ the run

@@ -1,0 +1,127 @@
+"""The metric registry: every name `eval.metrics` accepts, and how an evaluation runs them.
+
+    @register_metric("test_loglik", all_ranks=True)
+    def test_loglik(ctx: EvalContext) -> dict[str, float]:
+        return {"eval/test_loglik": ...}
+
+    values = run_metrics(["test_loglik", "samples"], ctx)      # {"eval/...": float}
+
+Every rank of a training run calls `run_metrics` with the same names at the same step. A metric
+registered with `all_ranks=True` is called on every rank and may use collectives (every rank
+takes the same branches, so the collectives match; only rank 0's returned values are kept);
+any other metric runs on rank 0 only. Metrics registered here are the legal values of
+`eval.metrics` (EvalConfig validates against `metric_names()`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from distributed_bism.config import Config
+    from distributed_bism.tracking import RunLogger
+
+
+@dataclass
+class EvalContext:
+    """What a metric may use. `energy`/`posterior` are unwrapped (no DDP/DeepSpeed wrapper).
+
+    train_data, test_data: (N, ...) in the shape the energy takes ((N, D) for a GRBM), on `device`;
+    image_shape: one example as the data set has it ((C, H, W) or (2,)), for figures and classifiers;
+    output_dir: where a metric writes files (figures, caches); logger: the MLflow run (rank 0), or None.
+    artifacts: files a metric wrote this evaluation, by metric name (e.g. "samples" → the grid).
+    """
+
+    cfg: Config
+    energy: nn.Module
+    posterior: nn.Module | None
+    train_data: Tensor | None
+    test_data: Tensor | None
+    image_shape: tuple[int, ...]
+    step: int
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    output_dir: Path = Path("outputs")
+    logger: RunLogger | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # one-line remarks (a metric skipped and why)
+    shared: dict[str, Any] = field(default_factory=dict)  # computed once per evaluation, used by several metrics
+
+    @property
+    def run_name(self) -> str:
+        return self.cfg.trainer.name or "run"
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log a file to the run (rank 0 with a logger only)."""
+        if self.logger is not None and self.rank == 0:
+            self.logger.artifact(path, artifact_path)
+
+
+MetricFn = Callable[[EvalContext], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: MetricFn
+    all_ranks: bool = False  # called on every rank (it has collectives); else rank 0 only
+
+
+METRICS: dict[str, Metric] = {}
+
+# Modules that register the built-in metrics; imported at the end of this file so METRICS is
+# complete once this module is. ood.py (BiDVL's OOD detection) is imported when it is present.
+METRIC_MODULES = ("likelihood", "sample_grid", "sample_quality")
+OPTIONAL_METRIC_MODULES = ("ood",)
+
+
+def register_metric(name: str, *, all_ranks: bool = False) -> Callable[[MetricFn], MetricFn]:
+    """Decorator: make `fn(ctx) -> {"eval/...": float}` the metric `name` of eval.metrics."""
+
+    def add(fn: MetricFn) -> MetricFn:
+        if name in METRICS and METRICS[name].fn is not fn:
+            raise ValueError(f"metric {name!r} is registered twice ({METRICS[name].fn.__module__} and {fn.__module__})")
+        METRICS[name] = Metric(name, fn, all_ranks)
+        return fn
+
+    return add
+
+
+def metric_names() -> tuple[str, ...]:
+    return tuple(sorted(METRICS))
+
+
+def check_metric_names(names: list[str], key: str = "eval.metrics") -> None:
+    """A one-line ValueError naming `key` and the first unknown metric."""
+    for name in names:
+        if name not in METRICS:
+            raise ValueError(f"{key}: unknown metric {name!r}; expected some of {', '.join(metric_names())}")
+
+
+def run_metrics(names: list[str], ctx: EvalContext) -> dict[str, float]:
+    """Run the metrics `names` in order; {"eval/...": value} on rank 0, {} on the other ranks."""
+    check_metric_names(names)
+    values: dict[str, float] = {}
+    for name in names:
+        metric = METRICS[name]
+        if metric.all_ranks or ctx.rank == 0:
+            out = metric.fn(ctx)
+            if ctx.rank == 0:
+                values.update(out)
+    return values
+
+
+for _module in METRIC_MODULES:
+    importlib.import_module(f"distributed_bism.evaluation.{_module}")
+for _module in OPTIONAL_METRIC_MODULES:
+    if importlib.util.find_spec(f"distributed_bism.evaluation.{_module}") is not None:
+        importlib.import_module(f"distributed_bism.evaluation.{_module}")
