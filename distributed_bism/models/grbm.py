@@ -113,17 +113,30 @@ class GaussianRBM(nn.Module):
                 f"exact log Z enumerates 2^H hidden states; H={H} exceeds the limit of {MAX_ENUMERABLE_H}"
                 " (use an AIS estimate instead)"
             )
-        linear = self.c + self.b @ self.W  # (H,)
-        sigma = torch.exp(self.log_sigma)
-        bits = 2 ** torch.arange(H, device=self.W.device)
-        partial = []
-        for start in range(0, 2**H, chunk_size):
-            idx = torch.arange(start, min(start + chunk_size, 2**H), device=self.W.device)
-            h = ((idx[:, None] & bits) > 0).to(self.W.dtype)  # (n, H)
-            term = h @ linear + 0.5 * ((h @ self.W.T) * sigma).pow(2).sum(-1)
-            partial.append(torch.logsumexp(term, 0))
+        partial = [torch.logsumexp(self.hidden_log_weight(self.hidden_states(start, start + chunk_size)), 0)
+                   for start in range(0, 2**H, chunk_size)]
         log_norm = 0.5 * self.v_dim * math.log(2 * math.pi) + self.log_sigma.sum()
         return log_norm + torch.logsumexp(torch.stack(partial), 0)
+
+    def hidden_states(self, start: int, stop: int) -> Tensor:
+        """The binary hidden states with indices start..stop-1 (bit j of the index is h_j), (n, H)."""
+        idx = torch.arange(start, min(stop, 2**self.h_dim), device=self.W.device)
+        bits = 2 ** torch.arange(self.h_dim, device=self.W.device)
+        return ((idx[:, None] & bits) > 0).to(self.W.dtype)
+
+    def hidden_log_weight(self, h: Tensor) -> Tensor:
+        """log p(h) + const = (c + Wᵀb)ᵀh + ½ ‖σ ⊙ (W h)‖², for h (..., H) → (...)."""
+        return h @ (self.c + self.b @ self.W) + 0.5 * ((h @ self.W.T) * torch.exp(self.log_sigma)).pow(2).sum(-1)
+
+    @torch.no_grad()
+    def sample_exact(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n exact samples v ~ p(v), (n, D): h from the enumerated marginal p(h), then v ~ p(v|h). H ≤ 20."""
+        if self.h_dim > MAX_ENUMERABLE_H:
+            raise ValueError(f"exact sampling enumerates 2^H hidden states; H={self.h_dim} exceeds the limit of "
+                             f"{MAX_ENUMERABLE_H} (use Gibbs sampling instead)")
+        probs = torch.softmax(self.hidden_log_weight(self.hidden_states(0, 2**self.h_dim)), 0)
+        idx = torch.multinomial(probs, n, replacement=True, generator=generator)
+        return self.sample_v(self.hidden_states(0, 2**self.h_dim)[idx], generator)
 
     def log_likelihood(self, v: Tensor, *, log_z: Tensor | None = None) -> Tensor:
         """Exact log p(v) = −F(v) − log Z, shape (B,). Pass `log_z` to reuse it across batches."""

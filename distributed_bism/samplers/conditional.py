@@ -1,4 +1,4 @@
-"""Samplers used during training: the reference's *conditional* sampler (METHODS.md §2).
+"""The reference's *conditional* sampler (METHODS.md §2), used for the sample grids during training.
 
     h* = E_q[h | v_data]                       (the posterior mean at real data)
     v ~ p(v | h*)                              GRBM: exactly, N(b + σ² W h*, σ² I)
@@ -12,50 +12,18 @@ data point's code, not samples of the model's marginal; every artifact says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.models.posterior import Posterior
+from distributed_bism.samplers.base import SampleResult, Sampler, register_sampler
+from distributed_bism.samplers.langevin import LangevinSchedule, annealed_langevin
 
 SAMPLER_NAME = "conditional: v ~ p(v | h = E_q[h|v_data])"
-
-
-@dataclass(frozen=True)
-class LangevinSchedule:
-    """Reference defaults: √α = 0.02, 500 steps at T=100, 2000 annealed to T=1, 200 to T=0."""
-
-    step: float = 0.02
-    t_max: float = 100.0
-    hot: int = 500
-    anneal: int = 2000
-    cool: int = 200
-    denoise_sigma: float = 0.1
-
-    def temperatures(self) -> Tensor:
-        hot = torch.full((self.hot,), self.t_max)
-        anneal = torch.logspace(torch.log10(torch.tensor(self.t_max)).item(), 0.0, self.anneal) if self.anneal else torch.empty(0)
-        cool = torch.linspace(1.0, 0.0, self.cool) if self.cool else torch.empty(0)
-        return torch.cat([hot, anneal, cool])
-
-
-def annealed_langevin(energy_fn: "callable", x: Tensor, schedule: LangevinSchedule,  # type: ignore[valid-type]
-                      generator: torch.Generator | None = None) -> Tensor:
-    """Run the schedule from x (B, ...) on energy_fn: x ↦ (B,) energies. Returns x (B, ...)."""
-    alpha = schedule.step ** 2
-    x = x.detach().clone()
-
-    def grad(x: Tensor) -> Tensor:
-        x = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(energy_fn(x).sum(), x)
-        return g
-
-    for t in schedule.temperatures().tolist():
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x - 0.5 * alpha * grad(x) + (t * alpha) ** 0.5 * noise
-    return (x - schedule.denoise_sigma ** 2 * grad(x)).detach()
 
 
 @torch.no_grad()
@@ -85,3 +53,18 @@ def conditional_samples(energy: nn.Module, posterior: nn.Module | None, v_data: 
         return annealed_langevin(lambda x: core(x, h), x0, schedule, generator=gen)
     finally:
         core.train(was_training)
+
+
+@register_sampler("conditional")
+@dataclass(frozen=True)
+class ConditionalSampler(Sampler):
+    """The reference's sampler: one v per data row given h* = E_q[h|v_data] (not model samples)."""
+
+    schedule: LangevinSchedule = field(default_factory=LangevinSchedule)
+
+    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
+               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+        if v_data is None or len(v_data) < num_samples:
+            raise ValueError(f"the conditional sampler needs at least {num_samples} rows of v_data")
+        samples = conditional_samples(energy, posterior, v_data[:num_samples], self.schedule, seed=seed)
+        return SampleResult(samples.reshape(num_samples, *data_shape), SAMPLER_NAME, self.name, False)

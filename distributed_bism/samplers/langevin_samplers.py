@@ -1,0 +1,102 @@
+"""Langevin samplers of the model: on the joint (v, h), and on the marginal v with the VaES score.
+
+joint_langevin: x = (v, h) flattened together, annealed Langevin on E(v, h); v starts uniform on
+    [0, 1] (pixels, as in the reference), h from N(0, I). Needs continuous h: a Gaussian RBM's h
+    is binary (its E is linear in h, so exp(−E) over real h is not normalisable) and is refused;
+    sample a GRBM with `gibbs` or `marginal_langevin`.
+marginal_langevin: annealed Langevin on v with ∇ₓE replaced by −VaES(x) (objectives/vages.py,
+    `num_particles` particles of q(h|x)); for a Gaussian RBM without a posterior the exact score.
+Defaults are the reference's schedule (samplers/langevin.py), which cools to T=0 for sharp images;
+for draws of p itself end at T=1 (t_max=1, anneal=cool=0, denoise_sigma=0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from distributed_bism.models import GaussianRBM, unwrap
+from distributed_bism.models.posterior import PosteriorView
+from distributed_bism.objectives.vages import vaes_score_fn
+from distributed_bism.samplers.base import SampleResult, Sampler, describe_schedule, register_sampler
+from distributed_bism.samplers.langevin import LangevinSchedule, annealed_langevin, langevin_with_grad
+
+
+class _EvalMode:
+    """Run a module in eval mode (no dropout/batch-norm updates while sampling), restoring it after."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self) -> nn.Module:
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)
+
+
+def _uniform_start(num_samples: int, data_shape: Sequence[int], v_data: Tensor | None, ref: Tensor,
+                   gen: torch.Generator) -> Tensor:
+    if v_data is not None:
+        return v_data[:num_samples].to(ref).clone()
+    return torch.rand((num_samples, *data_shape), generator=gen, dtype=ref.dtype, device=ref.device)
+
+
+@register_sampler("joint_langevin")
+@dataclass(frozen=True)
+class JointLangevinSampler(Sampler):
+    """schedule: the annealed Langevin schedule on (v, h)."""
+
+    schedule: LangevinSchedule = field(default_factory=LangevinSchedule)
+
+    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
+               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+        core = unwrap(energy)
+        if isinstance(core, GaussianRBM):
+            raise ValueError("joint_langevin needs continuous h; a Gaussian RBM's h is binary "
+                             "(use the gibbs or marginal_langevin sampler)")
+        ref = next(core.parameters())
+        gen = torch.Generator(device=ref.device).manual_seed(seed)
+        d = math.prod(data_shape)
+        v0 = _uniform_start(num_samples, data_shape, v_data, ref, gen).reshape(num_samples, d)
+        h0 = torch.randn((num_samples, core.h_dim), generator=gen, dtype=ref.dtype, device=ref.device)
+
+        def joint_energy(x: Tensor) -> Tensor:
+            return core(x[:, :d].reshape(num_samples, *data_shape), x[:, d:])
+
+        with _EvalMode(core):
+            x = annealed_langevin(joint_energy, torch.cat([v0, h0], 1), self.schedule, gen)
+        return SampleResult(x[:, :d].reshape(num_samples, *data_shape),
+                            f"joint Langevin on (v, h): {describe_schedule(self.schedule)}", self.name, True)
+
+
+@register_sampler("marginal_langevin")
+@dataclass(frozen=True)
+class MarginalLangevinSampler(Sampler):
+    """schedule: the annealed Langevin schedule on v; num_particles: L of the VaES score."""
+
+    schedule: LangevinSchedule = field(default_factory=LangevinSchedule)
+    num_particles: int = 10
+
+    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
+               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+        core = unwrap(energy)
+        ref = next(core.parameters())
+        gen = torch.Generator(device=ref.device).manual_seed(seed)
+        if posterior is not None:
+            score = vaes_score_fn(core, PosteriorView(unwrap(posterior)), num_particles=self.num_particles,
+                                  create_graph=False)
+            how = f"VaES score, L={self.num_particles}"
+        elif isinstance(core, GaussianRBM):
+            score, how = core.score, "exact score"
+        else:
+            raise ValueError("marginal_langevin needs the model's posterior for its VaES score")
+        v0 = _uniform_start(num_samples, data_shape, v_data, ref, gen)
+        with _EvalMode(core):
+            v = langevin_with_grad(lambda x: -score(x).detach(), v0, self.schedule, gen)
+        return SampleResult(v, f"marginal Langevin on v ({how}): {describe_schedule(self.schedule)}", self.name, True)
