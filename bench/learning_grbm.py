@@ -23,12 +23,17 @@ from distributed_bism.experiments import CHECKERBOARD_METHODS, checkerboard_grbm
 from distributed_bism.trainer import TrainLoop
 
 
-def run(method: str, steps: int, eval_every: int, seed: int) -> dict:
-    cfg = from_dict(Config, checkerboard_grbm(method, steps=steps, log_every=eval_every, eval_every=eval_every, seed=seed))
+def train_curve(cfg: Config) -> dict:
+    """Train `cfg` in this process with the library's loop; its wall time and test log-likelihood curve."""
     loop = TrainLoop.from_config(cfg, log=lambda s: None)
     start = time.perf_counter()
     history = loop.run()
     return {"seconds": time.perf_counter() - start, "test_loglik": history.test_loglik}
+
+
+def run(method: str, steps: int, eval_every: int, seed: int) -> dict:
+    return train_curve(from_dict(Config, checkerboard_grbm(method, steps=steps, log_every=eval_every,
+                                                           eval_every=eval_every, seed=seed)))
 
 
 def main() -> None:

@@ -143,13 +143,15 @@ class BilevelStep:
 
     def hypergradient(self, energy: nn.Module, posterior: Posterior | None, phi: ParamDict | None, v: Tensor,
                       optimizer_state: dict | None = None, shared: NoisyBatch | None = None,
-                      energy_updater: Updater | None = None) -> StepOutput:
+                      energy_updater: Updater | None = None, outer_batch: NoisyBatch | None = None) -> StepOutput:
         """Steps 2-3: J(θ, φ_K(θ)) and dJ/dθ, accumulated into θ's .grad (not φ's) by
-        `energy_updater.backward`, or by backward(inputs=θ) when there is none."""
+        `energy_updater.backward`, or by backward(inputs=θ) when there is none. `outer_batch`:
+        the noisy batch of J, drawn from v when None (diagnostics pass one to compare K on the
+        same noise)."""
         q = None
         if posterior is not None and phi is not None:
             q = PosteriorView(posterior, params=self.unrolled_posterior(energy, posterior, phi, v, optimizer_state, shared))
-        loss = self.objective.outer(energy, q, self.objective.perturbation(v)).mean()
+        loss = self.objective.outer(energy, q, outer_batch or self.objective.perturbation(v)).mean()
         if energy_updater is not None:
             energy_updater.backward(loss)
         else:

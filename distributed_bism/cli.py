@@ -4,6 +4,8 @@
     bism demo [key=value ...]      the embedded default: configs/demo.yaml (conv EBLVM, BiMDSM, digits, 2 DDP workers)
     bism tune SPEC.yaml [key=value ...] [--name N] [--output-dir D] [--address HOST:PORT]
                                    a Ray Tune sweep defined in tune_spaces/
+    bism diagnose CHECKPOINT_OR_RUN_ID [--k 0,1,5,10] [--batches 5] [--reference exact|unroll]
+                                   bias of the K-step hypergradient at a trained model (diagnose.py)
 
 Bad input (config, data set, paths, tracking store, cluster) is one line on stderr and exit 2,
 before any worker starts.
@@ -51,6 +53,28 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    try:
+        from distributed_bism.diagnose import diagnose
+
+        try:
+            ks = [int(k) for k in args.k.split(",")]
+        except ValueError:
+            raise ValueError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+        out = diagnose(args.checkpoint, ks=ks, num_batches=args.batches, reference=args.reference,
+                       reference_steps=args.reference_steps, seed=args.seed, tracking_uri=args.tracking_uri,
+                       output_dir=args.output_dir, log=not args.no_log)
+    except (*_input_errors(), ValueError) as e:  # ValueError: bad --k, --batches or --reference
+        print(f"bism: error: {e}", file=sys.stderr)
+        return 2
+    print(out.report.table())
+    if out.run_id:
+        print(f"logged to MLflow run {out.run_id} (metrics diagnose/*, artifacts diagnose/)")
+    if out.plot:
+        print(f"plot: {out.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bism", description="bi-level score matching for EBLVMs, on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,9 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     p_tune.add_argument("--address", help="Ray cluster address, as for train")
     p_demo = sub.add_parser("demo", help=f"train the embedded default ({DEMO_CONFIG.name})")
     p_demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=500")
+    p_diag = sub.add_parser("diagnose", help="bias of the K-step hypergradient at a checkpoint")
+    p_diag.add_argument("checkpoint", help="checkpoint directory, run directory or MLflow run id")
+    p_diag.add_argument("--k", default="0,1,5,10", help="unroll depths, comma-separated (default 0,1,5,10)")
+    p_diag.add_argument("--batches", type=int, default=5, help="training batches to average over (default 5)")
+    p_diag.add_argument("--reference", choices=("exact", "unroll"),
+                        help="exact posterior (GRBM; the default there) or a long unroll (default otherwise)")
+    p_diag.add_argument("--reference-steps", type=int, default=50, help="K of the unroll reference (default 50)")
+    p_diag.add_argument("--seed", type=int, default=0)
+    p_diag.add_argument("--tracking-uri", help="MLflow store (default: the one the run's config names)")
+    p_diag.add_argument("--output-dir", type=Path, help="also keep the plot and JSON here")
+    p_diag.add_argument("--no-log", action="store_true", help="do not log to the checkpoint's MLflow run")
     args = parser.parse_args(argv)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "diagnose":
+        return _diagnose(args)
     path = args.config if args.command == "train" else DEMO_CONFIG
     try:
         cfg = load_config(path, args.overrides)

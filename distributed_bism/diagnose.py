@@ -1,0 +1,150 @@
+"""`bism diagnose CHECKPOINT`: the gradient-bias diagnostic (diagnostics.py) run on a trained model.
+
+Loads the model with `load_trained`, takes `batches` training batches of the run's batch size,
+measures the K-step hypergradient against the reference for each K, and reports it: a text
+table, a plot (cos-sim and relative error against K) and a JSON file, and, when the checkpoint
+belongs to an MLflow run, metrics `diagnose/cos_sim_k{K}`, `diagnose/rel_error_k{K}` (mean over
+batches, at the checkpoint's step) and the two files as artifacts under diagnose/ in that run.
+Artifact names carry the checkpoint step and the time, so a second diagnosis adds files and
+never replaces one.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from distributed_bism.checkpoint import CheckpointError, load_state
+from distributed_bism.diagnostics import BiasReport, gradient_bias
+from distributed_bism.models import BernoulliPosterior, GaussianRBM
+from distributed_bism.trained import TrainedModel, load_trained
+from distributed_bism.unroll import torch_optimizer_state
+
+DEFAULT_KS = (0, 1, 5, 10)
+
+
+@dataclass
+class Diagnosis:
+    """A report with where it went: the plot and JSON files, and the MLflow run (or None)."""
+
+    report: BiasReport
+    plot: Path | None
+    json: Path | None
+    run_id: str | None
+
+
+def training_batches(trained: TrainedModel, num_batches: int, *, seed: int) -> list[Tensor]:
+    """`num_batches` batches (batch_size, *data_shape) of the run's training split, drawn by a
+    permutation seeded with `seed` (without replacement, cycling if the set is small)."""
+    from distributed_bism.data import load_dataset
+
+    train, _ = load_dataset(trained.cfg.data)
+    train = train.reshape(len(train), *trained.data_shape)
+    bs = trained.cfg.trainer.batch_size
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(-(-num_batches * bs // len(train)))])
+    return [train[order[i * bs:(i + 1) * bs]] for i in range(num_batches)]
+
+
+def posterior_optimizer_state(trained: TrainedModel) -> dict[str, dict] | None:
+    """The checkpoint's posterior Adam state by parameter name (the unroll continues from it, as in
+    training); None when the checkpoint has none (ZeRO-sharded, or a single-level objective)."""
+    saved = load_state(trained.checkpoint).get("posterior_optimizer")
+    if not saved or trained.posterior is None:
+        return None
+    o = trained.cfg.optim
+    opt = torch.optim.Adam(trained.posterior.parameters(), lr=o.posterior_lr, betas=tuple(o.posterior_betas))
+    opt.load_state_dict(saved)
+    return torch_optimizer_state(opt, dict(trained.posterior.named_parameters()))
+
+
+def default_reference(trained: TrainedModel) -> str:
+    """exact for a GRBM with a Bernoulli posterior, a long unroll otherwise."""
+    return "exact" if isinstance(trained.energy, GaussianRBM) and isinstance(trained.posterior, BernoulliPosterior) else "unroll"
+
+
+def plot_report(report: BiasReport, path: Path, *, title: str) -> Path:
+    """cos-sim (left) and relative error (right) against K: per-batch mean ± sd and pooled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.rows()
+    ks = [r["k"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in ((axes[0], "cos", "cosine similarity"), (axes[1], "rel", "relative error")):
+        ax.errorbar(ks, [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_sd"] for r in rows], marker="o",
+                    capsize=3, label=f"per batch (mean ± sd, {report.num_batches} batches)")
+        ax.plot(ks, [r[f"pooled_{key}"] for r in rows], "s--", label="pooled over batches")
+        ax.set(xlabel="unrolled steps K", ylabel=f"{label} to the reference")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title}\nreference: {report.reference}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def diagnose(ref: str, *, ks: list[int] | tuple[int, ...] = DEFAULT_KS, num_batches: int = 5,
+             reference: str | None = None, reference_steps: int = 50, seed: int = 0,
+             tracking_uri: str | None = None, output_dir: Path | None = None,
+             log: bool = True) -> Diagnosis:
+    """Diagnose checkpoint `ref` (a checkpoint or run directory, or an MLflow run id). Input
+    errors (a bad reference, a single-level model, K < 0) are raised before any measurement."""
+    if num_batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {num_batches}")
+    if not ks or min(ks) < 0:
+        raise ValueError(f"--k needs unroll depths >= 0, got {list(ks)}")
+    trained = load_trained(ref, tracking_uri=tracking_uri)
+    cfg = trained.cfg
+    if not cfg.objective.bilevel or trained.posterior is None:
+        raise CheckpointError(f"{trained.checkpoint}: objective {cfg.objective.name} is not bi-level, "
+                              "so there is no hypergradient to diagnose")
+    reference = reference or default_reference(trained)
+    if reference == "exact" and default_reference(trained) != "exact":
+        raise ValueError("--reference exact needs a Gaussian RBM with a Bernoulli posterior; use --reference unroll")
+    torch.manual_seed(seed)
+    report = gradient_bias(trained.energy, trained.posterior, cfg.objective, training_batches(trained, num_batches, seed=seed),
+                           ks, posterior_lr=cfg.optim.posterior_lr, posterior_betas=tuple(cfg.optim.posterior_betas),
+                           reference=reference, reference_steps=reference_steps,
+                           optimizer_state=posterior_optimizer_state(trained))
+    return _publish(report, trained, tracking_uri=tracking_uri, output_dir=output_dir, log=log)
+
+
+def _publish(report: BiasReport, trained: TrainedModel, *, tracking_uri: str | None, output_dir: Path | None,
+             log: bool) -> Diagnosis:
+    """Write the plot and JSON (into output_dir, else a temporary directory when logging), and log
+    them with the metrics to the checkpoint's MLflow run."""
+    from distributed_bism.tracking import RunLogger
+    from distributed_bism.tracking import tracking_uri as default_uri
+
+    run_id = trained.run_id if log else None
+    if output_dir is None and run_id is None:
+        return Diagnosis(report, None, None, None)
+    stem = f"gradient_bias_step{trained.step:08d}_{time.strftime('%Y%m%dT%H%M%S')}"
+    with tempfile.TemporaryDirectory(prefix="bism_diagnose_") as tmp:
+        where = output_dir or Path(tmp)
+        title = f"{trained.cfg.objective.name}, {trained.cfg.model.name} on {trained.cfg.data.name}, step {trained.step}"
+        png = plot_report(report, where / f"{stem}.png", title=title)
+        js = where / f"{stem}.json"
+        js.write_text(json.dumps({"checkpoint": str(trained.checkpoint), "step": trained.step,
+                                  "rows": report.rows(), **asdict(report)}, indent=1))
+        if run_id:
+            logger = RunLogger(tracking_uri or default_uri(trained.cfg), run_id)
+            metrics = {}
+            for r in report.rows():
+                metrics[f"diagnose/cos_sim_k{r['k']}"] = r["cos_mean"]
+                metrics[f"diagnose/rel_error_k{r['k']}"] = r["rel_mean"]
+            logger.metrics(metrics, trained.step)
+            logger.artifact(png, "diagnose")
+            logger.artifact(js, "diagnose")
+        kept = output_dir is not None
+        return Diagnosis(report, png if kept else None, js if kept else None, run_id)

@@ -1,0 +1,71 @@
+"""bench/paper_report.py: the verdict on "BiSM is comparable to CD and SM" follows the numbers,
+and the report files are written; bench/bench_paper_loglik.py builds a valid config for every
+(data set, learner) pair through the library's experiment set-up."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_paper_loglik as bench  # noqa: E402
+import paper_report as report  # noqa: E402
+
+
+def _runs(finals: dict[str, list[float]], initial: float = -2.0, steps: int = 100) -> list[dict]:
+    """Fake results: one run per (learner, seed) with a two-point curve initial → final."""
+    return [{"dataset": "toy", "method": m, "seed": s, "steps": steps, "seconds": 1.0 + s,
+             "test_loglik": {0: initial, steps: f}} for m, fs in finals.items() for s, f in enumerate(fs)]
+
+
+BASE = {"cd1": [0.0, 0.02, -0.02], "pcd1": [0.01, 0.0, 0.02], "dsm": [-0.1, -0.12, -0.08]}
+
+
+def test_all_within_tolerance_supports_the_claim():
+    bism = {"bidsm_k0": [-0.07, -0.08, -0.09], "bidsm_k5": [0.0, 0.01, -0.01], "bissm": [0.05, 0.04, 0.06]}
+    v = report.summarize(_runs({**BASE, **bism}), rel_tol=0.05)["toy"]["verdict"]
+    # bidsm_k0 is 0.08 below cd1, within max(0.05 × its gain of 2.0, 2 × seed spread) = 0.1
+    assert v["conclusion"] == "support", v["pairs"]
+    assert any(p["better"] for p in v["pairs"] if p["bism"] == "bissm")
+
+
+def test_far_below_every_baseline_does_not_support_it():
+    bism = {"bidsm_k0": [-1.5, -1.5, -1.5], "bidsm_k5": [-1.4, -1.41, -1.39], "bissm": [-1.6, -1.6, -1.6]}
+    s = report.summarize(_runs({**BASE, **bism}), rel_tol=0.05)["toy"]
+    assert s["verdict"]["conclusion"] == "do not support"
+    assert s["verdict"]["comparable_with_all_baselines"] == {"bidsm_k0": False, "bidsm_k5": False, "bissm": False}
+    assert s["methods"]["bidsm_k5"]["final_mean"] == pytest.approx(-1.4)
+
+
+def test_seed_spread_widens_the_tolerance():
+    # 0.5 below cd1 on average, but the seeds spread by ±0.6: within 2 sd, so comparable
+    bism = {"bidsm_k0": [-1.1, 0.1, -0.5]}
+    v = report.summarize(_runs({"cd1": [0.0, 0.0, 0.0], **bism}), rel_tol=0.05)["toy"]["verdict"]
+    assert v["pairs"][0]["comparable"] and v["conclusion"] == "support"
+    v1 = report.summarize(_runs({"cd1": [0.0], "bidsm_k0": [-0.5]}), rel_tol=0.05)["toy"]["verdict"]
+    assert not v1["pairs"][0]["comparable"] and v1["conclusion"] == "do not support"
+
+
+def test_report_files(tmp_path):
+    bism = {"bidsm_k0": [-1.5, -1.4, -1.6], "bidsm_k5": [0.0, 0.01, -0.01], "bissm": [-1.6, -1.6, -1.6]}
+    machine = {"cpu_model": "test cpu", "cpu_count": 2, "wall_s": 3.0, "jobs": 1, "loadavg_start": [0.1]}
+    paths = report.write_report(_runs({**BASE, **bism}), machine=machine, command="cmd", rel_tol=0.05,
+                                out=tmp_path, stem="x")
+    assert [p.name for p in paths] == ["x.json", "x.md", "x.png"] and all(p.stat().st_size > 0 for p in paths)
+    md = paths[1].read_text()
+    assert "our numbers **partly support** the claim" in md and "test cpu" in md
+    assert json.loads(paths[0].read_text())["summary"]["toy"]["verdict"]["conclusion"] == "partly support"
+
+
+@pytest.mark.parametrize("dataset", list(bench.DATASETS))
+def test_every_learner_has_a_valid_config(dataset):
+    for method in bench.METHODS:
+        cfg = bench.experiment_config(dataset, method, steps=10, eval_every=5, seed=0)
+        assert cfg.model.name == "grbm" and cfg.trainer.batch_size == 100 and cfg.optim.lr == 1e-3
+        assert cfg.data.name == dataset and cfg.model.h_dim <= 20  # exact log-likelihood
+        assert cfg.objective.name == {"cd1": "cd", "pcd1": "pcd", "bidsm_k0": "bidsm", "bidsm_k5": "bidsm"}.get(method, method)
+    assert bench.experiment_config(dataset, "bidsm_k5", steps=10, eval_every=5, seed=0).objective.unroll_steps == 5
