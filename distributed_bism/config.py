@@ -83,7 +83,8 @@ class PosteriorConfig:
         _check(self.encoder in ("conv", "mlp"), "posterior.encoder", f"expected conv or mlp, got {self.encoder!r}")
 
 
-BILEVEL_OBJECTIVES = ("bidsm", "bimdsm", "bissm")
+VAGES_OBJECTIVES = ("vages_dsm", "vages_mdsm", "vages_ksd")  # VaGES (Bao et al. 2021): no unrolling
+BILEVEL_OBJECTIVES = ("bidsm", "bimdsm", "bissm") + VAGES_OBJECTIVES
 SINGLE_LEVEL_OBJECTIVES = ("dsm", "mdsm", "ssm", "cd", "pcd")
 OBJECTIVES = BILEVEL_OBJECTIVES + SINGLE_LEVEL_OBJECTIVES
 
@@ -106,8 +107,25 @@ class ObjectiveConfig:
     # Not the reference estimator: one noise draw for all inner steps of an iteration, so f(ṽ)
     # is computed once. Cheaper unrolling, more correlated inner steps.
     share_inner_noise: bool = False
+    # VaES / VaGES (vages_dsm, vages_mdsm, vages_ksd; Bao et al. 2021, METHODS.md §3). L =
+    # num_particles per particle set (3 independent sets: VaES, E[∂θ∇v log p̃], Cov); the paper's
+    # K lower-level steps are warmup_steps, and unroll_steps must be 0.
+    biased_cov: bool = False  # drop the L/(L−1) correction of the covariance term (then L = 1 is allowed)
+    ksd_bandwidth: float = 0.1  # vages_ksd: RBF kernel exp(−‖x−y‖²/(2h²)), h in data units
+    sgld_steps: int = 0  # SGLD refinement of q's particles, h ← h − ½α∇_h E + σξ; 0: off
+    sgld_step_size: float = 1e-2  # α
+    sgld_noise: float | None = None  # σ; None: √α (Langevin)
 
     def __post_init__(self) -> None:
+        if self.name in VAGES_OBJECTIVES:
+            _check(self.unroll_steps == 0, "objective.unroll_steps",
+                   f"{self.name} does not unroll (its lower-level steps are warmup_steps); must be 0, got {self.unroll_steps}")
+            _check(self.biased_cov or self.num_particles >= 2, "objective.num_particles",
+                   f"the unbiased VaGES covariance needs L >= 2 particles, got {self.num_particles} (or set objective.biased_cov)")
+        _check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
+        _check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
+        _check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
+        _check(self.sgld_noise is None or self.sgld_noise >= 0, "objective.sgld_noise", f"must be >= 0, got {self.sgld_noise}")
         _check(self.name in OBJECTIVES, "objective.name", f"unknown objective {self.name!r}; expected one of {OBJECTIVES}")
         _check(self.warmup_steps >= 0, "objective.warmup_steps", f"N must be >= 0, got {self.warmup_steps}")
         _check(self.unroll_steps >= 0, "objective.unroll_steps", f"K must be >= 0, got {self.unroll_steps}")
@@ -257,6 +275,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        # VaGES: SGLD moves h continuously, which binary latents (a Bernoulli posterior) do not allow.
+        _check(self.objective.sgld_steps == 0 or self.posterior.name != "bernoulli", "objective.sgld_steps",
+               f"SGLD refinement needs continuous latents; posterior.name=bernoulli has binary h (got {self.objective.sgld_steps})")
         # The single-level baselines use the exact free energy, which only the GRBM has.
         _check(self.objective.bilevel or self.model.name == "grbm", "objective.name",
                f"{self.objective.name} needs the exact free energy of model.name=grbm, got model.name={self.model.name}")

@@ -4,6 +4,9 @@
                            lower-level loss for the posterior)
     dsm, mdsm, ssm         score matching on the exact free energy (GRBM baselines)
     cd, pcd                contrastive divergence (GRBM baselines)
+    vages_dsm, vages_mdsm, vages_ksd
+                           VaGES: DSM / MDSM / KSD of the VaES score, θ-gradient by VaGES (no
+                           unroll), plus the same lower-level loss as BiSM
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from distributed_bism.config import ObjectiveConfig
+from distributed_bism.config import VAGES_OBJECTIVES, ObjectiveConfig
 from distributed_bism.models import unwrap
 from distributed_bism.models.posterior import PosteriorView
 from distributed_bism.objectives.contrastive import ContrastiveDivergence
+from distributed_bism.objectives.ksd import ksd_loss_fn
 from distributed_bism.objectives.lower_level import LowerLevelFn, get_lower_level_loss_fn
 from distributed_bism.objectives.noise import NoisyBatch, Perturbation
 from distributed_bism.objectives.score_matching import (
@@ -25,6 +29,7 @@ from distributed_bism.objectives.score_matching import (
     free_energy_score_fn,
     get_sm_loss_fn,
 )
+from distributed_bism.objectives.vages import SGLD, VaGESLoss
 
 __all__ = ["Objective", "get_objective", "NoisyBatch", "Perturbation"]
 
@@ -38,6 +43,9 @@ _SM_KINDS = {
     "ssm": ("rademacher", "ssm"),
     "cd": ("none", None),
     "pcd": ("none", None),
+    "vages_dsm": ("gaussian", "dsm"),
+    "vages_mdsm": ("multiscale", "mdsm"),
+    "vages_ksd": ("none", "ksd"),
 }
 
 
@@ -88,6 +96,14 @@ def get_objective(cfg: ObjectiveConfig) -> Objective:
             return cd.loss(energy, unwrap(energy), batch)
 
         return Objective(cfg.name, perturbation, cd_loss, contrastive=cd)
+
+    if cfg.name in VAGES_OBJECTIVES:
+        score_loss = ksd_loss_fn(bandwidth=cfg.ksd_bandwidth) if sm == "ksd" else get_sm_loss_fn(sm, sigma0=cfg.sigma0)
+        vages = VaGESLoss(score_loss, num_particles=cfg.num_particles, biased_cov=cfg.biased_cov,
+                          sgld=SGLD(cfg.sgld_steps, cfg.sgld_step_size, cfg.sgld_noise) if cfg.sgld_steps else None)
+        return Objective(cfg.name, perturbation, vages,
+                         inner=get_lower_level_loss_fn(cfg.lower_level, num_particles=cfg.num_particles),
+                         divide_inner_by_sigma=cfg.name == "vages_mdsm")
 
     sm_loss = get_sm_loss_fn(sm, sigma0=cfg.sigma0)
     if not cfg.bilevel:
