@@ -81,3 +81,10 @@ def gradient_probe(conf: dict[str, Any]) -> None:
     loop.run_step(v)
     out["params_after_nan"], out["bad_steps"] = params_of(loop), loop.bad_steps
     torch.save(out, Path(conf["out"]) / f"rank{rank}.pt")
+
+
+def gradient_probes(conf: dict[str, Any]) -> None:
+    """`gradient_probe` for each of conf["cases"] in turn, in one worker group (whatever each
+    case's strategy: the process group is the same)."""
+    for case in conf["cases"]:
+        gradient_probe(case)

@@ -65,8 +65,8 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> bool:
     return bool((a - b).abs().max() <= rel * max(1.0, b.abs().max().item()))
 
 
-def check_ranks(cfg: Config, ranks: list[dict]) -> None:
-    for k in KS:
+def check_ranks(cfg: Config, ranks: list[dict], ks: tuple[int, ...] = KS) -> None:
+    for k in ks:
         shards = [single_process_grads(cfg, k, ranks[r]["first_step"][k]) for r in range(2)]
         mean = {n: (shards[0][n] + shards[1][n]) / 2 for n in shards[0]}
         spread = max((shards[0][n] - shards[1][n]).abs().max().item() for n in mean)
@@ -99,3 +99,20 @@ def test_ddp_averages_hypergradients_across_ranks(tmp_path):
 def test_deepspeed_averages_hypergradients_across_ranks(tmp_path, zero_stage):
     cfg, ranks = run_probe(tmp_path, "deepspeed", zero_stage)
     check_ranks(cfg, ranks)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_vages_averages_gradients_across_ranks_under_ddp_and_deepspeed(tmp_path):
+    """vages_dsm (K = 0 only: it does not unroll), one case per strategy (ddp; deepspeed ZeRO-2),
+    run one after the other by the same worker group to save its start-up."""
+    cases = []
+    for strategy, zero_stage in (("ddp", 1), ("deepspeed", 2)):
+        out = tmp_path / strategy
+        out.mkdir()
+        conf = tiny_config(out, strategy, zero_stage)
+        conf["objective"] = {"name": "vages_dsm", "sigma": 0.1, "warmup_steps": 2, "unroll_steps": 0, "num_particles": 2}
+        cases.append((from_dict(Config, conf), out))
+    run_on_ray(cases[0][0], dist_workers.gradient_probes,
+               {"cases": [{"config": cfg.to_dict(), "ks": (0,), "out": str(out)} for cfg, out in cases]})
+    for cfg, out in cases:
+        check_ranks(cfg, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], ks=(0,))

@@ -274,3 +274,11 @@ def test_valid_vages_settings_load():
     cfg = load_config(None, ["objective.name=vages_mdsm", "objective.num_particles=2", "objective.sgld_steps=5",
                              "posterior.name=gaussian", "model.name=conv", "data.name=digits"])
     assert get_objective(cfg.objective).divide_inner_by_sigma
+
+
+def test_a_non_finite_batch_gives_a_non_finite_loss_not_an_error(float64):
+    """The trainer skips a step whose loss is non-finite on any rank; sampling must not raise first."""
+    grbm, q = exact_setup(relaxed=True)
+    objective = get_objective(ObjectiveConfig(name="vages_dsm", num_particles=2))
+    loss = objective.outer(grbm, q, objective.perturbation(torch.full((4, 3), float("nan"))))
+    assert not torch.isfinite(loss).any()

@@ -93,7 +93,10 @@ def draw_particles(energy: EnergyFn, q: PosteriorView, x: Tensor, num_particles:
         params = q.encode(x)
         n = num_particles * num_sets
         if isinstance(q.module, BernoulliPosterior):
-            h = torch.bernoulli(q.module.mean(params).expand(n, *params.shape))
+            # u < p rather than torch.bernoulli, which raises on a NaN p: a non-finite batch must
+            # reach the loss (and have its step skipped on every rank), not stop one rank
+            probs = q.module.mean(params)
+            h = (torch.rand(n, *probs.shape, dtype=probs.dtype, device=probs.device) < probs).to(probs.dtype)
         else:
             h = q.rsample(params, n)
     if sgld is not None and sgld.steps > 0:
