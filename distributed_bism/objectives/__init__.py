@@ -7,6 +7,8 @@
     vages_dsm, vages_mdsm, vages_ksd
                            VaGES: DSM / MDSM / KSD of the VaES score, θ-gradient by VaGES (no
                            unroll), plus the same lower-level loss as BiSM
+    bidvl                  bi-level doubly variational learning (a marginal energy, an encoder and
+                           a decoder; see bidvl.py)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from distributed_bism.config import VAGES_OBJECTIVES, ObjectiveConfig
 from distributed_bism.models import unwrap
 from distributed_bism.models.posterior import PosteriorView
+from distributed_bism.objectives.bidvl import bidvl_objective
 from distributed_bism.objectives.contrastive import ContrastiveDivergence
 from distributed_bism.objectives.ksd import ksd_loss_fn
 from distributed_bism.objectives.lower_level import LowerLevelFn, get_lower_level_loss_fn
@@ -85,6 +88,9 @@ class Objective:
 
 def get_objective(cfg: ObjectiveConfig) -> Objective:
     """Build the objective named by `cfg.name` (validated by ObjectiveConfig)."""
+    if cfg.name == "bidvl":
+        perturbation, losses = bidvl_objective(cfg)
+        return Objective(cfg.name, perturbation, losses.outer, inner=losses.inner)
     kind, sm = _SM_KINDS[cfg.name]
     perturbation = Perturbation(kind, sigma=cfg.sigma, sigma_begin=cfg.sigma_begin, sigma_end=cfg.sigma_end,
                                 schedule=cfg.sigma_schedule)
