@@ -194,6 +194,7 @@ class OptimConfig:
 
 STRATEGIES = ("ddp", "deepspeed", "local")
 PRECISIONS = ("fp32", "bf16", "fp16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 
 
 @dataclass
@@ -219,6 +220,12 @@ class TrainerConfig:
     # Ray cluster host:port; None: $RAY_ADDRESS, else a cluster running here, else a new local one;
     # "local": always a new local cluster
     address: str | None = None
+    # How Ray places the workers' bundles: PACK (fewest nodes), SPREAD (across nodes, best effort),
+    # STRICT_PACK (one node) or STRICT_SPREAD (one node each)
+    placement_strategy: str = "PACK"
+    # Extra Ray resources every worker asks for, e.g. {accelerator_type:A100: 0.001} or a custom
+    # resource that `ray start --resources` gave some nodes; CPU/GPU come from cpus_per_worker/use_gpu
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "steps", "batch_size", "log_every", "checkpoint_every", "num_to_keep"):
@@ -238,6 +245,12 @@ class TrainerConfig:
         _check(0 <= self.ema_decay < 1, "trainer.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.name is None or (self.name.strip() != "" and "/" not in self.name), "trainer.name",
                f"must be a non-empty name without '/', got {self.name!r}")
+        _check(self.placement_strategy in PLACEMENT_STRATEGIES, "trainer.placement_strategy",
+               f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
+        for res, amount in self.resources_per_worker.items():
+            _check(res not in ("CPU", "GPU"), f"trainer.resources_per_worker.{res}",
+                   "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu")
+            _check(amount > 0, f"trainer.resources_per_worker.{res}", f"must be > 0, got {amount}")
 
 
 @dataclass
@@ -353,6 +366,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, (list, tuple)), key, f"expected a list, got {type(value).__name__} {value!r}")
         (item,) = typing.get_args(tp)

@@ -67,7 +67,11 @@ def check_resume(cfg: Config, run_dir: Path) -> bool:
 
 def check_address(address: str, *, timeout: float = 3.0) -> None:
     """A TCP connect to host:port of a Ray address, so a wrong address fails in seconds, naming it."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
+    scheme, _, hostport = address.rpartition("://")
+    if scheme not in ("", "ray"):  # http://...:8265 is the dashboard, where `ray job submit` sends jobs
+        raise ConfigError(f"trainer.address: {address!r} is not a Ray cluster address; give the head's host:port "
+                          "(port 6379 by default) or ray://host:10001; a dashboard URL is for `ray job submit`")
+    hostport = hostport.rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"trainer.address: {address!r} is not host:port (or ray://host:port)")
@@ -219,13 +223,32 @@ def check_resources(cfg: Config, ray: Any) -> bool:
                           f"the cluster has {cpus:g}")
     if t.precision != "fp32" and not use_gpu:
         raise ConfigError(f"trainer.precision: {t.precision} needs GPUs and the workers have none; use fp32")
+    for name, amount in t.resources_per_worker.items():
+        if t.num_workers * amount > res.get(name, 0):
+            raise ConfigError(f"trainer.resources_per_worker.{name}: {t.num_workers} workers × {amount:g} need "
+                              f"{t.num_workers * amount:g}, the cluster has {res.get(name, 0):g}")
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if t.placement_strategy == "STRICT_SPREAD" and t.num_workers > nodes:
+        raise ConfigError(f"trainer.placement_strategy: STRICT_SPREAD puts each of {t.num_workers} workers on a "
+                          f"node of its own, the cluster has {nodes} node(s)")
     return use_gpu
+
+
+def scaling_config(cfg: Config, use_gpu: bool) -> Any:
+    """Ray's ScalingConfig for the workers: trainer.num_workers, each with cpus_per_worker CPUs (or
+    one GPU) plus trainer.resources_per_worker, placed by trainer.placement_strategy."""
+    from ray.train import ScalingConfig
+
+    t = cfg.trainer
+    resources = ({} if use_gpu else {"CPU": t.cpus_per_worker}) | t.resources_per_worker
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources or None,
+                         placement_strategy=t.placement_strategy)
 
 
 def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
                *, address: str | None = None, callbacks: list[Any] | None = None) -> Any:
     """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.trainer
@@ -235,8 +258,7 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_co
         trainer = TorchTrainer(
             worker_fn, train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker=None if use_gpu else {"CPU": t.cpus_per_worker}),
+            scaling_config=scaling_config(cfg, use_gpu),
             run_config=RunConfig(name=t.name, storage_path=storage_path(cfg), callbacks=callbacks,
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),

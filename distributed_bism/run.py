@@ -75,6 +75,11 @@ def run_loop(loop: Any) -> dict[str, Any]:
 
 def worker_main(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: build the loop for this rank and run it."""
+    run_loop(worker_loop(loop_config))
+
+
+def worker_loop(loop_config: dict[str, Any]) -> Any:
+    """The TrainLoop of this Ray Train worker's rank, checkpointing through Ray (not yet run)."""
     import ray.train
     import ray.train.torch
     import torch
@@ -91,9 +96,8 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))  # 1 worker = its own cores, no oversubscription
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    loop = TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
+    return TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
                                  sink=RaySink(_local_run_dir(cfg)), logger=logger, run_id=loop_config["run_id"], log=_print)
-    run_loop(loop)
 
 
 def _local_run_dir(cfg: Config) -> Path | None:
