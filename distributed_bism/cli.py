@@ -6,6 +6,10 @@
                                    a Ray Tune sweep defined in tune_spaces/
     bism diagnose CHECKPOINT_OR_RUN_ID [--k 0,1,5,10] [--batches 5] [--reference exact|unroll]
                                    bias of the K-step hypergradient at a trained model (diagnose.py)
+    bism eval CHECKPOINT_OR_RUN_ID [--metrics M ...]
+                                   evaluate a checkpoint; the table is logged into its own MLflow run
+    bism sample CHECKPOINT [-n 64] [--sampler NAME] -o grid.png [--force]
+                                   a sample figure, titled with the sampler
 
 Bad input (config, data set, paths, tracking store, cluster) is one line on stderr and exit 2,
 before any worker starts.
@@ -75,6 +79,34 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        from distributed_bism.evaluation.commands import evaluate_checkpoint
+
+        report = evaluate_checkpoint(args.checkpoint, metrics=args.metrics, tracking_uri=args.tracking_uri,
+                                     log=not args.no_log, use_ema=args.ema)
+    except (*_input_errors(), ValueError) as e:
+        print(f"bism: error: {e}", file=sys.stderr)
+        return 2
+    print(report.table())
+    if report.run_id:
+        print(f"logged to MLflow run {report.run_id} at step {report.step}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    try:
+        from distributed_bism.evaluation.commands import sample_checkpoint
+
+        path = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
+                                 force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
+    except (*_input_errors(), ValueError, FileExistsError) as e:
+        print(f"bism: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bism", description="bi-level score matching for EBLVMs, on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,7 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     p_diag.add_argument("--tracking-uri", help="MLflow store (default: the one the run's config names)")
     p_diag.add_argument("--output-dir", type=Path, help="also keep the plot and JSON here")
     p_diag.add_argument("--no-log", action="store_true", help="do not log to the checkpoint's MLflow run")
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint and log the table into its MLflow run")
+    p_eval.add_argument("checkpoint", help="checkpoint directory, run directory or MLflow run id")
+    p_eval.add_argument("--metrics", nargs="+", help="metrics to run (default: the run's eval.metrics)")
+    p_eval.add_argument("--tracking-uri", help="MLflow store (default: the one the run's config names)")
+    p_eval.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
+    p_eval.add_argument("--ema", action="store_true", help="evaluate the EMA weights of θ")
+    p_sample = sub.add_parser("sample", help="draw samples of a checkpoint into a figure")
+    p_sample.add_argument("checkpoint", help="checkpoint directory, run directory or MLflow run id")
+    p_sample.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p_sample.add_argument("--sampler", default="conditional", help="conditional (default), gibbs, joint_langevin "
+                          "or marginal_langevin")
+    p_sample.add_argument("-o", "--output", type=Path, required=True, help="figure file to write (.png)")
+    p_sample.add_argument("--force", action="store_true", help="replace an existing output file")
+    p_sample.add_argument("--seed", type=int, default=0)
+    p_sample.add_argument("--tracking-uri", help="MLflow store, to resolve a run id")
+    p_sample.add_argument("--ema", action="store_true", help="sample from the EMA weights of θ")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "sample":
+        return _sample(args)
     if args.command == "tune":
         return _tune(args)
     if args.command == "diagnose":

@@ -303,12 +303,12 @@ class EvalConfig:
                "eval.inception_weights", f"no such file: {self.inception_weights}")
         # the registries: a metric or sampler registered there is a legal value here
         from distributed_bism.evaluation.metrics import METRICS
-        from distributed_bism.evaluation.sample_grid import SAMPLER_NAMES
+        from distributed_bism.samplers import SAMPLERS
 
         for m in self.metrics:
             _check(m in METRICS, "eval.metrics", f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
-        _check(self.sampler in SAMPLER_NAMES, "eval.sampler",
-               f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+        _check(self.sampler in SAMPLERS, "eval.sampler",
+               f"unknown sampler {self.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ uses (`build_models`), then loaded with the checkpoint's θ (or its EMA) and φ.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from torch import nn
 from distributed_bism.checkpoint import STATE_FILE, CheckpointError, LocalCheckpoints, load_state
 from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.models import build_energy, build_posterior
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids
 
 
 def model_input_shape(cfg: Config, image_shape: Sequence[int]) -> tuple[int, ...]:
@@ -67,6 +70,9 @@ def _checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
     from distributed_bism.tracking import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri(Config())
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # never create a store here
+        raise CheckpointError(f"{run_id}: not a checkpoint directory, and there is no MLflow store at {uri} "
+                              "to look the run id up in (pass --tracking-uri)")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -91,8 +97,8 @@ def resolve_checkpoint(ref: str | Path, *, tracking_uri: str | None = None) -> P
         if latest is None:
             raise CheckpointError(f"{path}: no {STATE_FILE} and no checkpoint_XXXXXXXX/ directory in it")
         return latest
-    if path.exists() or "/" in str(ref) or str(ref).startswith("."):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if path.exists() or not RUN_ID.fullmatch(str(ref)):
+        raise CheckpointError(f"{ref}: neither a checkpoint directory nor an MLflow run id")
     return _checkpoint_of_run(str(ref), tracking_uri)
 
 

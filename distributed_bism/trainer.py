@@ -114,6 +114,7 @@ class TrainLoop:
                           LRSchedule(o.posterior_lr, o.schedule, t.steps, o.min_lr))
         self.step, self.bad_steps = 0, 0
         self.history = History()
+        self.eval_notes: set[str] = set()  # notes of skipped metrics already printed
         # what a sample is drawn as: (C, H, W) even when a GRBM sees flat vectors
         self.image_shape = image_shape or tuple(batches.data.shape[1:])
 
@@ -256,6 +257,10 @@ class TrainLoop:
         metrics = run_metrics(self.cfg.eval.metrics, ctx)
         if self.rank != 0:
             return {}
+        for note in ctx.notes:  # a skipped metric is said once, never silently dropped
+            if note not in self.eval_notes:
+                self.eval_notes.add(note)
+                self.log(f"step {self.step} eval: {note}")
         if "samples" in ctx.artifacts:
             self.history.samples[self.step] = str(ctx.artifacts["samples"])
         if metrics:

@@ -72,7 +72,7 @@ def save_sample_figure(samples: Tensor, data_shape: tuple[int, ...], path: Path,
         ax.axis("off")
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Title": title})  # the sampler, readable without looking
     plt.close(fig)
     return path
 
@@ -85,11 +85,15 @@ def save_sample_strip(rows: Mapping[int, Tensor], data_shape: tuple[int, ...], p
     path.parent.mkdir(parents=True, exist_ok=True)
     steps = sorted(rows)
     if len(data_shape) == 1 and data_shape[0] == 2:
+        every = torch.cat([rows[s].float().cpu() for s in steps])  # one scale for all steps
+        lo, hi = every.min(0).values.tolist(), every.max(0).values.tolist()
         fig, axes = plt.subplots(1, len(steps), figsize=(2.2 * len(steps), 2.4), squeeze=False)
         for ax, s in zip(axes[0], steps):
             x = rows[s].float().cpu()
             ax.scatter(x[:, 0], x[:, 1], s=1)
             ax.set_title(f"step {s}", fontsize=7)
+            ax.set_xlim(lo[0], hi[0])
+            ax.set_ylim(lo[1], hi[1])
             ax.set_xticks([])
             ax.set_yticks([])
     else:

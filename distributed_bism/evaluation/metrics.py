@@ -55,15 +55,16 @@ class EvalContext:
     artifacts: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # one-line remarks (a metric skipped and why)
     shared: dict[str, Any] = field(default_factory=dict)  # computed once per evaluation, used by several metrics
+    artifact_root: str = ""  # MLflow folder of this evaluation's artifacts ("": the run's top level)
 
     @property
     def run_name(self) -> str:
         return self.cfg.trainer.name or "run"
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Log a file to the run (rank 0 with a logger only)."""
+    def log_artifact(self, path: Path, artifact_path: str) -> None:
+        """Log a file into folder `artifact_path` under artifact_root of the run (rank 0 with a logger only)."""
         if self.logger is not None and self.rank == 0:
-            self.logger.artifact(path, artifact_path)
+            self.logger.artifact(path, "/".join(p for p in (self.artifact_root, artifact_path) if p))
 
 
 MetricFn = Callable[[EvalContext], dict[str, float]]

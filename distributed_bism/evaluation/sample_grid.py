@@ -9,8 +9,9 @@ logged as MLflow artifacts samples/step_XXXXXXXX.png and plots/samples_over_trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,33 +19,29 @@ from torch import Tensor, nn
 from distributed_bism.config import Config
 from distributed_bism.evaluation.figures import save_sample_figure, save_sample_strip
 from distributed_bism.evaluation.metrics import EvalContext, register_metric
-from distributed_bism.sampler import SAMPLER_NAME, LangevinSchedule, conditional_samples
-
-SAMPLER_NAMES = ("conditional", "gibbs", "joint_langevin", "marginal_langevin")
+from distributed_bism.samplers import SAMPLERS, SampleResult, get_sampler
 
 
-@dataclass
-class Samples:
-    """x: (n, ...) in the shape the energy takes; label: the sampler, in words."""
-
-    x: Tensor
-    label: str
+def sampler_settings(cfg: Config, name: str) -> dict[str, Any]:
+    """eval.langevin_* as the schedule of a Langevin-based sampler (σ0 denoises); {} for the others."""
+    if "schedule" not in {f.name for f in dataclasses.fields(SAMPLERS[name])}:  # type: ignore[arg-type]
+        return {}
+    e = cfg.eval
+    hot, anneal, cool = e.langevin_steps
+    return {"step": e.langevin_step_size, "t_max": e.langevin_t_max, "hot": hot, "anneal": anneal, "cool": cool,
+            "denoise_sigma": cfg.objective.sigma0}
 
 
 def draw_samples(cfg: Config, energy: nn.Module, posterior: nn.Module | None, data: Tensor, n: int, *,
-                 sampler: str | None = None, seed: int = 0) -> Samples:
-    """n samples from `sampler` (default eval.sampler), with settings from cfg.eval; `data` (N, ...)
-    gives the conditional sampler its codes h = E_q[h|v] (its first n rows). Uses its own
-    generator, so the training RNG is untouched."""
+                 sampler: str | None = None, seed: int = 0) -> SampleResult:
+    """n samples (n, *data.shape[1:]) of `sampler` (default eval.sampler) with cfg.eval's schedule;
+    `data` (N, ...) gives the conditional sampler its codes h = E_q[h|v] (its first n rows) and
+    the shape. The samplers use their own generators: the training RNG is untouched."""
     name = sampler or cfg.eval.sampler
-    if name not in SAMPLER_NAMES:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
-    e = cfg.eval
-    schedule = LangevinSchedule(step=e.langevin_step_size, t_max=e.langevin_t_max, hot=e.langevin_steps[0],
-                                anneal=e.langevin_steps[1], cool=e.langevin_steps[2], denoise_sigma=cfg.objective.sigma0)
-    if name != "conditional":
-        raise ValueError(f"sampler {name!r} is not available yet")
-    return Samples(conditional_samples(energy, posterior, data[:n], schedule, seed=seed), SAMPLER_NAME)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+    return get_sampler(name, **sampler_settings(cfg, name)).sample(
+        energy, posterior, num_samples=n, data_shape=tuple(data.shape[1:]), v_data=data, seed=seed)
 
 
 def _strip(directory: Path, image_shape: tuple[int, ...], out: Path, label: str) -> Path | None:
@@ -66,9 +63,9 @@ def samples_metric(ctx: EvalContext) -> dict[str, float]:
     n = min(ctx.cfg.eval.num_samples, len(data))
     drawn = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, data, n, seed=ctx.cfg.trainer.seed)
     directory = ctx.output_dir / "samples" / ctx.run_name
-    path = save_sample_figure(drawn.x, ctx.image_shape, directory / f"step_{ctx.step:08d}.png",
+    path = save_sample_figure(drawn.samples, ctx.image_shape, directory / f"step_{ctx.step:08d}.png",
                               title=f"step {ctx.step} — {drawn.label}", reference=data[:n])
-    torch.save(drawn.x.detach().cpu(), path.with_suffix(".pt"))
+    torch.save(drawn.samples.detach().cpu(), path.with_suffix(".pt"))
     ctx.artifacts["samples"] = path
     ctx.log_artifact(path, "samples")
     strip = _strip(directory, ctx.image_shape, ctx.output_dir / "plots" / ctx.run_name / "samples_over_training.png",

@@ -24,7 +24,7 @@ def real_and_fake(ctx: EvalContext) -> tuple[Tensor, Tensor, str] | None:
             codes = ctx.train_data if ctx.train_data is not None else ctx.test_data
             n = min(ctx.cfg.eval.fid_samples, len(ctx.test_data), len(codes))
             drawn = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, codes, n, seed=ctx.cfg.trainer.seed + 1)
-            ctx.shared["real_and_fake"] = (ctx.test_data[:n], drawn.x, drawn.label)
+            ctx.shared["real_and_fake"] = (ctx.test_data[:n], drawn.samples, drawn.label)
     return ctx.shared["real_and_fake"]
 
 

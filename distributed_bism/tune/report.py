@@ -73,6 +73,34 @@ def plot(spec: SweepSpec, rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+LOGLIK = "eval/test_loglik"
+UNROLL_KEY = "objective.unroll_steps"
+
+
+def loglik_vs_unroll(spec: SweepSpec, grid: Any, path: Path) -> Path | None:
+    """For sweeps that search K (objective.unroll_steps) and report eval/test_loglik (GRBMs): each
+    trial's last test log-likelihood against K, mean ± sd over the trials of each K; else None."""
+    from distributed_bism.evaluation.figures import save_curve
+
+    if UNROLL_KEY not in spec.search:
+        return None
+    by_k: dict[int, list[float]] = {}
+    for result in grid:
+        history = result.metrics_dataframe
+        k = result.config.get(UNROLL_KEY)
+        values = [] if history is None or LOGLIK not in history else [float(v) for v in history[LOGLIK] if v == v]
+        if values and k is not None:
+            by_k.setdefault(int(k), []).append(values[-1])
+    if not by_k:
+        return None
+    means = {k: sum(v) / len(v) for k, v in by_k.items()}
+    sds = {k: (sum((x - means[k]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+           for k, v in by_k.items()}
+    trials = sum(len(v) for v in by_k.values())
+    return save_curve(means, path, xlabel="unrolled steps K", ylabel="last test log-likelihood (nats)", spread=sds,
+                      title=f"sweep {spec.name}: test log-likelihood against K ({trials} trials; mean ± sd over trials)")
+
+
 def write_results(spec: SweepSpec, sweep: str, sweep_dir: Path, grid: Any, ctx: SweepContext,
                   *, parent_uri: str | None) -> SweepResult:
     """Table (Markdown + JSON), best_config.yaml, plot; printed, written and logged to the parent run."""
@@ -97,6 +125,8 @@ def write_results(spec: SweepSpec, sweep: str, sweep_dir: Path, grid: Any, ctx: 
         best_path.write_text(f"# best trial of sweep {sweep}: {rows[0]['trial']}, "
                              f"{spec.metric} = {rows[0][spec.metric]:.6g}\n" + cfg.to_yaml())
     plots = [plot(spec, rows, sweep_dir / "metric_vs_params.png")] if rows else []
+    by_k = loglik_vs_unroll(spec, grid, sweep_dir / "test_loglik_vs_K.png")
+    plots += [by_k] if by_k else []
     logger = RunLogger(parent_uri, ctx.parent_run_id)
     for f in [sweep_dir / "results.md", sweep_dir / "results.json", *([best_path] if best_path else []), *plots]:
         logger.artifact(f)
