@@ -101,18 +101,35 @@ def test_deepspeed_averages_hypergradients_across_ranks(tmp_path, zero_stage):
     check_ranks(cfg, ranks)
 
 
+# Objectives besides BiSM: section overrides of tiny_config and the Ks of the one-step check.
+OTHER_OBJECTIVES: dict[str, tuple[dict, tuple[int, ...]]] = {
+    # vages_dsm: K = 0 only (it does not unroll)
+    "vages_dsm": ({"objective": {"name": "vages_dsm", "sigma": 0.1, "warmup_steps": 2, "unroll_steps": 0,
+                                 "num_particles": 2}}, (0,)),
+    # bidvl: a marginal energy and the encoder-decoder in the posterior slot; at K = 3 the upper
+    # level is differentiated through the unrolled decoder
+    "bidvl": ({"model": {"name": "marginal_mlp", "h_dim": 2, "hidden": [8]},
+               "posterior": {"name": "encoder_decoder", "encoder": "mlp", "hidden": [8], "decoder_hidden": [8],
+                             "decoder_output": "none"},
+               "objective": {"name": "bidvl", "warmup_steps": 2, "unroll_steps": 3, "unroll_optimizer": "adam",
+                             "bidvl_lambda": 0.5}}, KS),
+}
+
+
 @pytest.mark.usefixtures("ray_cluster")
-def test_vages_averages_gradients_across_ranks_under_ddp_and_deepspeed(tmp_path):
-    """vages_dsm (K = 0 only: it does not unroll), one case per strategy (ddp; deepspeed ZeRO-2),
-    run one after the other by the same worker group to save its start-up."""
+def test_other_objectives_average_gradients_across_ranks_under_ddp_and_deepspeed(tmp_path):
+    """Each of OTHER_OBJECTIVES under ddp and deepspeed ZeRO-2, all cases run one after the other
+    by the same worker group to save its start-up."""
     cases = []
-    for strategy, zero_stage in (("ddp", 1), ("deepspeed", 2)):
-        out = tmp_path / strategy
-        out.mkdir()
-        conf = tiny_config(out, strategy, zero_stage)
-        conf["objective"] = {"name": "vages_dsm", "sigma": 0.1, "warmup_steps": 2, "unroll_steps": 0, "num_particles": 2}
-        cases.append((from_dict(Config, conf), out))
-    run_on_ray(cases[0][0], dist_workers.gradient_probes,
-               {"cases": [{"config": cfg.to_dict(), "ks": (0,), "out": str(out)} for cfg, out in cases]})
-    for cfg, out in cases:
-        check_ranks(cfg, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], ks=(0,))
+    for name, (sections, ks) in OTHER_OBJECTIVES.items():
+        for strategy, zero_stage in (("ddp", 1), ("deepspeed", 2)):
+            out = tmp_path / f"{name}-{strategy}"
+            out.mkdir()
+            cases.append((name, from_dict(Config, {**tiny_config(out, strategy, zero_stage), **sections}), out, ks))
+    run_on_ray(cases[0][1], dist_workers.gradient_probes,
+               {"cases": [{"config": cfg.to_dict(), "ks": ks, "out": str(out)} for _, cfg, out, ks in cases]})
+    for name, cfg, out, ks in cases:
+        try:
+            check_ranks(cfg, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], ks=ks)
+        except AssertionError as e:
+            raise AssertionError(f"{name} under {cfg.trainer.strategy}: {e}") from e
