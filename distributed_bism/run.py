@@ -186,7 +186,7 @@ def _already_complete(cfg: Config, checkpoint: Path, uri: str | None) -> TrainSu
 def describe(s: TrainSummary) -> str:
     lines = [f"done: run {s.name!r} at step {s.step} ({s.seconds:.0f} s)"]
     if s.samples:
-        lines.append(f"samples (conditional, v given h = E_q[h|v_test]): {s.samples}")
+        lines.append(f"sample grid (its title names the sampler, eval.sampler): {s.samples}")
     if s.checkpoint:
         lines.append(f"last checkpoint: {s.checkpoint}")
     if s.run_id:

@@ -1,10 +1,13 @@
-"""`bism eval` and `bism sample` on a finished local run (a tiny tracked GRBM): the table is logged
-into the checkpoint's own MLflow run at its step (no second run, nothing of training's replaced),
-a sample figure names its sampler and is never overwritten without --force, and bad references,
-metrics and samplers are one-line errors with exit status 2."""
+"""Evaluation of a tiny tracked GRBM run, during training and after it: eval/* and the plots in
+its MLflow run; `bism eval` logs its table into the checkpoint's own MLflow run at its step (no
+second run, nothing of training's replaced); `bism sample` writes a figure naming its sampler and
+never overwrites one without --force; bad references, metrics and samplers are one-line errors
+with exit status 2. One training run (module fixture) serves all."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,18 +24,49 @@ class Finished:
     run_id: str
     checkpoint: Path
     out: Path
+    log: str
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
-    """A tracked 4-step run evaluated (test_loglik, samples) at steps 0 and 4."""
+    """A tracked 8-step run evaluated (test_loglik, samples, fid without weights) at 0, 4 and 8."""
     out = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as mp:
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        cfg = tiny(out, **{"tracking.enabled": True, "trainer.steps": 4, "eval.every": 4,
-                           "eval.metrics": ["test_loglik", "samples"]})
+        cfg = tiny(out, **{"tracking.enabled": True, "trainer.steps": 8, "eval.every": 4,
+                           "eval.metrics": ["test_loglik", "samples", "fid"]})
         summary = train(cfg)
-    return Finished(str(summary.tracking_uri), str(summary.run_id), checkpoint_dirs(cfg)[-1], out)
+    return Finished(str(summary.tracking_uri), str(summary.run_id), checkpoint_dirs(cfg)[-1], out, printed.getvalue())
+
+
+def test_training_logs_eval_metrics_and_plots(finished: Finished) -> None:
+    """eval/test_loglik at 0, 4, 8 (at 8, the exact value of the final weights), a sample grid per
+    evaluation whose title names the sampler, the log-likelihood curve and the samples-over-training
+    strip; fid without Inception weights is skipped with one printed note, and never logged."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from distributed_bism.data import load_dataset
+    from distributed_bism.loglik import exact_log_likelihood
+    from distributed_bism.trained import load_trained
+
+    assert finished.log.count("eval: fid: skipped (standard FID needs eval.inception_weights") == 1, finished.log
+    client = MlflowClient(finished.uri)
+    history = client.get_metric_history(finished.run_id, "eval/test_loglik")
+    assert sorted(m.step for m in history) == [0, 4, 8]
+    final = load_trained(finished.checkpoint)
+    _, test = load_dataset(final.cfg.data)
+    assert [m.value for m in history if m.step == 8] == [pytest.approx(exact_log_likelihood(final.energy,
+                                                                                            test.flatten(1)), abs=1e-5)]
+    assert not any(k.startswith("eval/fid") for k in client.get_run(finished.run_id).data.metrics)
+    plots = {a.path for a in client.list_artifacts(finished.run_id, "plots")}
+    assert plots == {"plots/test_loglik.png", "plots/samples_over_training.png"}
+    for name in ("test_loglik.png", "samples_over_training.png"):
+        assert (finished.out / "plots" / "tiny" / name).stat().st_size > 0
+    grids = sorted((finished.out / "samples" / "tiny").glob("step_*.png"))
+    assert [g.name for g in grids] == [f"step_{s:08d}.png" for s in (0, 4, 8)]
+    assert "conditional" in Image.open(grids[-1]).text["Title"]
 
 
 def _runs(uri: str) -> list[str]:
@@ -45,8 +79,8 @@ def _runs(uri: str) -> list[str]:
 def test_eval_logs_into_the_checkpoints_run(finished: Finished, capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """By run id and by checkpoint directory: the printed table holds the same test log-likelihood
-    training logged at step 4 (same weights); each call adds one value at step 4 to the same run
-    (the run count unchanged), its grid goes under eval/step_00000004_<time>/, and training's
+    training logged at step 8 (same weights); each call adds one value at step 8 to the same run
+    (the run count unchanged), its grid goes under eval/step_00000008_<time>/, and training's
     artifacts are untouched."""
     from mlflow import MlflowClient
 
@@ -54,24 +88,24 @@ def test_eval_logs_into_the_checkpoints_run(finished: Finished, capsys: pytest.C
     client = MlflowClient(finished.uri)
     runs_before = _runs(finished.uri)
     trained_artifacts = snapshot(finished.out / "mlartifacts")
-    (logged,) = [m.value for m in client.get_metric_history(finished.run_id, "eval/test_loglik") if m.step == 4]
+    (logged,) = [m.value for m in client.get_metric_history(finished.run_id, "eval/test_loglik") if m.step == 8]
 
     assert main(["eval", finished.run_id, "--tracking-uri", finished.uri, "--metrics", "test_loglik", "samples"]) == 0
     printed = capsys.readouterr().out
     row = next(line for line in printed.splitlines() if line.startswith("eval/test_loglik"))
     assert float(row.split()[1]) == pytest.approx(logged, abs=1e-5), printed
-    assert f"logged to MLflow run {finished.run_id} at step 4" in printed
+    assert f"logged to MLflow run {finished.run_id} at step 8" in printed
     assert main(["eval", str(finished.checkpoint), "--metrics", "test_loglik"]) == 0  # the config's store
     capsys.readouterr()
 
     assert _runs(finished.uri) == runs_before
     history = client.get_metric_history(finished.run_id, "eval/test_loglik")
-    assert sorted(m.step for m in history) == [0, 4, 4, 4]
-    assert all(m.value == pytest.approx(logged, abs=1e-5) for m in history if m.step == 4)
+    assert sorted(m.step for m in history) == [0, 4, 8, 8, 8]
+    assert all(m.value == pytest.approx(logged, abs=1e-5) for m in history if m.step == 8)
     (folder,) = client.list_artifacts(finished.run_id, "eval")
-    assert folder.path.startswith("eval/step_00000004_")
+    assert folder.path.startswith("eval/step_00000008_")
     assert [a.path for a in client.list_artifacts(finished.run_id, f"{folder.path}/samples")] == [
-        f"{folder.path}/samples/step_00000004.png"]
+        f"{folder.path}/samples/step_00000008.png"]
     after = snapshot(finished.out / "mlartifacts")
     assert {k: v for k, v in after.items() if k in trained_artifacts} == trained_artifacts
 

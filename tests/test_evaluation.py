@@ -1,7 +1,7 @@
-"""Evaluation: the metric registry, metrics during a local training run (MLflow eval/*, plots),
-test_loglik's AIS branch and its collectives on 2 ranks, classifier-FID/KID (maths and the
-ordering held-out << blurred, noise), standard FID only with an Inception file, and the
-log-likelihood-against-K plot of GRBM sweeps."""
+"""Evaluation: the metric registry, test_loglik's AIS branch and its collectives on 2 ranks, the
+Fisher divergence, classifier-FID/KID (maths and the ordering held-out << blurred, noise), standard
+FID only with an Inception file, and the log-likelihood-against-K plot of GRBM sweeps. Metrics
+during a tracked training run: test_cli_eval.py (which shares that run with `bism eval`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed_bism import train
 from distributed_bism.config import Config, ConfigError
 from distributed_bism.evaluation import likelihood
 from distributed_bism.evaluation.classifier_fid import (classifier_fid, classifier_kid, feature_classifier,
@@ -71,58 +70,43 @@ def test_registry_validates_config_and_runs_metrics_per_rank(tmp_path: Path) -> 
         tiny(tmp_path, **{"eval.metrics": ["probe_rank0"]})
 
 
-# --------------------------------------------------------------------------- during training
-def test_training_logs_eval_metrics_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A tracked local run evaluating every 4 steps logs eval/test_loglik at 0, 4, 8 (the exact
-    value of the final weights at 8), a sample grid per evaluation whose title names the
-    sampler, the log-likelihood curve and the samples-over-training strip; the fid metric
-    without Inception weights is skipped with a printed note, never logged."""
-    from mlflow import MlflowClient
-    from PIL import Image
-
-    from distributed_bism.data import load_dataset
-    from distributed_bism.trained import load_trained
-
-    cfg = tiny(tmp_path, **{"tracking.enabled": True, "trainer.steps": 8, "eval.every": 4,
-                            "eval.metrics": ["test_loglik", "samples", "fid"]})
-    summary = train(cfg)
-    log = capsys.readouterr().out
-    assert log.count("eval: fid: skipped (standard FID needs eval.inception_weights") == 1, log
-    client = MlflowClient(str(summary.tracking_uri))
-    run_id = str(summary.run_id)
-    history = client.get_metric_history(run_id, "eval/test_loglik")
-    assert sorted(m.step for m in history) == [0, 4, 8]
-    final = load_trained(str(summary.checkpoint))
-    _, test_data = load_dataset(final.cfg.data)
-    exact = exact_log_likelihood(final.energy, test_data.flatten(1))
-    assert [m.value for m in history if m.step == 8] == [pytest.approx(exact, abs=1e-5)]
-    assert not any(k.startswith("eval/fid") for k in client.get_run(run_id).data.metrics)
-    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert plots == {"plots/test_loglik.png", "plots/samples_over_training.png"}
-    out = Path(cfg.trainer.output_dir)
-    for name in ("test_loglik.png", "samples_over_training.png"):
-        assert (out / "plots" / "tiny" / name).stat().st_size > 0
-    grids = sorted((out / "samples" / "tiny").glob("step_*.png"))
-    assert [g.name for g in grids] == [f"step_{s:08d}.png" for s in (0, 4, 8)]
-    assert "conditional" in Image.open(grids[-1]).text["Title"]
-
-
 # --------------------------------------------------------------------------- test_loglik
 def test_test_loglik_uses_ais_beyond_the_enumeration_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the enumeration limit lowered below H, test_loglik switches to AIS and logs log Ẑ with
-    its standard error; on a 2-d GRBM with H=4 the estimate is within 0.05 nats of the exact value."""
+    its standard error (and RAISE with eval.raise_chains); on a 2-d GRBM with H=4 the estimates
+    are within 0.05 (AIS) and 0.1 (RAISE) nats of the exact value."""
     torch.manual_seed(0)
     grbm = GaussianRBM(2, 4, init_std=0.5)
     test = torch.randn(64, 2)
-    cfg = tiny(tmp_path, **{"eval.ais_chains": 400, "eval.ais_betas": 200, "eval.raise_chains": 20})
+    cfg = tiny(tmp_path, **{"eval.ais_chains": 400, "eval.ais_betas": 200})
     exact = run_metrics(["test_loglik"], context(cfg, grbm, None, test, tmp_path, image_shape=(2,)))
-    assert set(exact) == {"eval/test_loglik", "eval/test_loglik_raise", "eval/test_loglik_raise_std_err"}
+    assert set(exact) == {"eval/test_loglik"}
     monkeypatch.setattr(likelihood, "MAX_ENUMERABLE_H", 3)
+    cfg = replace(cfg, eval=replace(cfg.eval, raise_chains=10))
     ais = run_metrics(["test_loglik"], context(cfg, grbm, None, test, tmp_path, image_shape=(2,)))
-    assert {"eval/log_z", "eval/log_z_std_err", "eval/ais_ess"} <= set(ais)
+    assert set(ais) == {"eval/test_loglik", "eval/test_loglik_std_err", "eval/log_z", "eval/log_z_std_err",
+                        "eval/ais_ess", "eval/test_loglik_raise", "eval/test_loglik_raise_std_err"}
     assert abs(ais["eval/test_loglik"] - exact["eval/test_loglik"]) < 0.05
     assert 0 < ais["eval/log_z_std_err"] < 0.05
     assert abs(ais["eval/test_loglik_raise"] - exact["eval/test_loglik"]) < 0.1
+
+
+def test_fisher_metric_on_a_closed_form_data_score(tmp_path: Path) -> None:
+    """On 8gaussians a GRBM's eval/fisher is ½ mean ‖∇log p_data − ∇(−F)‖² with the model score
+    taken by autograd of its free energy; on the checkerboard (no smooth score) it is skipped with a note."""
+    from distributed_bism.data import load_dataset, score
+
+    cfg = tiny(tmp_path, **{"data.name": "8gaussians", "data.n_test": 200})
+    _, test = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    grbm = GaussianRBM(2, 3, init_std=0.5)
+    v = test.clone().requires_grad_(True)
+    (model_score,) = torch.autograd.grad(-grbm.free_energy(v).sum(), v)
+    expected = 0.5 * (score("8gaussians", test) - model_score).pow(2).sum(1).mean().item()
+    values = run_metrics(["fisher"], context(cfg, grbm, None, test, tmp_path, image_shape=(2,)))
+    assert values == {"eval/fisher": pytest.approx(expected, rel=1e-5)}
+    ctx = context(tiny(tmp_path), grbm, None, test, tmp_path, image_shape=(2,))
+    assert run_metrics(["fisher"], ctx) == {} and ctx.notes[0].startswith("fisher: skipped")
 
 
 def _ais_rank(rank: int, port: int, path: str, queue: Any) -> None:

@@ -13,11 +13,12 @@ ReLU units) gives the features.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,10 @@ from distributed_bism.data.common import DataError
 ARCH_VERSION = 1  # bump when FeatureNet or its training changes: old caches are then ignored
 CLASSIFIER_SETS = ("digits", "fashion_mnist")
 FEATURES = 64
-# Training budget per set: (epochs, batch, intra-op threads; None = torch's default). Digits: 5 s
-# and 97.6% test accuracy on one core. Its 8×8 convolutions gain nothing from threads, and on a
-# busy 2-core machine two spinning threads made the same training 50× slower (measured).
+# Training budget per set: (epochs, batch, intra-op threads of training and features; None =
+# torch's default). Digits: 5 s and 97.6% test accuracy on one core. Its 8×8 convolutions gain
+# nothing from threads, and on a busy 2-core machine two spinning threads made the same training
+# 50× slower (measured).
 TRAINING: dict[str, tuple[int, int, int | None]] = {"digits": (20, 64, 1), "fashion_mnist": (3, 128, None)}
 
 
@@ -70,7 +72,19 @@ class FeatureClassifier:
         """Penultimate-layer features (B, F) of x (B, C, H, W) or flat (B, D), float64 on the CPU."""
         x = x.detach().reshape(-1, *self.image_shape).float().cpu()
         self.net.eval()
-        return torch.cat([self.net.body(chunk) for chunk in x.split(batch_size)]).double()
+        with _threads(TRAINING[self.dataset][2]):
+            return torch.cat([self.net.body(chunk) for chunk in x.split(batch_size)]).double()
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to n (None: unchanged) inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- labelled data
@@ -157,13 +171,9 @@ def feature_classifier(dataset: str, *, root: str | None = None, cache_dir: str 
     start = time.perf_counter()
     net = FeatureNet(x.shape[1])
     epochs, batch, threads = TRAINING[dataset]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+    with _threads(threads):
         _train(net, x, y, epochs, batch, seed)
-    finally:
-        torch.set_num_threads(before)
-    accuracy = _accuracy(net, x_test, y_test)
+        accuracy = _accuracy(net, x_test, y_test)
     log(f"classifier-FID: trained the {dataset} feature classifier in {time.perf_counter() - start:.0f} s, "
         f"test accuracy {accuracy:.4f}; cached in {cache}")
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ any other metric runs on rank 0 only. Metrics registered here are the legal valu
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,9 +79,8 @@ class Metric:
 METRICS: dict[str, Metric] = {}
 
 # Modules that register the built-in metrics; imported at the end of this file so METRICS is
-# complete once this module is. ood.py (BiDVL's OOD detection) is imported when it is present.
-METRIC_MODULES = ("likelihood", "sample_grid", "sample_quality")
-OPTIONAL_METRIC_MODULES = ("ood",)
+# complete once this module is (ood.py: BiDVL's out-of-distribution detection).
+METRIC_MODULES = ("likelihood", "divergence", "sample_grid", "sample_quality", "ood")
 
 
 def register_metric(name: str, *, all_ranks: bool = False) -> Callable[[MetricFn], MetricFn]:
@@ -123,6 +121,3 @@ def run_metrics(names: list[str], ctx: EvalContext) -> dict[str, float]:
 
 for _module in METRIC_MODULES:
     importlib.import_module(f"distributed_bism.evaluation.{_module}")
-for _module in OPTIONAL_METRIC_MODULES:
-    if importlib.util.find_spec(f"distributed_bism.evaluation.{_module}") is not None:
-        importlib.import_module(f"distributed_bism.evaluation.{_module}")

@@ -6,6 +6,8 @@ images it is compared with. Rank 0 only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from distributed_bism.evaluation.classifier_fid import (CLASSIFIER_SETS, FeatureClassifier, feature_classifier,
@@ -51,24 +53,25 @@ def _classifier_features(ctx: EvalContext, metric: str) -> tuple[Tensor, Tensor,
     return ctx.shared["classifier_features"]
 
 
-@register_metric("classifier_fid")
-def classifier_fid_metric(ctx: EvalContext) -> dict[str, float]:
-    """eval/classifier_fid (not the standard FID) and the classifier's test accuracy."""
-    feats = _classifier_features(ctx, "classifier_fid")
+def _classifier_distance(ctx: EvalContext, metric: str, distance: Callable[[Tensor, Tensor], float]) -> dict[str, float]:
+    """eval/<metric> = distance(real features, fake features), and the classifier's test accuracy."""
+    feats = _classifier_features(ctx, metric)
     if feats is None:
         return {}
     real, fake, accuracy = feats
-    return {"eval/classifier_fid": frechet_distance(real, fake), "eval/classifier_accuracy": accuracy}
+    return {f"eval/{metric}": distance(real, fake), "eval/classifier_accuracy": accuracy}
+
+
+@register_metric("classifier_fid")
+def classifier_fid_metric(ctx: EvalContext) -> dict[str, float]:
+    """eval/classifier_fid (the Fréchet distance in the classifier's features; not the standard FID)."""
+    return _classifier_distance(ctx, "classifier_fid", frechet_distance)
 
 
 @register_metric("classifier_kid")
 def classifier_kid_metric(ctx: EvalContext) -> dict[str, float]:
-    """eval/classifier_kid (unbiased MMD², cubic kernel; not the standard KID)."""
-    feats = _classifier_features(ctx, "classifier_kid")
-    if feats is None:
-        return {}
-    real, fake, accuracy = feats
-    return {"eval/classifier_kid": polynomial_mmd2(real, fake), "eval/classifier_accuracy": accuracy}
+    """eval/classifier_kid (unbiased MMD², cubic kernel, in the classifier's features; not the standard KID)."""
+    return _classifier_distance(ctx, "classifier_kid", polynomial_mmd2)
 
 
 @register_metric("fid")
