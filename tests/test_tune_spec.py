@@ -18,6 +18,8 @@ EXPECTED_KEYS = {
     "digits_bimdsm": {"objective.unroll_steps", "objective.warmup_steps", "optim.lr", "optim.posterior_lr",
                       "objective.sigma_begin", "objective.sigma_end"},
     "cifar10_bimdsm": {"objective.unroll_steps", "objective.warmup_steps", "optim.lr", "optim.posterior_lr"},
+    "digits_bidvl": {"objective.unroll_steps", "objective.warmup_steps", "optim.lr", "optim.posterior_lr",
+                     "objective.bidvl_lambda"},
 }
 GRBM_BASE = str(REPO_ROOT / "configs" / "checkerboard_grbm_bidsm.yaml")
 
@@ -203,6 +205,7 @@ def _set(raw: dict, path: str, value) -> dict:
      "search.trainer.checkpoint_every: choice value 500 makes an invalid config (metric: checkpoints"),
     ("mode", "maximum", "mode: expected max or min, got 'maximum'"),
     ("metric", "eval/fid", "metric: unknown metric 'eval/fid'"),
+    ("metric", "eval/ood_auroc", "metric: eval/ood_auroc is reported with ood_auroc in eval.metrics only"),
     ("overrides|eval.every", 2000,
      "metric: checkpoints (trainer.checkpoint_every=1000) report without eval/test_loglik"),
     ("overrides|model.h_dim", 0, "overrides/resources make an invalid config: model.h_dim: must be > 0"),
