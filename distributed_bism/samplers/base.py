@@ -56,7 +56,7 @@ def register_sampler(name: str) -> Callable[[type[Sampler]], type[Sampler]]:
 
 def get_sampler(name: str, **settings: Any) -> Sampler:
     """The sampler `name` with `settings` (its dataclass fields). Samplers with a Langevin
-    schedule also take the schedule's fields flat (step, t_max, hot, anneal, cool, denoise_sigma);
+    schedule also take the schedule's fields flat (step, t_max, hot, anneal, settle, cool, denoise_sigma);
     what is not given keeps the reference's default."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
@@ -76,5 +76,6 @@ def get_sampler(name: str, **settings: Any) -> Sampler:
 
 def describe_schedule(s: LangevinSchedule) -> str:
     """A short text of a schedule for labels."""
-    return (f"√α={s.step:g}, {s.hot}@T={s.t_max:g}, {s.anneal}→T=1, {s.cool}→T=0"
+    return (f"√α={s.step:g}, {s.hot}@T={s.t_max:g}, {s.anneal}→T=1" + (f", {s.settle}@T=1" if s.settle else "")
+            + f", {s.cool}→T=0"
             + (f", denoise σ0={s.denoise_sigma:g}" if s.denoise_sigma > 0 else ""))

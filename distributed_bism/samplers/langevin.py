@@ -2,10 +2,11 @@
 
     x ← x − ½α ∇ₓE(x) + √T √α ξ,   ξ ~ N(0, I),   √α = `step`
 
-T is held at t_max for `hot` steps, decayed geometrically t_max → 1 over `anneal` steps, then
-linearly 1 → 0 over `cool` steps; a final denoising step x ← x − σ0² ∇ₓE follows (σ0 =
-`denoise_sigma`, 0 to skip it). With t_max = 1, anneal = cool = 0 and denoise_sigma = 0 this is
-plain unadjusted Langevin at T = 1, whose samples approach p ∝ exp(−E) as the step shrinks.
+T is held at t_max for `hot` steps, decayed geometrically t_max → 1 over `anneal` steps, held at
+1 for `settle` steps (0 in the reference), then decayed linearly 1 → 0 over `cool` steps; a final
+denoising step x ← x − σ0² ∇ₓE follows (σ0 = `denoise_sigma`, 0 to skip it). The reference's
+schedule cools to T = 0 for sharp images; to draw from p ∝ exp(−E) itself end at T = 1 (cool = 0,
+denoise_sigma = 0) after enough `settle` steps: unadjusted Langevin, exact as the step shrinks.
 """
 
 from __future__ import annotations
@@ -29,17 +30,19 @@ class LangevinSchedule:
     anneal: int = 2000
     cool: int = 200
     denoise_sigma: float = 0.1
+    settle: int = 0
 
     def __post_init__(self) -> None:
-        if self.step <= 0 or self.t_max <= 0 or min(self.hot, self.anneal, self.cool) < 0 or self.denoise_sigma < 0:
+        if (self.step <= 0 or self.t_max <= 0 or min(self.hot, self.anneal, self.cool, self.settle) < 0
+                or self.denoise_sigma < 0):
             raise ValueError(f"bad Langevin schedule {self}: need step > 0, t_max > 0, counts >= 0, denoise_sigma >= 0")
 
     def temperatures(self) -> Tensor:
-        """T of every step, (hot + anneal + cool,)."""
+        """T of every step, (hot + anneal + settle + cool,)."""
         hot = torch.full((self.hot,), self.t_max)
         anneal = torch.logspace(torch.log10(torch.tensor(self.t_max)).item(), 0.0, self.anneal) if self.anneal else torch.empty(0)
         cool = torch.linspace(1.0, 0.0, self.cool) if self.cool else torch.empty(0)
-        return torch.cat([hot, anneal, cool])
+        return torch.cat([hot, anneal, torch.ones(self.settle), cool])
 
 
 def energy_grad_fn(energy_fn: Callable[[Tensor], Tensor]) -> GradFn:
