@@ -323,12 +323,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        # VaGES: SGLD moves h continuously, which binary latents (a Bernoulli posterior) do not allow.
-        _check(self.objective.sgld_steps == 0 or self.posterior.name != "bernoulli", "objective.sgld_steps",
-               f"SGLD refinement needs continuous latents; posterior.name=bernoulli has binary h (got {self.objective.sgld_steps})")
         # The single-level baselines use the exact free energy, which only the GRBM has.
         _check(self.objective.bilevel or self.model.name == "grbm", "objective.name",
                f"{self.objective.name} needs the exact free energy of model.name=grbm, got model.name={self.model.name}")
+        # VaGES: SGLD moves h continuously, which binary latents (a Bernoulli posterior) do not allow.
+        _check(self.objective.sgld_steps == 0 or self.posterior.name != "bernoulli", "objective.sgld_steps",
+               f"SGLD refinement needs continuous latents; posterior.name=bernoulli has binary h (got {self.objective.sgld_steps})")
         # BiDVL's decoupled model: a marginal energy E(v) and an encoder-decoder, both or neither.
         bidvl = self.objective.name == "bidvl"
         _check(bidvl == (self.model.name in MARGINAL_MODELS), "model.name",

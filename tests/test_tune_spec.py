@@ -18,6 +18,7 @@ EXPECTED_KEYS = {
     "digits_bimdsm": {"objective.unroll_steps", "objective.warmup_steps", "optim.lr", "optim.posterior_lr",
                       "objective.sigma_begin", "objective.sigma_end"},
     "cifar10_bimdsm": {"objective.unroll_steps", "objective.warmup_steps", "optim.lr", "optim.posterior_lr"},
+    "grbm_checkerboard_vages": {"objective.num_particles", "objective.warmup_steps", "optim.lr", "optim.posterior_lr"},
     "digits_bidvl": {"objective.unroll_steps", "objective.warmup_steps", "optim.lr", "optim.posterior_lr",
                      "objective.bidvl_lambda"},
 }
