@@ -249,3 +249,19 @@ def test_short_digits_run_reconstructs_detects_ood_and_improves_fid(tmp_path, cl
     assert after["eval/ood_auroc"] > 0.9, after
     assert after["eval/classifier_fid"] < 0.7 * before["eval/classifier_fid"], (before, after)
     assert dataclasses.asdict(cfg.eval)["ood_dataset"] == "uniform_noise"
+
+
+def test_decoder_sampler_and_ood_metric_refuse_other_models(tmp_path):
+    """bidvl_decoder needs the encoder-decoder; ood_auroc skips (with a note) an energy that is not
+    a function of v alone, such as the conv EBLVM's E(v, h)."""
+    from distributed_bism.evaluation.metrics import EvalContext, run_metrics
+    from distributed_bism.models import ConvEBLVM, GaussianPosterior
+    from distributed_bism.samplers import get_sampler
+
+    energy, q = ConvEBLVM((1, 8, 8), 2, ch=2, blocks_per_stage=0), GaussianPosterior((1, 8, 8), 2, encoder="mlp", hidden=[4])
+    with pytest.raises(ValueError, match="bidvl_decoder sampler needs BiDVL's encoder-decoder"):
+        get_sampler("bidvl_decoder").sample(energy, q, num_samples=2, data_shape=(1, 8, 8))
+    ctx = EvalContext(cfg=digits_config(tmp_path), energy=energy, posterior=q, train_data=None,
+                      test_data=torch.rand(4, 1, 8, 8), image_shape=(1, 8, 8), step=0, device=torch.device("cpu"))
+    assert run_metrics(["ood_auroc"], ctx) == {}
+    assert ctx.notes == ["ood_auroc: skipped (the energy is not a function of v alone)"]
