@@ -43,6 +43,7 @@ from distributed_bism.models.posterior import BernoulliPosterior, Posterior, Pos
 from distributed_bism.objectives import NoisyBatch, Objective, get_objective
 
 REFERENCES = ("exact", "unroll")
+PER_PARAMETER_TABLE_MAX = 8  # the table lists per-tensor errors for models with at most this many tensors
 Grads = dict[str, Tensor]
 
 
@@ -153,6 +154,12 @@ class BiasReport:
         for r in self.rows():
             lines.append(f"{r['k']:>4}  {r['cos_mean']:>12.6f} ± {r['cos_sd']:<8.6f}  {r['rel_mean']:>13.6f} ± "
                          f"{r['rel_sd']:<8.6f}  {r['pooled_cos']:>10.6f}  {r['pooled_rel']:>10.6f}")
+        names = list(self.per_parameter_rel_error[self.ks[0]]) if self.ks else []
+        if 0 < len(names) <= PER_PARAMETER_TABLE_MAX:  # small models (GRBM): which tensors carry the bias
+            lines.append("rel. error per parameter (mean over batches):")
+            lines.append(f"{'K':>4}  " + "  ".join(f"{n:>12}" for n in names))
+            for k in self.ks:
+                lines.append(f"{k:>4}  " + "  ".join(f"{self.per_parameter_rel_error[k][n]:>12.6f}" for n in names))
         if self.reference_change is not None:
             lines.append(f"reference convergence: rel. change from K_ref/2 to K_ref steps {self.reference_change:.3g}")
         return "\n".join(lines)

@@ -145,8 +145,10 @@ def test_cli_prints_the_table_and_logs_to_the_checkpoints_run(trained_run, capsy
     assert main(["diagnose", str(checkpoint), "--k", "0,2", "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "reference: exact posterior p(h|v); 2 batches" in out and f"logged to MLflow run {run_id}" in out
-    rows = [ln.split() for ln in out.splitlines() if ln.strip().split(" ")[0] in ("0", "2")]
-    assert [r[0] for r in rows] == ["0", "2"]
+    lines = out.splitlines()
+    head = next(i for i, ln in enumerate(lines) if "cos-sim (mean ± sd)" in ln)
+    assert [ln.split()[0] for ln in lines[head + 1:head + 3]] == ["0", "2"]
+    assert "rel. error per parameter" in lines[head + 3] and "log_sigma" in lines[head + 4]
     run = client.get_run(run_id)
     for k in (0, 2):
         assert -1 <= run.data.metrics[f"diagnose/cos_sim_k{k}"] <= 1

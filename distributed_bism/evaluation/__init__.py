@@ -1,9 +1,16 @@
-"""Evaluation: the metric registry (metrics.py) and the metrics it holds, figures, classifier-FID.
+"""Evaluation: the metric registry and the metrics it holds, figures, classifier-FID, commands.
 
-    metrics.py         EvalContext, register_metric, METRICS, run_metrics
-    likelihood.py      test_loglik (exact or AIS, Gaussian RBMs)
-    sample_grid.py     samples: labelled sample grids, samples over training
+    metrics.py         EvalContext, register_metric, METRICS, run_metrics (what eval.metrics may name)
+    likelihood.py      test_loglik: exact (H <= 20) or AIS over every rank's chains, RAISE (GRBMs)
+    divergence.py      fisher: Fisher divergence on sets with a closed-form score
+    sample_grid.py     samples: sampler-titled grids, samples over training; draw_samples
+    sample_quality.py  classifier_fid, classifier_kid, fid (standard, with a local Inception file)
+    classifier_fid.py  the project's own feature classifiers and the FID / KID formulas
+    inception.py       standard FID features from a TorchScript Inception file
+    ood.py             ood_auroc (BiDVL's out-of-distribution detection)
+    progress.py        the test log-likelihood curve of a run
     figures.py         sample grids, strips, curves (PNG)
+    commands.py        `bism eval` and `bism sample`
 """
 
 from __future__ import annotations
