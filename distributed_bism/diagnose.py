@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -123,13 +122,13 @@ def _publish(report: BiasReport, trained: TrainedModel, *, tracking_uri: str | N
              log: bool) -> Diagnosis:
     """Write the plot and JSON (into output_dir, else a temporary directory when logging), and log
     them with the metrics to the checkpoint's MLflow run."""
-    from distributed_bism.tracking import RunLogger
+    from distributed_bism.tracking import RunLogger, artifact_stamp
     from distributed_bism.tracking import tracking_uri as default_uri
 
     run_id = trained.run_id if log else None
     if output_dir is None and run_id is None:
         return Diagnosis(report, None, None, None)
-    stem = f"gradient_bias_step{trained.step:08d}_{time.strftime('%Y%m%dT%H%M%S')}"
+    stem = f"gradient_bias_{artifact_stamp(trained.step)}"
     with tempfile.TemporaryDirectory(prefix="bism_diagnose_") as tmp:
         where = output_dir or Path(tmp)
         title = f"{trained.cfg.objective.name}, {trained.cfg.model.name} on {trained.cfg.data.name}, step {trained.step}"

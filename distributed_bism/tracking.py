@@ -66,6 +66,15 @@ def _experiment_id(client: Any, cfg: Config, uri: str) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
+def artifact_stamp(step: int) -> str:
+    """`step_XXXXXXXX_<UTC time to the microsecond>`: names what one `bism eval` or `bism diagnose`
+    writes, so that a second one at the same step, even within the same second, adds files to the
+    run instead of replacing the first one's."""
+    from datetime import datetime, timezone
+
+    return f"step_{step:08d}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S_%f')}"
+
+
 def sanitize(name: str) -> str:
     """MLflow keys allow alphanumerics and `_ - . space /`."""
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)

@@ -109,6 +109,13 @@ def test_eval_logs_into_the_checkpoints_run(finished: Finished, capsys: pytest.C
     after = snapshot(finished.out / "mlartifacts")
     assert {k: v for k, v in after.items() if k in trained_artifacts} == trained_artifacts
 
+    # another evaluation of the same step moments later gets a folder of its own beside the first
+    assert main(["eval", finished.run_id, "--tracking-uri", finished.uri, "--metrics", "samples"]) == 0
+    capsys.readouterr()
+    folders = [a.path for a in client.list_artifacts(finished.run_id, "eval")]
+    assert len(folders) == 2 and folder.path in folders, folders
+    assert snapshot(finished.out / "mlartifacts").items() >= after.items()
+
 
 def test_sample_writes_a_labelled_figure_and_refuses_to_overwrite(finished: Finished, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:

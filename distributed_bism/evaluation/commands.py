@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
                         log: bool = True, output_dir: Path | None = None, use_ema: bool = False) -> EvalReport:
     """Run `metrics` (default: the run's eval.metrics) on checkpoint `ref` in this process and log
     them to the checkpoint's MLflow run at its step. Bad metric names and refs raise before any work."""
-    from distributed_bism.tracking import RunLogger
+    from distributed_bism.tracking import RunLogger, artifact_stamp
     from distributed_bism.tracking import tracking_uri as default_uri
 
     if metrics:
@@ -63,7 +62,7 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
     trained = load_trained(ref, tracking_uri=tracking_uri, use_ema=use_ema)
     cfg = trained.cfg
     names = metrics or cfg.eval.metrics
-    stamp = f"step_{trained.step:08d}_{time.strftime('%Y%m%dT%H%M%S')}"
+    stamp = artifact_stamp(trained.step)
     out = output_dir or Path(cfg.trainer.output_dir) / "evals" / str(cfg.trainer.name) / stamp
     run_id = trained.run_id if log else None
     logger = RunLogger(tracking_uri or default_uri(cfg), run_id) if run_id else None
