@@ -1,10 +1,11 @@
-"""`bism tune` end to end on a local Ray (2 CPUs): a 4-trial ASHA sweep over K and lr_θ on a tiny
+"""`bism tune` end to end on a local Ray (2 CPUs): 2-trial ASHA sweeps over lr_θ on a tiny
 GRBM, run in a subprocess that starts its own Ray (trainer.address is not used by sweeps; the
 subprocess gets --address local) and is cleaned up by PID.
 
 Trials run one at a time (max_concurrent_trials 1), so ASHA's decisions are reproducible: the
-grid puts lr_θ = 1e-6 (no learning) after lr_θ = 3e-2, so at the first rung the slow trials
-fall below the median of those before them and are stopped.
+grid puts lr_θ = 1e-6 (no learning) after lr_θ = 3e-2, so at its first rung the slow trial falls
+below the one before it and is stopped. Each trial costs ~25 s, most of it Ray Train starting its
+worker group, so the sweeps are as small as what they prove allows.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ TINY = {
 def spec(tmp_path: Path) -> Path:
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     s = {"base": str(tmp_path / "tiny.yaml"),
-         "search": {"objective.unroll_steps": {"grid": [0, 1]}, "optim.lr": {"grid": [3e-2, 1e-6]}},
+         "search": {"optim.lr": {"grid": [3e-2, 1e-6]}},
          "metric": "eval/test_loglik", "mode": "max",
          "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 8},
          "searcher": {"name": "random"}, "num_samples": 1, "max_concurrent_trials": 1,
@@ -48,12 +49,12 @@ def spec(tmp_path: Path) -> Path:
 def test_asha_sweep_end_to_end(tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "tune.log"
-    rc = run_bism(["tune", str(spec(tmp_path)), "--name", "t4", "--output-dir", str(out)], log, timeout=600)
+    rc = run_bism(["tune", str(spec(tmp_path)), "--name", "t2", "--output-dir", str(out)], log, timeout=600)
     text = log.read_text()
     assert rc == 0, text[-4000:]
-    sweep = out / "sweeps" / "t4"
+    sweep = out / "sweeps" / "t2"
     rows = json.loads((sweep / "results.json").read_text())
-    assert len(rows) == 4 and {r["status"] for r in rows} <= {"done", "stopped early"}, rows
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"done", "stopped early"}, rows
     assert any(r["status"] == "stopped early" and r["iterations"] < 8 for r in rows), f"ASHA stopped no trial: {rows}"
     assert rows[0]["optim.lr"] == 3e-2  # best first
     assert (sweep / "metric_vs_params.png").stat().st_size > 0
@@ -65,7 +66,7 @@ def test_asha_sweep_end_to_end(tmp_path):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 2
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert all(c.data.metrics.get("eval/test_loglik") is not None for c in children), [c.data.metrics for c in children]
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {
@@ -104,7 +105,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     for trial in done:
         assert f"Trial {trial} started" not in second, f"{trial} was run again"
     rows = json.loads((out / "sweeps" / "rs" / "results.json").read_text())
-    assert len(rows) == 4
+    assert len(rows) == 2
 
     from mlflow import MlflowClient
 
@@ -112,19 +113,20 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("distributed_bism").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) - len(children) == 1, "the resumed sweep opened a second parent run"
-    assert len(children) == 4, "a trial got a second child run"
+    assert len(children) == 2, "a trial got a second child run"
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
 
 
 @pytest.mark.slow
 def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
-    """TPE through ray.tune.search.optuna, FIFO, 3 trials one at a time; lr_θ's range reaches
+    """TPE through ray.tune.search.optuna, FIFO, 2 trials one at a time; lr_θ's choices reach
     1e30, where the GRBM's loss turns non-finite and max_bad_steps=0 stops the trial with an error.
-    The failed trial is recorded as ERROR and its MLflow run FAILED; the others finish."""
+    The failed trial is recorded as ERROR and its MLflow run FAILED; the other finishes. (With
+    seed 0, TPE's first two draws are 1e30 and 3e-2: one of each.)"""
     path = spec(tmp_path)
     raw = yaml.safe_load(path.read_text())
     raw["search"] = {"optim.lr": {"choice": [3e-2, 1e30]}}
-    raw.update({"searcher": {"name": "optuna", "seed": 0}, "scheduler": {"name": "fifo"}, "num_samples": 3})
+    raw.update({"searcher": {"name": "optuna", "seed": 0}, "scheduler": {"name": "fifo"}, "num_samples": 2})
     raw["overrides"] = {"trainer.max_bad_steps": 0}
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
@@ -132,10 +134,7 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
     text = (tmp_path / "opt.log").read_text()
     assert rc == 0, text[-4000:]
     rows = json.loads((out / "sweeps" / "opt" / "results.json").read_text())
-    assert len(rows) == 3
-    failed = [r for r in rows if r["status"] == "ERROR"]
-    assert failed and all(r["optim.lr"] == 1e30 for r in failed), rows
-    assert any(r["status"] == "done" for r in rows), rows
+    assert sorted((r["optim.lr"], r["status"]) for r in rows) == [(3e-2, "done"), (1e30, "ERROR")], rows
 
     from mlflow import MlflowClient
 
@@ -143,4 +142,4 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("distributed_bism").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     statuses = sorted(r.info.status for r in children)
-    assert statuses.count("FAILED") == len(failed) and statuses.count("FINISHED") == 3 - len(failed), statuses
+    assert statuses == ["FAILED", "FINISHED"], statuses
