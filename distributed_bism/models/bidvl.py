@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from distributed_bism.models.conv_energy import NUM_STAGES, ConvEBLVM, ResNetFeatures
+from distributed_bism.models.conv_energy import Padding, ResNetFeatures, checked_pad, side_padding
 from distributed_bism.models.posterior import GaussianPosterior, mlp
 
 ENERGY_NETS = ("conv", "mlp")
@@ -45,7 +44,7 @@ class MarginalEnergy(nn.Module):
         if net == "conv":
             if len(self.in_shape) != 3:
                 raise ValueError(f"a conv marginal energy needs image data (C, H, W), got shape {self.in_shape}")
-            self.padding = tuple(ConvEBLVM._pad(s, 2**NUM_STAGES) for s in self.in_shape[1:])
+            self.padding: Padding = side_padding(self.in_shape)
             self.net: nn.Module = ResNetFeatures(self.in_shape[0], 1, ch=ch, blocks_per_stage=blocks_per_stage)
         elif net == "mlp":
             self.padding = ((0, 0), (0, 0))
@@ -55,13 +54,7 @@ class MarginalEnergy(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         """E(v): (B, *in_shape) → (B,)."""
-        if tuple(v.shape[1:]) != self.in_shape:
-            raise ValueError(f"MarginalEnergy expects v of shape (B, {', '.join(map(str, self.in_shape))}), "
-                             f"got {tuple(v.shape)}")
-        (top, bottom), (left, right) = self.padding
-        if top or bottom or left or right:
-            v = F.pad(v, (left, right, top, bottom))
-        return self.net(v).squeeze(-1)
+        return self.net(checked_pad(v, self.in_shape, self.padding, "MarginalEnergy")).squeeze(-1)
 
 
 class BiDVLPasses(NamedTuple):

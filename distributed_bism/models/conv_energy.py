@@ -22,6 +22,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NUM_STAGES = 3
+Padding = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+def side_padding(in_shape: Sequence[int], mult: int = 2**NUM_STAGES) -> Padding:
+    """The symmetric zero padding that takes the sides of (C, H, W) images to multiples of `mult`."""
+    h, w = ((-side % mult) for side in in_shape[1:])
+    return (h // 2, h - h // 2), (w // 2, w - w // 2)
+
+
+def checked_pad(v: Tensor, in_shape: tuple[int, ...], padding: Padding, owner: str) -> Tensor:
+    """v (B, *in_shape), zero-padded by `padding`; a ValueError naming `owner` for another shape."""
+    if tuple(v.shape[1:]) != in_shape:
+        raise ValueError(f"{owner} expects v of shape (B, {', '.join(map(str, in_shape))}), got {tuple(v.shape)}")
+    (top, bottom), (left, right) = padding
+    return F.pad(v, (left, right, top, bottom)) if top or bottom or left or right else v
 
 
 class ResidualBlock(nn.Module):
@@ -80,25 +95,13 @@ class ConvEBLVM(nn.Module):
             raise ValueError(f"ConvEBLVM needs in_shape (C, H, W), got {tuple(in_shape)}")
         self.in_shape = tuple(int(s) for s in in_shape)
         self.h_dim = h_dim
-        mult = 2**NUM_STAGES
-        self.padding = tuple(self._pad(s, mult) for s in self.in_shape[1:])
+        self.padding = side_padding(self.in_shape)
         self.features = ResNetFeatures(self.in_shape[0], h_dim, ch=ch, blocks_per_stage=blocks_per_stage)
         self.coupling = nn.Linear(2 * h_dim, coupling_dim or h_dim)
 
-    @staticmethod
-    def _pad(size: int, mult: int) -> tuple[int, int]:
-        extra = -size % mult
-        return extra // 2, extra - extra // 2
-
     def visible_features(self, v: Tensor) -> Tensor:
         """f(v): (B, C, H, W) → (B, h_dim). The only part of E that sees v."""
-        if tuple(v.shape[1:]) != self.in_shape:
-            raise ValueError(f"ConvEBLVM expects v of shape (B, {', '.join(map(str, self.in_shape))}), "
-                             f"got {tuple(v.shape)}")
-        (top, bottom), (left, right) = self.padding
-        if top or bottom or left or right:
-            v = F.pad(v, (left, right, top, bottom))
-        return self.features(v)
+        return self.features(checked_pad(v, self.in_shape, self.padding, "ConvEBLVM"))
 
     def energy_from_features(self, f: Tensor, h: Tensor) -> Tensor:
         """E given f = f(v): f (B, h_dim), h (..., B, h_dim) → (..., B)."""
