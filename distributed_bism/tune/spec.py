@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from distributed_bism.config import Config, ConfigError, _check, _coerce, from_dict
+from distributed_bism.config import Config, ConfigError, check, coerce, from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARITY = {"choice": None, "grid": None, "randint": 2, "uniform": 2, "loguniform": 2, "quniform": 3}
@@ -96,11 +96,11 @@ class SchedulerSpec:
     max_t: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.name in ("asha", "fifo"), "scheduler.name",
+        check(self.name in ("asha", "fifo"), "scheduler.name",
                f"unknown scheduler {self.name!r}; expected asha or fifo")
-        _check(self.grace_period >= 1, "scheduler.grace_period", f"must be >= 1, got {self.grace_period}")
-        _check(self.reduction_factor > 1, "scheduler.reduction_factor", f"must be > 1, got {self.reduction_factor}")
-        _check(self.max_t is None or self.max_t >= 1, "scheduler.max_t", f"must be >= 1, got {self.max_t}")
+        check(self.grace_period >= 1, "scheduler.grace_period", f"must be >= 1, got {self.grace_period}")
+        check(self.reduction_factor > 1, "scheduler.reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        check(self.max_t is None or self.max_t >= 1, "scheduler.max_t", f"must be >= 1, got {self.max_t}")
 
 
 @dataclass
@@ -111,7 +111,7 @@ class SearcherSpec:
     seed: int | None = None  # None: unseeded
 
     def __post_init__(self) -> None:
-        _check(self.name in ("random", "optuna"), "searcher.name",
+        check(self.name in ("random", "optuna"), "searcher.name",
                f"unknown searcher {self.name!r}; expected random or optuna")
 
 
@@ -124,10 +124,10 @@ class Resources:
     cpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.workers_per_trial >= 1, "resources.workers_per_trial",
+        check(self.workers_per_trial >= 1, "resources.workers_per_trial",
                f"must be >= 1, got {self.workers_per_trial}")
-        _check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
-        _check(self.cpus_per_worker > 0, "resources.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        check(self.cpus_per_worker > 0, "resources.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
 
 
 @dataclass
@@ -162,8 +162,8 @@ class SweepSpec:
         order: base, overrides, params, resources (trainer.num_workers/use_gpu/cpus_per_worker);
         trainer.name and tracking.run_name are cleared for the runner to set."""
         unknown, missing = sorted(set(params) - set(self.search)), sorted(set(self.search) - set(params))
-        _check(not unknown, unknown[0] if unknown else "", f"not searched by sweep {self.name}")
-        _check(not missing, missing[0] if missing else "", f"no value given (searched by sweep {self.name})")
+        check(not unknown, unknown[0] if unknown else "", f"not searched by sweep {self.name}")
+        check(not missing, missing[0] if missing else "", f"no value given (searched by sweep {self.name})")
         return self._build({k: self.search[k].cast(v, _is_int(_hint(k))) for k, v in params.items()})
 
     def _build(self, values: dict[str, Any]) -> Config:
@@ -210,13 +210,13 @@ def _hint(key: str, where: str | None = None) -> Any:
     or the sweep sets it."""
     where = where or key
     for prefix, why in CONTROLLED.items():
-        _check(key != prefix and not key.startswith(prefix + "."), where, f"set by the sweep ({why})")
+        check(key != prefix and not key.startswith(prefix + "."), where, f"set by the sweep ({why})")
     sections = typing.get_type_hints(Config)
     parts = key.split(".")
-    _check(len(parts) == 2 and parts[0] in sections, where,
+    check(len(parts) == 2 and parts[0] in sections, where,
            f"not a key of the training config (expected SECTION.FIELD, sections: {', '.join(sections)})")
     fields = typing.get_type_hints(sections[parts[0]])
-    _check(parts[1] in fields, where, f"not a key of the training config ({parts[0]} has {', '.join(fields)})")
+    check(parts[1] in fields, where, f"not a key of the training config ({parts[0]} has {', '.join(fields)})")
     return fields[parts[1]]
 
 
@@ -231,7 +231,7 @@ def _number(value: Any, where: str) -> float | int:
             value = float(value)
         except ValueError:
             pass
-    _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), where,
+    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), where,
            f"expected a finite number, got {value!r}")
     return value
 
@@ -239,28 +239,28 @@ def _number(value: Any, where: str) -> float | int:
 def _domain(key: str, raw: Any, hint: Any) -> Domain:
     """Parse {kind: args} for config key `key` (annotation `hint`): arity, bounds, empty ranges."""
     where = f"search.{key}"
-    _check(isinstance(raw, dict) and len(raw) == 1, where,
+    check(isinstance(raw, dict) and len(raw) == 1, where,
            f"expected {{KIND: ARGS}} with KIND one of {', '.join(ARITY)}, got {raw!r}")
     ((kind, args),) = raw.items()
-    _check(kind in ARITY, where, f"unknown domain kind {kind!r}; expected one of {', '.join(ARITY)}")
+    check(kind in ARITY, where, f"unknown domain kind {kind!r}; expected one of {', '.join(ARITY)}")
     where = f"{where}.{kind}"
     if ARITY[kind] is None:
-        _check(isinstance(args, list) and len(args) > 0, where, f"needs a non-empty list of values, got {args!r}")
-        return Domain(kind, [_coerce(v, hint, where) for v in args])
+        check(isinstance(args, list) and len(args) > 0, where, f"needs a non-empty list of values, got {args!r}")
+        return Domain(kind, [coerce(v, hint, where) for v in args])
     shape = "[low, high, q]" if kind == "quniform" else "[low, high]"
-    _check(isinstance(args, list) and len(args) == ARITY[kind], where, f"expected {shape}, got {args!r}")
+    check(isinstance(args, list) and len(args) == ARITY[kind], where, f"expected {shape}, got {args!r}")
     args = [_number(a, where) for a in args]
-    _check(kind != "randint" or all(isinstance(a, int) for a in args), where, f"needs integer bounds, got {args}")
+    check(kind != "randint" or all(isinstance(a, int) for a in args), where, f"needs integer bounds, got {args}")
     low, high = args[:2]
-    _check(low < high, where, f"empty range: low {low} >= high {high}")
-    _check(kind != "loguniform" or low > 0, where, f"needs low > 0, got {low}")
+    check(low < high, where, f"empty range: low {low} >= high {high}")
+    check(kind != "loguniform" or low > 0, where, f"needs low > 0, got {low}")
     if kind == "quniform":
         q = args[2]
-        _check(q > 0, where, f"needs q > 0, got {q}")
+        check(q > 0, where, f"needs q > 0, got {q}")
         # Ray refuses bounds that are not multiples of q (up to rounding).
-        _check(all(math.isclose(b / q, round(b / q)) for b in (low, high)), where,
+        check(all(math.isclose(b / q, round(b / q)) for b in (low, high)), where,
                f"low {low} and high {high} must be multiples of q={q}")
-        _check(not _is_int(hint) or float(q).is_integer(), where, f"q={q} gives non-integers for the int key {key}")
+        check(not _is_int(hint) or float(q).is_integer(), where, f"q={q} gives non-integers for the int key {key}")
     return Domain(kind, args)
 
 
@@ -278,7 +278,7 @@ def _apply_cli(raw: dict[str, Any], item: str) -> None:
         raw[head] = value
         return
     node = raw.get(head) or {}  # a section left empty in the file reads as None
-    _check(isinstance(node, dict), head, "expected a mapping")
+    check(isinstance(node, dict), head, "expected a mapping")
     raw[head], sub = node, ".".join(rest[:2])
     if head == "search" and len(rest) == 3:
         node[sub] = {rest[2]: value}
@@ -300,25 +300,25 @@ def _check_metric(metric: str, cfg: Config) -> None:
     t, every = cfg.trainer, cfg.eval.every
     if metric.startswith("eval/"):
         name = metric.removeprefix("eval/")
-        _check(name in cfg.eval.metrics, "metric", f"{metric} is reported with {name} in eval.metrics only")
-        _check(metric != "eval/test_loglik" or cfg.model.name == "grbm", "metric",
+        check(name in cfg.eval.metrics, "metric", f"{metric} is reported with {name} in eval.metrics only")
+        check(metric != "eval/test_loglik" or cfg.model.name == "grbm", "metric",
                "eval/test_loglik is reported for model.name=grbm with test_loglik in eval.metrics only")
         ok = all(s % every == 0 or s == t.steps for s in _report_steps(cfg))
-        _check(ok, "metric", f"checkpoints (trainer.checkpoint_every={t.checkpoint_every}) report without {metric}: "
+        check(ok, "metric", f"checkpoints (trainer.checkpoint_every={t.checkpoint_every}) report without {metric}: "
                f"make checkpoint_every a multiple of eval.every={every}")
     else:
         ok = all(s % t.log_every == 0 or s % t.checkpoint_every == 0 or s == t.steps for s in _report_steps(cfg))
-        _check(ok, "metric", f"evaluations (eval.every={every}) report without {metric}: "
+        check(ok, "metric", f"evaluations (eval.every={every}) report without {metric}: "
                f"make eval.every a multiple of trainer.log_every={t.log_every}")
 
 
 def _read_yaml(path: Path, key: str) -> dict[str, Any]:
-    _check(path.is_file(), key, f"file not found: {path}")
+    check(path.is_file(), key, f"file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: {path} is not valid YAML ({e.__class__.__name__})") from e
-    _check(isinstance(data, dict), key, f"{path}: expected a mapping")
+    check(isinstance(data, dict), key, f"{path}: expected a mapping")
     return data
 
 
@@ -330,40 +330,40 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: str | 
     for item in overrides or []:
         _apply_cli(raw, item)
     unknown = sorted(set(raw) - set(SPEC_KEYS))
-    _check(not unknown, unknown[0] if unknown else "", f"unknown spec key (valid keys: {', '.join(SPEC_KEYS)})")
+    check(not unknown, unknown[0] if unknown else "", f"unknown spec key (valid keys: {', '.join(SPEC_KEYS)})")
     for key in ("base", "search", "metric", "mode"):
-        _check(key in raw, key, "missing")
-    base = _coerce(raw["base"], str, "base")
+        check(key in raw, key, "missing")
+    base = coerce(raw["base"], str, "base")
     base_path = Path(base) if Path(base).is_absolute() else Path(root or REPO_ROOT) / base
     base_data = _read_yaml(base_path, "base")
     fixed = raw.get("overrides") or {}
-    _check(isinstance(fixed, dict), "overrides", "expected a mapping of SECTION.FIELD: value")
+    check(isinstance(fixed, dict), "overrides", "expected a mapping of SECTION.FIELD: value")
     search = raw["search"]
-    _check(isinstance(search, dict) and len(search) > 0, "search",
+    check(isinstance(search, dict) and len(search) > 0, "search",
            "expected a non-empty mapping of SECTION.FIELD: domain")
     for key in fixed:
         _hint(str(key), f"overrides.{key}")
-        _check(key not in search, f"search.{key}", "also fixed in overrides; drop one of the two")
-    mode, metric = raw["mode"], _coerce(raw["metric"], str, "metric")
-    _check(metric in METRICS, "metric", f"unknown metric {metric!r}; trials report {', '.join(METRICS)}")
-    _check(mode in ("max", "min"), "mode", f"expected max or min, got {mode!r}")
+        check(key not in search, f"search.{key}", "also fixed in overrides; drop one of the two")
+    mode, metric = raw["mode"], coerce(raw["metric"], str, "metric")
+    check(metric in METRICS, "metric", f"unknown metric {metric!r}; trials report {', '.join(METRICS)}")
+    check(mode in ("max", "min"), "mode", f"expected max or min, got {mode!r}")
     sched_raw = raw.get("scheduler") or {}
     scheduler = from_dict(SchedulerSpec, sched_raw, "scheduler.")
     extra = sorted(set(sched_raw) - {"name"}) if scheduler.name == "fifo" else []
-    _check(not extra, f"scheduler.{extra[0]}" if extra else "", "only the asha scheduler takes it")
+    check(not extra, f"scheduler.{extra[0]}" if extra else "", "only the asha scheduler takes it")
     spec = SweepSpec(
         name=p.stem, base=base, base_data=base_data, overrides={str(k): v for k, v in fixed.items()},
         search={str(k): _domain(str(k), d, _hint(str(k), f"search.{k}")) for k, d in search.items()},
         metric=metric, mode=mode, scheduler=scheduler,
         searcher=from_dict(SearcherSpec, raw.get("searcher") or {}, "searcher."),
-        num_samples=_coerce(raw.get("num_samples", 1), int, "num_samples"),
-        max_concurrent_trials=_coerce(raw.get("max_concurrent_trials", 1), int, "max_concurrent_trials"),
+        num_samples=coerce(raw.get("num_samples", 1), int, "num_samples"),
+        max_concurrent_trials=coerce(raw.get("max_concurrent_trials", 1), int, "max_concurrent_trials"),
         resources=from_dict(Resources, raw.get("resources") or {}, "resources."))
-    _check(spec.num_samples >= 1, "num_samples", f"must be >= 1, got {spec.num_samples}")
-    _check(spec.max_concurrent_trials >= 1, "max_concurrent_trials", f"must be >= 1, got {spec.max_concurrent_trials}")
+    check(spec.num_samples >= 1, "num_samples", f"must be >= 1, got {spec.num_samples}")
+    check(spec.max_concurrent_trials >= 1, "max_concurrent_trials", f"must be >= 1, got {spec.max_concurrent_trials}")
     if spec.searcher.name == "optuna":
         grids = [k for k, d in spec.search.items() if d.kind == "grid"]
-        _check(not grids, f"search.{grids[0]}" if grids else "",
+        check(not grids, f"search.{grids[0]}" if grids else "",
                "grid domains need searcher random; use choice with optuna")
     _validate(spec, base_path)
     return spec
@@ -403,4 +403,4 @@ def _validate(spec: SweepSpec, base_path: Path) -> None:
     s = spec.scheduler
     if s.name == "asha":
         s.max_t = s.max_t or reports
-        _check(s.grace_period <= s.max_t, "scheduler.grace_period", f"{s.grace_period} exceeds max_t {s.max_t}")
+        check(s.grace_period <= s.max_t, "scheduler.grace_period", f"{s.grace_period} exceeds max_t {s.max_t}")

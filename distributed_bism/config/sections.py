@@ -1,40 +1,19 @@
-"""Typed configuration: one dataclass per component, composed into `Config`.
+"""The config sections: one dataclass per component, composed into `Config`.
 
-Configs load from YAML or dicts and take dotted overrides (`objective.unroll_steps=5`). Unknown
-keys and wrong types raise `ConfigError` naming the offending key; value checks live in each
-component's `__post_init__`, so a `Config` that exists is valid.
+Value checks live in each section's `__post_init__`, so a section that exists is valid; checks
+that span sections are in `Config.__post_init__`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def check_writable_dir(path: Path, key: str) -> None:
-    """Create `path` if needed; a ConfigError naming `key` if it cannot be created or written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot create {path} ({e.strerror})") from e
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"{key}: {path} is not writable")
+from distributed_bism.config.errors import check
 
 
 @dataclass
@@ -49,7 +28,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         for key in ("n_train", "n_test"):
             n = getattr(self, key)
-            _check(n is None or n > 0, f"data.{key}", f"must be > 0, got {n}")
+            check(n is None or n > 0, f"data.{key}", f"must be > 0, got {n}")
 
 
 MARGINAL_MODELS = ("marginal_conv", "marginal_mlp")  # BiDVL's E_θ(v), no latent
@@ -68,11 +47,11 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 256])
 
     def __post_init__(self) -> None:
-        _check(self.name in MODELS, "model.name", f"unknown model {self.name!r}; expected one of {MODELS}")
-        _check(all(w > 0 for w in self.hidden), "model.hidden", f"widths must be > 0, got {self.hidden}")
-        _check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
-        _check(self.ch > 0, "model.ch", f"must be > 0, got {self.ch}")
-        _check(self.blocks_per_stage >= 0, "model.blocks_per_stage", f"must be >= 0, got {self.blocks_per_stage}")
+        check(self.name in MODELS, "model.name", f"unknown model {self.name!r}; expected one of {MODELS}")
+        check(all(w > 0 for w in self.hidden), "model.hidden", f"widths must be > 0, got {self.hidden}")
+        check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
+        check(self.ch > 0, "model.ch", f"must be > 0, got {self.ch}")
+        check(self.blocks_per_stage >= 0, "model.blocks_per_stage", f"must be >= 0, got {self.blocks_per_stage}")
 
 
 POSTERIORS = ("bernoulli", "gaussian", "encoder_decoder")
@@ -91,13 +70,13 @@ class PosteriorConfig:
     decoder_output: str = "sigmoid"  # sigmoid | tanh | none
 
     def __post_init__(self) -> None:
-        _check(self.name in POSTERIORS, "posterior.name", f"unknown posterior {self.name!r}; expected one of {POSTERIORS}")
-        _check(self.decoder_output in ("sigmoid", "tanh", "none"), "posterior.decoder_output",
+        check(self.name in POSTERIORS, "posterior.name", f"unknown posterior {self.name!r}; expected one of {POSTERIORS}")
+        check(self.decoder_output in ("sigmoid", "tanh", "none"), "posterior.decoder_output",
                f"expected sigmoid, tanh or none, got {self.decoder_output!r}")
-        _check(all(w > 0 for w in self.decoder_hidden), "posterior.decoder_hidden",
+        check(all(w > 0 for w in self.decoder_hidden), "posterior.decoder_hidden",
                f"widths must be > 0, got {self.decoder_hidden}")
-        _check(self.temperature > 0, "posterior.temperature", f"must be > 0, got {self.temperature}")
-        _check(self.encoder in ("conv", "mlp"), "posterior.encoder", f"expected conv or mlp, got {self.encoder!r}")
+        check(self.temperature > 0, "posterior.temperature", f"must be > 0, got {self.temperature}")
+        check(self.encoder in ("conv", "mlp"), "posterior.encoder", f"expected conv or mlp, got {self.encoder!r}")
 
 
 VAGES_OBJECTIVES = ("vages_dsm", "vages_mdsm", "vages_ksd")  # VaGES (Bao et al. 2021): no unrolling
@@ -143,31 +122,31 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         if self.name in VAGES_OBJECTIVES:
-            _check(self.unroll_steps == 0, "objective.unroll_steps",
+            check(self.unroll_steps == 0, "objective.unroll_steps",
                    f"{self.name} does not unroll (its lower-level steps are warmup_steps); must be 0, got {self.unroll_steps}")
-            _check(self.biased_cov or self.num_particles >= 2, "objective.num_particles",
+            check(self.biased_cov or self.num_particles >= 2, "objective.num_particles",
                    f"the unbiased VaGES covariance needs L >= 2 particles, got {self.num_particles} (or set objective.biased_cov)")
-        _check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
-        _check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
-        _check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
-        _check(self.sgld_noise is None or self.sgld_noise >= 0, "objective.sgld_noise", f"must be >= 0, got {self.sgld_noise}")
+        check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
+        check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
+        check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
+        check(self.sgld_noise is None or self.sgld_noise >= 0, "objective.sgld_noise", f"must be >= 0, got {self.sgld_noise}")
         for key in ("bidvl_lambda", "bidvl_latent_weight"):
-            _check(getattr(self, key) >= 0, f"objective.{key}", f"must be >= 0, got {getattr(self, key)}")
-        _check(self.bidvl_hinge_margin > 0, "objective.bidvl_hinge_margin", f"must be > 0, got {self.bidvl_hinge_margin}")
-        _check(self.name in OBJECTIVES, "objective.name", f"unknown objective {self.name!r}; expected one of {OBJECTIVES}")
-        _check(self.warmup_steps >= 0, "objective.warmup_steps", f"N must be >= 0, got {self.warmup_steps}")
-        _check(self.unroll_steps >= 0, "objective.unroll_steps", f"K must be >= 0, got {self.unroll_steps}")
+            check(getattr(self, key) >= 0, f"objective.{key}", f"must be >= 0, got {getattr(self, key)}")
+        check(self.bidvl_hinge_margin > 0, "objective.bidvl_hinge_margin", f"must be > 0, got {self.bidvl_hinge_margin}")
+        check(self.name in OBJECTIVES, "objective.name", f"unknown objective {self.name!r}; expected one of {OBJECTIVES}")
+        check(self.warmup_steps >= 0, "objective.warmup_steps", f"N must be >= 0, got {self.warmup_steps}")
+        check(self.unroll_steps >= 0, "objective.unroll_steps", f"K must be >= 0, got {self.unroll_steps}")
         for key in ("sigma", "sigma_begin", "sigma_end", "sigma0"):
-            _check(getattr(self, key) > 0, f"objective.{key}", f"must be > 0, got {getattr(self, key)}")
-        _check(self.sigma_schedule in ("linear", "geometric"), "objective.sigma_schedule",
+            check(getattr(self, key) > 0, f"objective.{key}", f"must be > 0, got {getattr(self, key)}")
+        check(self.sigma_schedule in ("linear", "geometric"), "objective.sigma_schedule",
                f"expected linear or geometric, got {self.sigma_schedule!r}")
-        _check(self.lower_level in ("kl", "fisher"), "objective.lower_level",
+        check(self.lower_level in ("kl", "fisher"), "objective.lower_level",
                f"expected kl or fisher, got {self.lower_level!r}")
-        _check(self.unroll_optimizer in ("sgd", "adam"), "objective.unroll_optimizer",
+        check(self.unroll_optimizer in ("sgd", "adam"), "objective.unroll_optimizer",
                f"expected sgd or adam, got {self.unroll_optimizer!r}")
-        _check(self.unroll_lr is None or self.unroll_lr > 0, "objective.unroll_lr", f"must be > 0, got {self.unroll_lr}")
-        _check(self.num_particles >= 1, "objective.num_particles", f"must be >= 1, got {self.num_particles}")
-        _check(self.cd_steps >= 1, "objective.cd_steps", f"must be >= 1, got {self.cd_steps}")
+        check(self.unroll_lr is None or self.unroll_lr > 0, "objective.unroll_lr", f"must be > 0, got {self.unroll_lr}")
+        check(self.num_particles >= 1, "objective.num_particles", f"must be >= 1, got {self.num_particles}")
+        check(self.cd_steps >= 1, "objective.cd_steps", f"must be >= 1, got {self.cd_steps}")
 
     @property
     def bilevel(self) -> bool:
@@ -184,12 +163,12 @@ class OptimConfig:
     min_lr: float = 1e-6  # cosine floor
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(self.posterior_lr > 0, "optim.posterior_lr", f"must be > 0, got {self.posterior_lr}")
+        check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        check(self.posterior_lr > 0, "optim.posterior_lr", f"must be > 0, got {self.posterior_lr}")
         for key in ("betas", "posterior_betas"):
             b = getattr(self, key)
-            _check(len(b) == 2 and all(0 <= x < 1 for x in b), f"optim.{key}", f"need two values in [0, 1), got {b}")
-        _check(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
+            check(len(b) == 2 and all(0 <= x < 1 for x in b), f"optim.{key}", f"need two values in [0, 1), got {b}")
+        check(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
 
 
 STRATEGIES = ("ddp", "deepspeed", "local")
@@ -229,28 +208,28 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for key in ("num_workers", "steps", "batch_size", "log_every", "checkpoint_every", "num_to_keep"):
-            _check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
+            check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
         for key in ("max_failures", "max_bad_steps"):
-            _check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
-        _check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        _check(self.strategy in STRATEGIES, "trainer.strategy", f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
-        _check(self.strategy != "local" or self.num_workers == 1, "trainer.num_workers",
+            check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
+        check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.strategy in STRATEGIES, "trainer.strategy", f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        check(self.strategy != "local" or self.num_workers == 1, "trainer.num_workers",
                f"strategy local runs one process, got num_workers={self.num_workers}")
-        _check(self.zero_stage in (0, 1, 2), "trainer.zero_stage",
+        check(self.zero_stage in (0, 1, 2), "trainer.zero_stage",
                f"ZeRO stage {self.zero_stage} is not supported: the unrolled step needs repeated backward "
                "passes through whole parameters, which ZeRO-3 partitions; use 0, 1 or 2")
-        _check(self.precision in PRECISIONS, "trainer.precision", f"expected one of {PRECISIONS}, got {self.precision!r}")
-        _check(self.precision == "fp32" or self.strategy == "deepspeed", "trainer.precision",
+        check(self.precision in PRECISIONS, "trainer.precision", f"expected one of {PRECISIONS}, got {self.precision!r}")
+        check(self.precision == "fp32" or self.strategy == "deepspeed", "trainer.precision",
                f"{self.precision} is offered by strategy deepspeed only")
-        _check(0 <= self.ema_decay < 1, "trainer.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        _check(self.name is None or (self.name.strip() != "" and "/" not in self.name), "trainer.name",
+        check(0 <= self.ema_decay < 1, "trainer.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        check(self.name is None or (self.name.strip() != "" and "/" not in self.name), "trainer.name",
                f"must be a non-empty name without '/', got {self.name!r}")
-        _check(self.placement_strategy in PLACEMENT_STRATEGIES, "trainer.placement_strategy",
+        check(self.placement_strategy in PLACEMENT_STRATEGIES, "trainer.placement_strategy",
                f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         for res, amount in self.resources_per_worker.items():
-            _check(res not in ("CPU", "GPU"), f"trainer.resources_per_worker.{res}",
+            check(res not in ("CPU", "GPU"), f"trainer.resources_per_worker.{res}",
                    "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu")
-            _check(amount > 0, f"trainer.resources_per_worker.{res}", f"must be > 0, got {amount}")
+            check(amount > 0, f"trainer.resources_per_worker.{res}", f"must be > 0, got {amount}")
 
 
 @dataclass
@@ -287,27 +266,27 @@ class EvalConfig:
     ood_dataset: str = "uniform_noise"
 
     def __post_init__(self) -> None:
-        _check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
+        check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
         from distributed_bism.data import DATASETS  # here: data imports this module
 
-        _check(self.ood_dataset in ("uniform_noise", *DATASETS), "eval.ood_dataset",
+        check(self.ood_dataset in ("uniform_noise", *DATASETS), "eval.ood_dataset",
                f"unknown OOD set {self.ood_dataset!r}; expected uniform_noise or one of {', '.join(DATASETS)}")
-        _check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
-        _check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
+        check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
+        check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
                f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
-        _check(self.ais_chains >= 2, "eval.ais_chains", f"must be >= 2, got {self.ais_chains}")
-        _check(self.ais_betas >= 2, "eval.ais_betas", f"must be >= 2 (β = 0 and 1), got {self.ais_betas}")
-        _check(self.raise_chains >= 0, "eval.raise_chains", f"must be >= 0, got {self.raise_chains}")
-        _check(self.fid_samples >= 2, "eval.fid_samples", f"must be >= 2, got {self.fid_samples}")
-        _check(self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
+        check(self.ais_chains >= 2, "eval.ais_chains", f"must be >= 2, got {self.ais_chains}")
+        check(self.ais_betas >= 2, "eval.ais_betas", f"must be >= 2 (β = 0 and 1), got {self.ais_betas}")
+        check(self.raise_chains >= 0, "eval.raise_chains", f"must be >= 0, got {self.raise_chains}")
+        check(self.fid_samples >= 2, "eval.fid_samples", f"must be >= 2, got {self.fid_samples}")
+        check(self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
                "eval.inception_weights", f"no such file: {self.inception_weights}")
         # the registries: a metric or sampler registered there is a legal value here
         from distributed_bism.evaluation.metrics import METRICS
         from distributed_bism.samplers import SAMPLERS
 
         for m in self.metrics:
-            _check(m in METRICS, "eval.metrics", f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
-        _check(self.sampler in SAMPLERS, "eval.sampler",
+            check(m in METRICS, "eval.metrics", f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
+        check(self.sampler in SAMPLERS, "eval.sampler",
                f"unknown sampler {self.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
 
 
@@ -324,17 +303,17 @@ class Config:
 
     def __post_init__(self) -> None:
         # The single-level baselines use the exact free energy, which only the GRBM has.
-        _check(self.objective.bilevel or self.model.name == "grbm", "objective.name",
+        check(self.objective.bilevel or self.model.name == "grbm", "objective.name",
                f"{self.objective.name} needs the exact free energy of model.name=grbm, got model.name={self.model.name}")
         # VaGES: SGLD moves h continuously, which binary latents (a Bernoulli posterior) do not allow.
-        _check(self.objective.sgld_steps == 0 or self.posterior.name != "bernoulli", "objective.sgld_steps",
+        check(self.objective.sgld_steps == 0 or self.posterior.name != "bernoulli", "objective.sgld_steps",
                f"SGLD refinement needs continuous latents; posterior.name=bernoulli has binary h (got {self.objective.sgld_steps})")
         # BiDVL's decoupled model: a marginal energy E(v) and an encoder-decoder, both or neither.
         bidvl = self.objective.name == "bidvl"
-        _check(bidvl == (self.model.name in MARGINAL_MODELS), "model.name",
+        check(bidvl == (self.model.name in MARGINAL_MODELS), "model.name",
                f"objective.name=bidvl needs model.name in {MARGINAL_MODELS}, and those models need bidvl; "
                f"got objective.name={self.objective.name}, model.name={self.model.name}")
-        _check(bidvl == (self.posterior.name == "encoder_decoder"), "posterior.name",
+        check(bidvl == (self.posterior.name == "encoder_decoder"), "posterior.name",
                f"objective.name=bidvl needs posterior.name=encoder_decoder, and that posterior needs bidvl; "
                f"got objective.name={self.objective.name}, posterior.name={self.posterior.name}")
 
@@ -347,97 +326,3 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """The config as {"section.key": value}: Ray param_space keys and MLflow params."""
         return {f"{section}.{k}": v for section, values in self.to_dict().items() for k, v in values.items()}
-
-
-# --------------------------------------------------------------------------- loading
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is dict:
-        _check(isinstance(value, dict), key, f"expected a mapping, got {type(value).__name__} {value!r}")
-        key_tp, value_tp = typing.get_args(tp)
-        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        _check(isinstance(value, (list, tuple)), key, f"expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-               f"expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int or tp is bool or tp is str:
-        _check(type(value) is tp, key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
-
-
-def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (valid keys: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        key = f"{prefix}{name}"
-        kwargs[name] = from_dict(tp, value, f"{key}.") if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__})") from e
-    apply_overrides(data, overrides or [])
-    return from_dict(Config, data)
