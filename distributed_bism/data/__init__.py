@@ -6,6 +6,9 @@ Image sets (N, C, H, W) in [0, 1]:
     fashion_mnist (1, 28, 28), from idx files           mnist (1, 28, 28), torchvision
     cifar10 (3, 32, 32), torchvision                    celeba (3, 64, 64), torchvision
 
+`data.dequantize` spreads every pixel of an image set uniformly over its intensity level (see
+`dequantize`), the usual way to give discrete data a density whose log-likelihood is bounded.
+
 `check_dataset` is the cheap pre-flight the driver runs before starting workers (no torchvision
 import, no file reads beyond stat); `load_dataset` does the work. Both raise `DataError`, a
 ValueError whose one-line message names the set, the directory or package, and the fix.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from distributed_bism.config import DataConfig
@@ -26,7 +30,8 @@ from distributed_bism.data.images import (check_fashion_mnist, check_mnist5k, lo
 from distributed_bism.data.synthetic import SYNTHETIC, load_synthetic, log_density, make_synthetic, score
 from distributed_bism.data.torchvision_sets import check_torchvision_set, load_celeba, load_cifar10, load_mnist
 
-__all__ = ["DATASETS", "DataError", "check_dataset", "load_dataset", "log_density", "make_synthetic", "score"]
+__all__ = ["DATASETS", "LEVELS", "DataError", "check_dataset", "dequantize", "load_dataset", "log_density",
+           "make_synthetic", "score"]
 
 _LOADERS: dict[str, Callable[[DataConfig], tuple[Tensor, Tensor]]] = {
     **{name: (lambda cfg: load_synthetic(cfg.name, cfg.n_train, cfg.n_test, cfg.seed)) for name in SYNTHETIC},
@@ -44,6 +49,10 @@ SPLIT_SIZES: dict[str, tuple[int, int]] = {
     "digits": (1_500, 297), "mnist5k": (4_000, 1_000), "fashion_mnist": (60_000, 10_000),
     "mnist": (60_000, 10_000), "cifar10": (50_000, 10_000), "celeba": (162_770, 19_962),
 }
+
+# Intensity levels of the image sets: digits are 0..16, the others 8-bit.
+LEVELS: dict[str, int] = {"digits": 17, "mnist5k": 256, "fashion_mnist": 256, "mnist": 256, "cifar10": 256,
+                          "celeba": 256}
 
 
 def _check_sklearn(cfg: DataConfig) -> None:
@@ -72,6 +81,9 @@ def check_dataset(cfg: DataConfig) -> None:
         for key, n, total in zip(("data.n_train", "data.n_test"), (cfg.n_train, cfg.n_test), SPLIT_SIZES[cfg.name]):
             if n is not None and n > total:
                 raise too_many(key, n, cfg.name, total)
+    if cfg.dequantize and cfg.name not in LEVELS:
+        raise DataError(f"data.dequantize: {cfg.name} is not a set of quantised images; "
+                        f"dequantize applies to {', '.join(LEVELS)}")
     if cfg.name in _CHECKS:
         _CHECKS[cfg.name](cfg)
 
@@ -83,4 +95,19 @@ def load_dataset(cfg: DataConfig) -> tuple[Tensor, Tensor]:
     of a permutation seeded with data.seed (synthetic: n draws, train from seed, test from seed + 1).
     """
     check_dataset(cfg)
-    return _LOADERS[cfg.name](cfg)
+    train, test = _LOADERS[cfg.name](cfg)
+    if cfg.dequantize:
+        levels = LEVELS[cfg.name]
+        train, test = dequantize(train, levels, seed=cfg.seed), dequantize(test, levels, seed=cfg.seed + 1)
+    return train, test
+
+
+def dequantize(x: Tensor, levels: int, *, seed: int) -> Tensor:
+    """Uniform dequantisation (Theis et al. 2016): x in [0, 1] on the grid k / (levels − 1) ↦
+    (k + u) / levels with u ~ U[0, 1) per pixel, drawn from `seed`. Each pixel stays in its own
+    level's bin [k / levels, (k + 1) / levels), and a density of the result is at most `levels` per
+    pixel, so its log-likelihood is at most D·log(levels): without this, a pixel that is constant
+    in the data lets a Gaussian RBM's σ_i shrink, and its exact log-likelihood grow, without end."""
+    k = torch.round(x * (levels - 1))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+    return (k + u) / levels
