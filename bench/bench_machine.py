@@ -97,10 +97,14 @@ class CpuSampler(threading.Thread):
         s = [x for x in self.samples if t0 - self.interval <= x[0] <= t1 + self.interval]
         if len(s) < 2 or s[-1][0] - s[0][0] <= 0:
             return None
-        (ta, ba, pa), (tb, bb, pb) = s[0], s[-1]
+        (ta, ba, pa), (tb, bb, _) = s[0], s[-1]
         dt = tb - ta
-        # A process born inside the interval spent all its CPU time inside it; one that died inside
-        # it loses at most one sampling interval.
-        own = sum(cpu - pa.get(pid, 0.0) for pid, cpu in pb.items())
+        # Each process's last CPU time seen in the interval: a process born inside it spent all its
+        # time inside it, and one that died inside it (a pool worker at the end) still counts, short
+        # of at most one sampling interval.
+        last: dict[int, float] = {}
+        for _, _, tree in s:
+            last.update(tree)
+        own = sum(cpu - pa.get(pid, 0.0) for pid, cpu in last.items())
         machine = (bb - ba) / dt
         return {"machine": machine, "benchmark": own / dt, "other_processes": max(0.0, machine - own / dt)}
