@@ -153,6 +153,16 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce: a C++ op that it compiles
+    on first use (~45 s per machine, then ~2 s to load at every launch) and that only its
+    `inference_all_reduce` calls; training reduces through torch.distributed (gloo). DeepSpeed
+    builds the op only when `deepspeed.ops.__compatible_ops__` lists it, a dict it keeps."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_replica(cfg: Config, energy: nn.Module, posterior: nn.Module | None, *, rank: int = 0,
                   world_size: int = 1, device: torch.device | None = None) -> Replica:
     """Move the modules to `device`, wrap them for cfg.trainer.strategy and build their optimisers."""
@@ -163,6 +173,8 @@ def build_replica(cfg: Config, energy: nn.Module, posterior: nn.Module | None, *
     if strategy == "deepspeed":
         import deepspeed
 
+        if device.type == "cpu":
+            skip_inference_comm_op()
         ds = deepspeed_config(cfg)
         e_engine, *_ = deepspeed.initialize(model=energy, optimizer=adam(energy.parameters(), o.lr, o.betas), config=ds)
         p_engine = None

@@ -59,6 +59,10 @@ def gradient_probe(conf: dict[str, Any]) -> None:
         loop.forward_backward(batch)
         out["first_step"][k] = {"grads": applied_grads(loop), "rng": rng, "batch": batch.clone()}
     loop = TrainLoop.from_config(cfg, rank=rank, world_size=world)
+    if cfg.trainer.strategy == "deepspeed":  # strategies.skip_inference_comm_op kept it from compiling
+        from deepspeed.comm import comm as ds_comm
+
+        out["shm_comm_op_built"] = ds_comm.cdb.shm_comm_op is not None
     for _ in range(20):
         loop.run_step(loop.batches(loop.step))
     out["params_after_20"] = params_of(loop)

@@ -31,7 +31,8 @@ cloudpickle.register_pickle_by_value(dist_workers)  # workers cannot import test
 KS = (0, 3)
 
 
-def tiny_config(tmp_path, strategy: str, zero_stage: int = 1) -> dict:
+def tiny_config(strategy: str, zero_stage: int = 1) -> dict:
+    """A 2-worker BiDSM run on the checkerboard GRBM (output_dir: set per case by run_cases)."""
     return {
         "data": {"name": "checkerboard", "n_train": 256, "n_test": 64},
         "model": {"name": "grbm", "h_dim": 4, "init_std": 0.1},
@@ -39,16 +40,9 @@ def tiny_config(tmp_path, strategy: str, zero_stage: int = 1) -> dict:
         "objective": {"name": "bidsm", "sigma": 0.1, "warmup_steps": 2, "unroll_steps": 3, "unroll_optimizer": "adam"},
         "optim": {"lr": 1e-2, "posterior_lr": 1e-2},
         "trainer": {"name": f"probe-{strategy}-{zero_stage}", "strategy": strategy, "num_workers": 2,
-                    "batch_size": 16, "zero_stage": zero_stage, "output_dir": str(tmp_path / "out"),
-                    "max_failures": 0},
+                    "batch_size": 16, "zero_stage": zero_stage, "max_failures": 0},
         "tracking": {"enabled": False},
     }
-
-
-def run_probe(tmp_path, strategy: str, zero_stage: int = 1) -> tuple[Config, list[dict]]:
-    cfg = from_dict(Config, tiny_config(tmp_path, strategy, zero_stage))
-    run_on_ray(cfg, dist_workers.gradient_probe, {"config": cfg.to_dict(), "ks": KS, "out": str(tmp_path)})
-    return cfg, [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def single_process_grads(cfg: Config, k: int, seen: dict) -> dict[str, torch.Tensor]:
@@ -81,6 +75,8 @@ def check_ranks(cfg: Config, ranks: list[dict], ks: tuple[int, ...] = KS) -> Non
         for n, p in ranks[0][key].items():
             assert torch.equal(p, ranks[1][key][n]), f"{key}: {n} differs between ranks"
     for r in range(2):
+        if cfg.trainer.strategy == "deepspeed":
+            assert ranks[r]["shm_comm_op_built"] is False, "DeepSpeed built its CPU inference all-reduce op"
         for n, p in ranks[r]["params_continued"].items():
             assert torch.equal(p, ranks[r]["params_reloaded"][n]), f"rank {r}: {n} differs after a checkpoint round trip"
         assert ranks[r]["bad_steps"] == 1, f"rank {r} did not skip the step where rank 0's loss was NaN"
@@ -88,17 +84,29 @@ def check_ranks(cfg: Config, ranks: list[dict], ks: tuple[int, ...] = KS) -> Non
             assert torch.equal(p, ranks[r]["params_after_nan"][n]), f"rank {r}: {n} changed in a skipped step"
 
 
-@pytest.mark.usefixtures("ray_cluster")
-def test_ddp_averages_hypergradients_across_ranks(tmp_path):
-    cfg, ranks = run_probe(tmp_path, "ddp")
-    check_ranks(cfg, ranks)
+def run_cases(tmp_path, cases: dict[str, tuple[dict, tuple[int, ...]]]) -> None:
+    """Each case (config dict, Ks of the one-step check) probed in turn by ONE worker group (its
+    start-up is most of a probe's cost; the process group serves every strategy), then checked."""
+    built = []
+    for label, (raw, ks) in cases.items():
+        out = tmp_path / label
+        out.mkdir()
+        built.append((label, from_dict(Config, {**raw, "trainer": {**raw["trainer"], "output_dir": str(out / "out")}}),
+                      out, ks))
+    run_on_ray(built[0][1], dist_workers.gradient_probes,
+               {"cases": [{"config": cfg.to_dict(), "ks": ks, "out": str(out)} for _, cfg, out, ks in built]})
+    for label, cfg, out, ks in built:
+        try:
+            check_ranks(cfg, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], ks=ks)
+        except AssertionError as e:
+            raise AssertionError(f"{label}: {e}") from e
 
 
 @pytest.mark.usefixtures("ray_cluster")
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_deepspeed_averages_hypergradients_across_ranks(tmp_path, zero_stage):
-    cfg, ranks = run_probe(tmp_path, "deepspeed", zero_stage)
-    check_ranks(cfg, ranks)
+def test_bism_averages_hypergradients_across_ranks_under_ddp_and_deepspeed(tmp_path):
+    """BiDSM at K = 0 and 3 under ddp, deepspeed ZeRO-1 and ZeRO-2."""
+    run_cases(tmp_path, {f"{strategy}-{stage}": (tiny_config(strategy, stage), KS)
+                         for strategy, stage in (("ddp", 1), ("deepspeed", 1), ("deepspeed", 2))})
 
 
 # Objectives besides BiSM: section overrides of tiny_config and the Ks of the one-step check.
@@ -118,18 +126,7 @@ OTHER_OBJECTIVES: dict[str, tuple[dict, tuple[int, ...]]] = {
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_other_objectives_average_gradients_across_ranks_under_ddp_and_deepspeed(tmp_path):
-    """Each of OTHER_OBJECTIVES under ddp and deepspeed ZeRO-2, all cases run one after the other
-    by the same worker group to save its start-up."""
-    cases = []
-    for name, (sections, ks) in OTHER_OBJECTIVES.items():
-        for strategy, zero_stage in (("ddp", 1), ("deepspeed", 2)):
-            out = tmp_path / f"{name}-{strategy}"
-            out.mkdir()
-            cases.append((name, from_dict(Config, {**tiny_config(out, strategy, zero_stage), **sections}), out, ks))
-    run_on_ray(cases[0][1], dist_workers.gradient_probes,
-               {"cases": [{"config": cfg.to_dict(), "ks": ks, "out": str(out)} for _, cfg, out, ks in cases]})
-    for name, cfg, out, ks in cases:
-        try:
-            check_ranks(cfg, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)], ks=ks)
-        except AssertionError as e:
-            raise AssertionError(f"{name} under {cfg.trainer.strategy}: {e}") from e
+    """Each of OTHER_OBJECTIVES under ddp and deepspeed ZeRO-2."""
+    run_cases(tmp_path, {f"{name}-{strategy}": ({**tiny_config(strategy, stage), **sections}, ks)
+                         for name, (sections, ks) in OTHER_OBJECTIVES.items()
+                         for strategy, stage in (("ddp", 1), ("deepspeed", 2))})
