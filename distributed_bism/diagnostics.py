@@ -44,6 +44,7 @@ from distributed_bism.objectives import NoisyBatch, Objective, get_objective
 
 REFERENCES = ("exact", "unroll")
 PER_PARAMETER_TABLE_MAX = 8  # the table lists per-tensor errors for models with at most this many tensors
+REFERENCE_CHANGE_WARN = 0.1  # an unroll reference that still moves this much from K_ref/2 to K_ref is not one
 Grads = dict[str, Tensor]
 
 
@@ -162,6 +163,10 @@ class BiasReport:
                 lines.append(f"{k:>4}  " + "  ".join(f"{self.per_parameter_rel_error[k][n]:>12.6f}" for n in names))
         if self.reference_change is not None:
             lines.append(f"reference convergence: rel. change from K_ref/2 to K_ref steps {self.reference_change:.3g}")
+            if self.reference_change > REFERENCE_CHANGE_WARN:
+                lines.append(f"warning: the reference has not converged (change > {REFERENCE_CHANGE_WARN:g}): the rows above "
+                             "compare against a moving target; raise --reference-steps (the change includes the "
+                             "inner steps' own noise, which objective.share_inner_noise removes)")
         return "\n".join(lines)
 
 

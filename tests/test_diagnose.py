@@ -106,6 +106,10 @@ def test_unroll_reference_on_a_conv_eblvm(float64):
     assert max(moving.rel_error[0]) > 1e-4
     assert moving.reference_change is not None and math.isfinite(moving.reference_change)
     assert "unroll(K=4)" in moving.table()
+    # a reference that still moves is flagged; a still one is not
+    assert moving.reference_change > 0.1 and "warning: the reference has not converged" in moving.table()  # 0.51
+    assert still.reference_change is not None and still.reference_change < 1e-6
+    assert "warning" not in still.table()
 
 
 def test_bad_arguments(float64):
