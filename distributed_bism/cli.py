@@ -18,12 +18,16 @@ before any worker starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from distributed_bism.config import Config, ConfigError, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+Command = Callable[..., int]
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
@@ -33,44 +37,52 @@ def _input_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, CheckpointError
 
 
+def _one_line_errors(*extra: type[Exception]) -> Callable[[Command], Command]:
+    """Make a command's bad input (config, data set, checkpoint, and the `extra` errors) one line
+    on stderr and exit status 2."""
+
+    def wrap(command: Command) -> Command:
+        @functools.wraps(command)
+        def run(*args: Any) -> int:
+            try:
+                return command(*args)
+            except (*_input_errors(), *extra) as e:
+                print(f"bism: error: {e}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
+@_one_line_errors()
 def _train(cfg: Config, address: str | None) -> int:
     from distributed_bism.run import train
 
-    try:
-        train(cfg, address=address)
-    except _input_errors() as e:
-        print(f"bism: error: {e}", file=sys.stderr)
-        return 2
+    train(cfg, address=address)
     return 0
 
 
+@_one_line_errors()
 def _tune(args: argparse.Namespace) -> int:
-    try:
-        from distributed_bism.tune.runner import run_sweep
-        from distributed_bism.tune.spec import load_spec
+    from distributed_bism.tune.runner import run_sweep
+    from distributed_bism.tune.spec import load_spec
 
-        run_sweep(load_spec(args.spec, args.overrides), name=args.name, output_dir=args.output_dir,
-                  address=args.address)
-    except _input_errors() as e:
-        print(f"bism: error: {e}", file=sys.stderr)
-        return 2
+    run_sweep(load_spec(args.spec, args.overrides), name=args.name, output_dir=args.output_dir, address=args.address)
     return 0
 
 
+@_one_line_errors(ValueError)  # bad --k, --batches or --reference
 def _diagnose(args: argparse.Namespace) -> int:
-    try:
-        from distributed_bism.diagnose import diagnose
+    from distributed_bism.diagnose import diagnose
 
-        try:
-            ks = [int(k) for k in args.k.split(",")]
-        except ValueError:
-            raise ValueError(f"--k: expected comma-separated integers, got {args.k!r}") from None
-        out = diagnose(args.checkpoint, ks=ks, num_batches=args.batches, reference=args.reference,
-                       reference_steps=args.reference_steps, seed=args.seed, tracking_uri=args.tracking_uri,
-                       output_dir=args.output_dir, log=not args.no_log)
-    except (*_input_errors(), ValueError) as e:  # ValueError: bad --k, --batches or --reference
-        print(f"bism: error: {e}", file=sys.stderr)
-        return 2
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        raise ValueError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    out = diagnose(args.checkpoint, ks=ks, num_batches=args.batches, reference=args.reference,
+                   reference_steps=args.reference_steps, seed=args.seed, tracking_uri=args.tracking_uri,
+                   output_dir=args.output_dir, log=not args.no_log)
     print(out.report.table())
     if out.run_id:
         print(f"logged to MLflow run {out.run_id} (metrics diagnose/*, artifacts diagnose/)")
@@ -79,30 +91,24 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line_errors(ValueError)  # bad --metrics
 def _eval(args: argparse.Namespace) -> int:
-    try:
-        from distributed_bism.evaluation.commands import evaluate_checkpoint
+    from distributed_bism.evaluation.commands import evaluate_checkpoint
 
-        report = evaluate_checkpoint(args.checkpoint, metrics=args.metrics, tracking_uri=args.tracking_uri,
-                                     log=not args.no_log, use_ema=args.ema)
-    except (*_input_errors(), ValueError) as e:
-        print(f"bism: error: {e}", file=sys.stderr)
-        return 2
+    report = evaluate_checkpoint(args.checkpoint, metrics=args.metrics, tracking_uri=args.tracking_uri,
+                                 log=not args.no_log, use_ema=args.ema)
     print(report.table())
     if report.run_id:
         print(f"logged to MLflow run {report.run_id} at step {report.step}")
     return 0
 
 
+@_one_line_errors(ValueError, FileExistsError)  # bad --sampler or -n; an output file that exists
 def _sample(args: argparse.Namespace) -> int:
-    try:
-        from distributed_bism.evaluation.commands import sample_checkpoint
+    from distributed_bism.evaluation.commands import sample_checkpoint
 
-        path = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
-                                 force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
-    except (*_input_errors(), ValueError, FileExistsError) as e:
-        print(f"bism: error: {e}", file=sys.stderr)
-        return 2
+    path = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
+                             force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
     print(f"wrote {path}")
     return 0
 
