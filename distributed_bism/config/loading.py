@@ -45,7 +45,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-               f"expected a number, got {type(value).__name__} {value!r}")
+              f"expected a number, got {type(value).__name__} {value!r}")
         return float(value)
     if tp is int or tp is bool or tp is str:
         check(type(value) is tp, key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")

@@ -75,9 +75,9 @@ class PosteriorConfig:
     def __post_init__(self) -> None:
         check(self.name in POSTERIORS, "posterior.name", f"unknown posterior {self.name!r}; expected one of {POSTERIORS}")
         check(self.decoder_output in ("sigmoid", "tanh", "none"), "posterior.decoder_output",
-               f"expected sigmoid, tanh or none, got {self.decoder_output!r}")
+              f"expected sigmoid, tanh or none, got {self.decoder_output!r}")
         check(all(w > 0 for w in self.decoder_hidden), "posterior.decoder_hidden",
-               f"widths must be > 0, got {self.decoder_hidden}")
+              f"widths must be > 0, got {self.decoder_hidden}")
         check(self.temperature > 0, "posterior.temperature", f"must be > 0, got {self.temperature}")
         check(self.encoder in ("conv", "mlp"), "posterior.encoder", f"expected conv or mlp, got {self.encoder!r}")
 
@@ -126,9 +126,9 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         if self.name in VAGES_OBJECTIVES:
             check(self.unroll_steps == 0, "objective.unroll_steps",
-                   f"{self.name} does not unroll (its lower-level steps are warmup_steps); must be 0, got {self.unroll_steps}")
+                  f"{self.name} does not unroll (its lower-level steps are warmup_steps); must be 0, got {self.unroll_steps}")
             check(self.biased_cov or self.num_particles >= 2, "objective.num_particles",
-                   f"the unbiased VaGES covariance needs L >= 2 particles, got {self.num_particles} (or set objective.biased_cov)")
+                  f"the unbiased VaGES covariance needs L >= 2 particles, got {self.num_particles} (or set objective.biased_cov)")
         check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
         check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
         check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
@@ -142,11 +142,11 @@ class ObjectiveConfig:
         for key in ("sigma", "sigma_begin", "sigma_end", "sigma0"):
             check(getattr(self, key) > 0, f"objective.{key}", f"must be > 0, got {getattr(self, key)}")
         check(self.sigma_schedule in ("linear", "geometric"), "objective.sigma_schedule",
-               f"expected linear or geometric, got {self.sigma_schedule!r}")
+              f"expected linear or geometric, got {self.sigma_schedule!r}")
         check(self.lower_level in ("kl", "fisher"), "objective.lower_level",
-               f"expected kl or fisher, got {self.lower_level!r}")
+              f"expected kl or fisher, got {self.lower_level!r}")
         check(self.unroll_optimizer in ("sgd", "adam"), "objective.unroll_optimizer",
-               f"expected sgd or adam, got {self.unroll_optimizer!r}")
+              f"expected sgd or adam, got {self.unroll_optimizer!r}")
         check(self.unroll_lr is None or self.unroll_lr > 0, "objective.unroll_lr", f"must be > 0, got {self.unroll_lr}")
         check(self.num_particles >= 1, "objective.num_particles", f"must be >= 1, got {self.num_particles}")
         check(self.cd_steps >= 1, "objective.cd_steps", f"must be >= 1, got {self.cd_steps}")
@@ -217,21 +217,21 @@ class TrainerConfig:
         check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.strategy in STRATEGIES, "trainer.strategy", f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
         check(self.strategy != "local" or self.num_workers == 1, "trainer.num_workers",
-               f"strategy local runs one process, got num_workers={self.num_workers}")
+              f"strategy local runs one process, got num_workers={self.num_workers}")
         check(self.zero_stage in (0, 1, 2), "trainer.zero_stage",
-               f"ZeRO stage {self.zero_stage} is not supported: the unrolled step needs repeated backward "
-               "passes through whole parameters, which ZeRO-3 partitions; use 0, 1 or 2")
+              f"ZeRO stage {self.zero_stage} is not supported: the unrolled step needs repeated backward "
+              "passes through whole parameters, which ZeRO-3 partitions; use 0, 1 or 2")
         check(self.precision in PRECISIONS, "trainer.precision", f"expected one of {PRECISIONS}, got {self.precision!r}")
         check(self.precision == "fp32" or self.strategy == "deepspeed", "trainer.precision",
-               f"{self.precision} is offered by strategy deepspeed only")
+              f"{self.precision} is offered by strategy deepspeed only")
         check(0 <= self.ema_decay < 1, "trainer.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(self.name is None or (self.name.strip() != "" and "/" not in self.name), "trainer.name",
-               f"must be a non-empty name without '/', got {self.name!r}")
+              f"must be a non-empty name without '/', got {self.name!r}")
         check(self.placement_strategy in PLACEMENT_STRATEGIES, "trainer.placement_strategy",
-               f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
+              f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         for res, amount in self.resources_per_worker.items():
             check(res not in ("CPU", "GPU"), f"trainer.resources_per_worker.{res}",
-                   "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu")
+                  "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu")
             check(amount > 0, f"trainer.resources_per_worker.{res}", f"must be > 0, got {amount}")
 
 
@@ -273,16 +273,16 @@ class EvalConfig:
         from distributed_bism.data import DATASETS  # here: data imports this module
 
         check(self.ood_dataset in ("uniform_noise", *DATASETS), "eval.ood_dataset",
-               f"unknown OOD set {self.ood_dataset!r}; expected uniform_noise or one of {', '.join(DATASETS)}")
+              f"unknown OOD set {self.ood_dataset!r}; expected uniform_noise or one of {', '.join(DATASETS)}")
         check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
         check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
-               f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
+              f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
         check(self.ais_chains >= 2, "eval.ais_chains", f"must be >= 2, got {self.ais_chains}")
         check(self.ais_betas >= 2, "eval.ais_betas", f"must be >= 2 (β = 0 and 1), got {self.ais_betas}")
         check(self.raise_chains >= 0, "eval.raise_chains", f"must be >= 0, got {self.raise_chains}")
         check(self.fid_samples >= 2, "eval.fid_samples", f"must be >= 2, got {self.fid_samples}")
         check(self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
-               "eval.inception_weights", f"no such file: {self.inception_weights}")
+              "eval.inception_weights", f"no such file: {self.inception_weights}")
         # the registries: a metric or sampler registered there is a legal value here
         from distributed_bism.evaluation.metrics import METRICS
         from distributed_bism.samplers import SAMPLERS
@@ -290,7 +290,7 @@ class EvalConfig:
         for m in self.metrics:
             check(m in METRICS, "eval.metrics", f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
         check(self.sampler in SAMPLERS, "eval.sampler",
-               f"unknown sampler {self.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+              f"unknown sampler {self.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
 
 
 @dataclass
@@ -307,18 +307,18 @@ class Config:
     def __post_init__(self) -> None:
         # The single-level baselines use the exact free energy, which only the GRBM has.
         check(self.objective.bilevel or self.model.name == "grbm", "objective.name",
-               f"{self.objective.name} needs the exact free energy of model.name=grbm, got model.name={self.model.name}")
+              f"{self.objective.name} needs the exact free energy of model.name=grbm, got model.name={self.model.name}")
         # VaGES: SGLD moves h continuously, which binary latents (a Bernoulli posterior) do not allow.
         check(self.objective.sgld_steps == 0 or self.posterior.name != "bernoulli", "objective.sgld_steps",
-               f"SGLD refinement needs continuous latents; posterior.name=bernoulli has binary h (got {self.objective.sgld_steps})")
+              f"SGLD refinement needs continuous latents; posterior.name=bernoulli has binary h (got {self.objective.sgld_steps})")
         # BiDVL's decoupled model: a marginal energy E(v) and an encoder-decoder, both or neither.
         bidvl = self.objective.name == "bidvl"
         check(bidvl == (self.model.name in MARGINAL_MODELS), "model.name",
-               f"objective.name=bidvl needs model.name in {MARGINAL_MODELS}, and those models need bidvl; "
-               f"got objective.name={self.objective.name}, model.name={self.model.name}")
+              f"objective.name=bidvl needs model.name in {MARGINAL_MODELS}, and those models need bidvl; "
+              f"got objective.name={self.objective.name}, model.name={self.model.name}")
         check(bidvl == (self.posterior.name == "encoder_decoder"), "posterior.name",
-               f"objective.name=bidvl needs posterior.name=encoder_decoder, and that posterior needs bidvl; "
-               f"got objective.name={self.objective.name}, posterior.name={self.posterior.name}")
+              f"objective.name=bidvl needs posterior.name=encoder_decoder, and that posterior needs bidvl; "
+              f"got objective.name={self.objective.name}, posterior.name={self.posterior.name}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -97,7 +97,7 @@ class SchedulerSpec:
 
     def __post_init__(self) -> None:
         check(self.name in ("asha", "fifo"), "scheduler.name",
-               f"unknown scheduler {self.name!r}; expected asha or fifo")
+              f"unknown scheduler {self.name!r}; expected asha or fifo")
         check(self.grace_period >= 1, "scheduler.grace_period", f"must be >= 1, got {self.grace_period}")
         check(self.reduction_factor > 1, "scheduler.reduction_factor", f"must be > 1, got {self.reduction_factor}")
         check(self.max_t is None or self.max_t >= 1, "scheduler.max_t", f"must be >= 1, got {self.max_t}")
@@ -112,7 +112,7 @@ class SearcherSpec:
 
     def __post_init__(self) -> None:
         check(self.name in ("random", "optuna"), "searcher.name",
-               f"unknown searcher {self.name!r}; expected random or optuna")
+              f"unknown searcher {self.name!r}; expected random or optuna")
 
 
 @dataclass
@@ -125,7 +125,7 @@ class Resources:
 
     def __post_init__(self) -> None:
         check(self.workers_per_trial >= 1, "resources.workers_per_trial",
-               f"must be >= 1, got {self.workers_per_trial}")
+              f"must be >= 1, got {self.workers_per_trial}")
         check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         check(self.cpus_per_worker > 0, "resources.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
 
@@ -214,7 +214,7 @@ def _hint(key: str, where: str | None = None) -> Any:
     sections = typing.get_type_hints(Config)
     parts = key.split(".")
     check(len(parts) == 2 and parts[0] in sections, where,
-           f"not a key of the training config (expected SECTION.FIELD, sections: {', '.join(sections)})")
+          f"not a key of the training config (expected SECTION.FIELD, sections: {', '.join(sections)})")
     fields = typing.get_type_hints(sections[parts[0]])
     check(parts[1] in fields, where, f"not a key of the training config ({parts[0]} has {', '.join(fields)})")
     return fields[parts[1]]
@@ -232,7 +232,7 @@ def _number(value: Any, where: str) -> float | int:
         except ValueError:
             pass
     check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), where,
-           f"expected a finite number, got {value!r}")
+          f"expected a finite number, got {value!r}")
     return value
 
 
@@ -240,7 +240,7 @@ def _domain(key: str, raw: Any, hint: Any) -> Domain:
     """Parse {kind: args} for config key `key` (annotation `hint`): arity, bounds, empty ranges."""
     where = f"search.{key}"
     check(isinstance(raw, dict) and len(raw) == 1, where,
-           f"expected {{KIND: ARGS}} with KIND one of {', '.join(ARITY)}, got {raw!r}")
+          f"expected {{KIND: ARGS}} with KIND one of {', '.join(ARITY)}, got {raw!r}")
     ((kind, args),) = raw.items()
     check(kind in ARITY, where, f"unknown domain kind {kind!r}; expected one of {', '.join(ARITY)}")
     where = f"{where}.{kind}"
@@ -259,7 +259,7 @@ def _domain(key: str, raw: Any, hint: Any) -> Domain:
         check(q > 0, where, f"needs q > 0, got {q}")
         # Ray refuses bounds that are not multiples of q (up to rounding).
         check(all(math.isclose(b / q, round(b / q)) for b in (low, high)), where,
-               f"low {low} and high {high} must be multiples of q={q}")
+              f"low {low} and high {high} must be multiples of q={q}")
         check(not _is_int(hint) or float(q).is_integer(), where, f"q={q} gives non-integers for the int key {key}")
     return Domain(kind, args)
 
@@ -302,14 +302,14 @@ def _check_metric(metric: str, cfg: Config) -> None:
         name = metric.removeprefix("eval/")
         check(name in cfg.eval.metrics, "metric", f"{metric} is reported with {name} in eval.metrics only")
         check(metric != "eval/test_loglik" or cfg.model.name == "grbm", "metric",
-               "eval/test_loglik is reported for model.name=grbm with test_loglik in eval.metrics only")
+              "eval/test_loglik is reported for model.name=grbm with test_loglik in eval.metrics only")
         ok = all(s % every == 0 or s == t.steps for s in _report_steps(cfg))
         check(ok, "metric", f"checkpoints (trainer.checkpoint_every={t.checkpoint_every}) report without {metric}: "
-               f"make checkpoint_every a multiple of eval.every={every}")
+              f"make checkpoint_every a multiple of eval.every={every}")
     else:
         ok = all(s % t.log_every == 0 or s % t.checkpoint_every == 0 or s == t.steps for s in _report_steps(cfg))
         check(ok, "metric", f"evaluations (eval.every={every}) report without {metric}: "
-               f"make eval.every a multiple of trainer.log_every={t.log_every}")
+              f"make eval.every a multiple of trainer.log_every={t.log_every}")
 
 
 def _read_yaml(path: Path, key: str) -> dict[str, Any]:
@@ -340,7 +340,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: str | 
     check(isinstance(fixed, dict), "overrides", "expected a mapping of SECTION.FIELD: value")
     search = raw["search"]
     check(isinstance(search, dict) and len(search) > 0, "search",
-           "expected a non-empty mapping of SECTION.FIELD: domain")
+          "expected a non-empty mapping of SECTION.FIELD: domain")
     for key in fixed:
         _hint(str(key), f"overrides.{key}")
         check(key not in search, f"search.{key}", "also fixed in overrides; drop one of the two")
@@ -364,7 +364,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: str | 
     if spec.searcher.name == "optuna":
         grids = [k for k, d in spec.search.items() if d.kind == "grid"]
         check(not grids, f"search.{grids[0]}" if grids else "",
-               "grid domains need searcher random; use choice with optuna")
+              "grid domains need searcher random; use choice with optuna")
     _validate(spec, base_path)
     return spec
 
