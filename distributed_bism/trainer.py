@@ -131,8 +131,8 @@ class TrainLoop:
             train, test = train.flatten(1), test.flatten(1)
         objective = get_objective(cfg.objective)
         energy, posterior = build_models(cfg, tuple(train.shape[1:]), with_posterior=objective.bilevel)
-        if isinstance(energy, GaussianRBM):
-            with torch.no_grad():  # start at the data mean, as the reference does
+        if isinstance(energy, GaussianRBM) and cfg.model.b_init == "data_mean":
+            with torch.no_grad():  # opt-in; the reference draws b with W (model.init=reference)
                 energy.b.copy_(train.mean(0))
         replica = build_replica(cfg, energy, posterior, rank=rank, world_size=world_size, device=device)
         step = step_from_config(objective, cfg.objective, posterior_lr=cfg.optim.posterior_lr,

@@ -14,7 +14,7 @@ from distributed_bism.config import Config, from_dict
 
 BASE: dict[str, Any] = {
     "data": {"name": "checkerboard", "n_train": 512, "n_test": 128},
-    "model": {"name": "grbm", "h_dim": 4, "init_std": 0.1},
+    "model": {"name": "grbm", "h_dim": 4, "init": "small", "init_std": 0.1},
     "posterior": {"name": "bernoulli", "temperature": 0.5},
     "objective": {"name": "bidsm", "sigma": 0.1, "warmup_steps": 1, "unroll_steps": 0},
     "optim": {"lr": 1e-2, "posterior_lr": 1e-2},

@@ -35,7 +35,7 @@ def tiny_config(strategy: str, zero_stage: int = 1) -> dict:
     """A 2-worker BiDSM run on the checkerboard GRBM (output_dir: set per case by run_cases)."""
     return {
         "data": {"name": "checkerboard", "n_train": 256, "n_test": 64},
-        "model": {"name": "grbm", "h_dim": 4, "init_std": 0.1},
+        "model": {"name": "grbm", "h_dim": 4, "init": "small", "init_std": 0.1},
         "posterior": {"name": "bernoulli", "temperature": 0.5},
         "objective": {"name": "bidsm", "sigma": 0.1, "warmup_steps": 2, "unroll_steps": 3, "unroll_optimizer": "adam"},
         "optim": {"lr": 1e-2, "posterior_lr": 1e-2},

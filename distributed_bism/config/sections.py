@@ -36,13 +36,19 @@ class DataConfig:
 
 MARGINAL_MODELS = ("marginal_conv", "marginal_mlp")  # BiDVL's E_θ(v), no latent
 MODELS = ("grbm", "conv") + MARGINAL_MODELS
+GRBM_INITS = ("reference", "small")  # model.init (distributed_bism.models.grbm.INITS)
+B_INITS = ("init", "data_mean")  # model.b_init
 
 
 @dataclass
 class ModelConfig:
     name: str = "grbm"  # grbm | conv | marginal_conv | marginal_mlp (the last two: E_θ(v) alone, for BiDVL)
     h_dim: int = 4
-    init_std: float = 0.01  # grbm: std of the initial W
+    # grbm: how W, b, c start. reference: the reference implementation's (nn.Linear's default,
+    # U(−1/√H, 1/√H) for W, b and c); small: W ~ N(0, init_std²), b = c = 0 (a symmetric saddle)
+    init: str = "reference"
+    init_std: float | None = None  # grbm, init=small only: std of the initial W (None: 0.01)
+    b_init: str = "init"  # grbm: visible bias b as `init` draws it, or data_mean (the training set's mean)
     ch: int = 64  # conv: base width
     blocks_per_stage: int = 1  # conv
     coupling_dim: int | None = None  # conv: defaults to h_dim
@@ -53,6 +59,13 @@ class ModelConfig:
         check(self.name in MODELS, "model.name", f"unknown model {self.name!r}; expected one of {MODELS}")
         check(all(w > 0 for w in self.hidden), "model.hidden", f"widths must be > 0, got {self.hidden}")
         check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
+        check(self.init in GRBM_INITS, "model.init", f"must be one of {GRBM_INITS}, got {self.init!r}")
+        check(self.init_std is None or self.init == "small", "model.init_std",
+              f"applies only to model.init=small, got model.init={self.init}")
+        check(self.init_std is None or self.init_std >= 0, "model.init_std", f"must be >= 0, got {self.init_std}")
+        check(self.b_init in B_INITS, "model.b_init", f"must be one of {B_INITS}, got {self.b_init!r}")
+        check(self.b_init == "init" or self.name == "grbm", "model.b_init",
+              f"{self.b_init} applies only to model.name=grbm, got {self.name}")
         check(self.ch > 0, "model.ch", f"must be > 0, got {self.ch}")
         check(self.blocks_per_stage >= 0, "model.blocks_per_stage", f"must be >= 0, got {self.blocks_per_stage}")
 

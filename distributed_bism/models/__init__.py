@@ -33,7 +33,7 @@ def build_energy(cfg: ModelConfig, data_shape: Sequence[int]) -> nn.Module:
     if cfg.name == "grbm":
         if len(data_shape) != 1:
             raise ValueError(f"model.name=grbm needs flat data (D,), got shape {tuple(data_shape)}")
-        return GaussianRBM(data_shape[0], cfg.h_dim, init_std=cfg.init_std)
+        return GaussianRBM(data_shape[0], cfg.h_dim, init=cfg.init, init_std=cfg.init_std)
     if cfg.name in ("marginal_conv", "marginal_mlp"):
         return MarginalEnergy(data_shape, net=cfg.name.removeprefix("marginal_"), hidden=cfg.hidden, ch=cfg.ch,
                               blocks_per_stage=cfg.blocks_per_stage)

@@ -21,25 +21,50 @@ from torch import Tensor, nn
 MAX_ENUMERABLE_H = 20
 
 
+INITS = ("reference", "small")
+
+
 class GaussianRBM(nn.Module):
     """Gaussian RBM with learned per-pixel log σ.
 
     Args:
         v_dim: D, the number of visible units.
         h_dim: H, the number of binary hidden units.
-        init_std: standard deviation of the initial W.
+        init: how W, b and c start (log σ starts at `init_log_sigma` either way):
+            "reference": the reference implementation's (baofff/BiSM models/rbm.py): W by
+                nn.Linear's default kaiming_uniform(a=√5), which for a D×H weight is
+                U(−1/√H, 1/√H), and b, c uniform with the same bound.
+            "small": W ~ N(0, init_std²), b = c = 0 (hidden units start near-identical, with
+                p(h|v) ≈ ½: a symmetric saddle that learners take thousands of iterations to leave).
+            None (the default): "small" when `init_std` is given, else "reference".
+        init_std: standard deviation of the initial W under init="small" (default 0.01).
         init_log_sigma: initial value of every log σ_i.
     """
 
-    def __init__(self, v_dim: int, h_dim: int, *, init_std: float = 0.01, init_log_sigma: float = 0.0):
+    def __init__(self, v_dim: int, h_dim: int, *, init: str | None = None, init_std: float | None = None,
+                 init_log_sigma: float = 0.0):
         super().__init__()
         if v_dim <= 0 or h_dim <= 0:
             raise ValueError(f"GaussianRBM needs v_dim > 0 and h_dim > 0, got v_dim={v_dim}, h_dim={h_dim}")
+        if init is None:
+            init = "small" if init_std is not None else "reference"
+        if init not in INITS:
+            raise ValueError(f"GaussianRBM init must be one of {INITS}, got {init!r}")
+        if init_std is not None and init != "small":
+            raise ValueError(f"GaussianRBM init_std applies only to init='small', got init={init!r}")
         self.v_dim, self.h_dim = v_dim, h_dim
-        self.W = nn.Parameter(torch.randn(v_dim, h_dim) * init_std)
+        self.W = nn.Parameter(torch.empty(v_dim, h_dim))
         self.b = nn.Parameter(torch.zeros(v_dim))
         self.c = nn.Parameter(torch.zeros(h_dim))
         self.log_sigma = nn.Parameter(torch.full((v_dim,), float(init_log_sigma)))
+        with torch.no_grad():
+            if init == "reference":
+                bound = 1 / math.sqrt(h_dim)  # kaiming_uniform(a=√5) of a (D, H) weight: fan_in = H
+                self.W.uniform_(-bound, bound)
+                self.c.uniform_(-bound, bound)
+                self.b.uniform_(-bound, bound)
+            else:
+                self.W.copy_(torch.randn(v_dim, h_dim) * (0.01 if init_std is None else init_std))
 
     # ----------------------------------------------------------------- energies
     def _check_v(self, v: Tensor) -> Tensor:
