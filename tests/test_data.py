@@ -290,3 +290,16 @@ def test_torchvision_guard_imports_and_draws_grids(tmp_path):
                   f"save_image(grid, {str(out)!r})\n"
                   "print(tuple(grid.shape))\n")
     assert stdout.strip() == "(3, 19, 28)" and out.stat().st_size > 0
+
+
+def test_pad_zero_pads_images_before_training_and_refuses_2d_sets():
+    from distributed_bism.config import DataConfig
+    from distributed_bism.data import DataError, load_dataset
+
+    plain, _ = load_dataset(DataConfig(name="digits", n_train=10, n_test=5))
+    padded, test = load_dataset(DataConfig(name="digits", n_train=10, n_test=5, pad=2))
+    assert padded.shape == (10, 1, 12, 12) and test.shape == (5, 1, 12, 12)
+    assert torch.equal(padded[..., 2:10, 2:10], plain)
+    assert padded[..., :2, :].abs().sum() == 0 and padded[..., :, -2:].abs().sum() == 0
+    with pytest.raises(DataError, match="data.pad: checkerboard is not an image set"):
+        load_dataset(DataConfig(name="checkerboard", pad=2))

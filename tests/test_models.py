@@ -76,3 +76,73 @@ def test_registry_builds_each_model():
     assert q(torch.rand(2, 1, 8, 8)).shape == (2, 8)
     with pytest.raises(ValueError, match="grbm needs flat data"):
         build_energy(ModelConfig(name="grbm"), (1, 8, 8))
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_conv_eblvm_has_the_reference_mnist_parameter_counts():
+    """The reference's MNIST model (ch 64, one extra block per stage, 1×32×32, h_dim 50), counted from
+    its code: energy 9,859,250 parameters, Conv3GaussQ posterior 779,364."""
+    energy = ConvEBLVM((1, 32, 32), h_dim=50, ch=64, blocks_per_stage=1)
+    q = GaussianPosterior((1, 32, 32), 50, encoder="conv", channels=(64, 128, 256))
+    assert _count(energy) == 9_859_250
+    assert _count(q) == 779_364
+    assert energy.coupling.out_features == 4096  # (32/8)² · 4 · 64
+    assert energy.features.out.in_features == 4 * 4 * 512  # the last 4×4×8ch map, flattened
+
+
+def test_reference_block_has_a_bias_free_first_conv_and_a_1x1_shortcut_everywhere():
+    from distributed_bism.models.conv_energy import ResidualBlock
+
+    block = ResidualBlock(8, 8, downsample=False, form="reference")
+    assert block.conv1.bias is None and block.conv1.out_channels == 8
+    assert isinstance(block.shortcut, torch.nn.Conv2d) and block.shortcut.kernel_size == (1, 1)
+    wide = ResidualBlock(8, 8, downsample=False, form="wide")
+    assert isinstance(wide.shortcut, torch.nn.Identity) and wide.conv1.bias is not None
+
+
+@pytest.mark.parametrize("block", ["reference", "wide"])
+@pytest.mark.parametrize("readout", ["flatten", "pool"])
+def test_every_block_and_readout_gives_energies(block, readout):
+    energy = ConvEBLVM((1, 16, 16), h_dim=3, ch=2, blocks_per_stage=1, block=block, readout=readout, coupling_dim=7)
+    v, h = torch.rand(4, 1, 16, 16, requires_grad=True), torch.randn(2, 4, 3)
+    assert energy(v, h).shape == (2, 4)
+    assert energy.coupling.out_features == 7
+    # flatten keeps the 2×2 map's positions: 4 × 16 inputs; pool averages them away
+    assert energy.features.out.in_features == (64 if readout == "flatten" else 16)
+
+
+def test_flatten_readout_sees_where_features_are():
+    """Moving a digit changes f(v) under flatten even where pooling over space is blind to it."""
+    torch.manual_seed(0)
+    v = torch.zeros(1, 1, 16, 16)
+    v[..., 2:6, 2:6] = 1.0
+    moved = torch.roll(v, shifts=(8, 8), dims=(2, 3))
+    flat = ConvEBLVM((1, 16, 16), 4, ch=2, blocks_per_stage=0, readout="flatten")
+    assert not torch.allclose(flat.visible_features(v), flat.visible_features(moved), atol=1e-4)
+
+
+def test_config_builds_the_reference_model_by_default_and_rejects_unknown_forms():
+    from distributed_bism.config import ConfigError
+
+    energy = build_energy(ModelConfig(name="conv", h_dim=20, ch=16, blocks_per_stage=0), (1, 8, 8))
+    assert energy.coupling.out_features == 64  # (8/8)² · 4 · 16
+    assert energy.features.body[1].conv1.bias is None
+    with pytest.raises(ConfigError, match="model.readout"):
+        ModelConfig(name="conv", readout="max")
+    with pytest.raises(ConfigError, match="model.block"):
+        ModelConfig(name="conv", block="bottleneck")
+    with pytest.raises(ConfigError, match="model.head"):
+        ModelConfig(name="conv", head="elu_square")
+
+
+def test_plain_ebm_head_is_a_sum_of_squared_elus():
+    from distributed_bism.models import MarginalEnergy
+
+    ebm = MarginalEnergy((1, 8, 8), net="conv", ch=2, blocks_per_stage=0, head="elu_square")
+    v = torch.rand(5, 1, 8, 8)
+    feats = ebm.net(v)
+    assert feats.shape == (5, 8)  # (8/8)² · 4 · 2 outputs
+    torch.testing.assert_close(ebm(v), torch.nn.functional.elu(feats).pow(2).sum(-1))

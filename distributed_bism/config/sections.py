@@ -27,8 +27,12 @@ class DataConfig:
     # image sets: spread each pixel uniformly over its intensity level (drawn once from `seed`), so
     # that a continuous density's log-likelihood is bounded; see distributed_bism.data.dequantize
     dequantize: bool = False
+    # image sets: zero pixels added on every side before training sees them, so the noise and the
+    # loss cover them too (the reference pads MNIST-size 28×28 to 32×32: pad 2)
+    pad: int = 0
 
     def __post_init__(self) -> None:
+        check(self.pad >= 0, "data.pad", f"must be >= 0, got {self.pad}")
         for key in ("n_train", "n_test"):
             n = getattr(self, key)
             check(n is None or n > 0, f"data.{key}", f"must be > 0, got {n}")
@@ -50,8 +54,13 @@ class ModelConfig:
     init_std: float | None = None  # grbm, init=small only: std of the initial W (None: 0.01)
     b_init: str = "init"  # grbm: visible bias b as `init` draws it, or data_mean (the training set's mean)
     ch: int = 64  # conv: base width
-    blocks_per_stage: int = 1  # conv
-    coupling_dim: int | None = None  # conv: defaults to h_dim
+    blocks_per_stage: int = 1  # conv, marginal_conv
+    # conv: output width D of the coupling layer; None: the reference's (H/8)·(W/8)·4·ch (4096 at 32×32, ch 64)
+    coupling_dim: int | None = None
+    block: str = "reference"  # conv, marginal_conv: residual block form, reference | wide (see models/conv_energy.py)
+    readout: str = "flatten"  # conv, marginal_conv: flatten (reference) | pool (ELU + global mean)
+    # marginal_*: linear (one output, BiDVL) | elu_square (Σ ELU(Linear(·))², the reference's plain EBM; conv only)
+    head: str = "linear"
     # BiDVL: widths of the marginal_mlp energy network (ch / blocks_per_stage size marginal_conv)
     hidden: list[int] = field(default_factory=lambda: [256, 256])
 
@@ -68,6 +77,13 @@ class ModelConfig:
               f"{self.b_init} applies only to model.name=grbm, got {self.name}")
         check(self.ch > 0, "model.ch", f"must be > 0, got {self.ch}")
         check(self.blocks_per_stage >= 0, "model.blocks_per_stage", f"must be >= 0, got {self.blocks_per_stage}")
+        check(self.coupling_dim is None or self.coupling_dim > 0, "model.coupling_dim",
+              f"must be > 0 (or null: the reference's width), got {self.coupling_dim}")
+        check(self.block in ("reference", "wide"), "model.block", f"expected reference or wide, got {self.block!r}")
+        check(self.readout in ("flatten", "pool"), "model.readout", f"expected flatten or pool, got {self.readout!r}")
+        check(self.head in ("linear", "elu_square"), "model.head", f"expected linear or elu_square, got {self.head!r}")
+        check(self.head == "linear" or self.name == "marginal_conv", "model.head",
+              f"elu_square is a head of model.name=marginal_conv, got model.name={self.name}")
 
 
 POSTERIORS = ("bernoulli", "gaussian", "encoder_decoder")
@@ -177,6 +193,7 @@ class OptimConfig:
     posterior_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "constant"  # constant | cosine
     min_lr: float = 1e-6  # cosine floor
+    warmup_steps: int = 0  # both lrs rise linearly from lr/W to lr over the first W steps; 0: none (the reference)
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -184,6 +201,7 @@ class OptimConfig:
         for key in ("betas", "posterior_betas"):
             b = getattr(self, key)
             check(len(b) == 2 and all(0 <= x < 1 for x in b), f"optim.{key}", f"need two values in [0, 1), got {b}")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
 
 
@@ -318,17 +336,23 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        # The single-level baselines use the exact free energy, which only the GRBM has.
-        check(self.objective.bilevel or self.model.name == "grbm", "objective.name",
-              f"{self.objective.name} needs the exact free energy of model.name=grbm, got model.name={self.model.name}")
+        # The single-level baselines need the exact free energy: a GRBM's, or a marginal energy E(v)
+        # (the plain EBM, which score matching trains; CD needs the GRBM's Gibbs sampler).
+        sm_baseline = self.objective.name in ("dsm", "mdsm", "ssm")
+        check(self.objective.bilevel or self.model.name == "grbm" or (sm_baseline and self.model.name in MARGINAL_MODELS),
+              "objective.name", f"{self.objective.name} needs the exact free energy of model.name=grbm"
+              + (" or a marginal energy (marginal_conv, marginal_mlp)" if sm_baseline else "")
+              + f", got model.name={self.model.name}")
         # VaGES: SGLD moves h continuously, which binary latents (a Bernoulli posterior) do not allow.
         check(self.objective.sgld_steps == 0 or self.posterior.name != "bernoulli", "objective.sgld_steps",
               f"SGLD refinement needs continuous latents; posterior.name=bernoulli has binary h (got {self.objective.sgld_steps})")
         # BiDVL's decoupled model: a marginal energy E(v) and an encoder-decoder, both or neither.
         bidvl = self.objective.name == "bidvl"
-        check(bidvl == (self.model.name in MARGINAL_MODELS), "model.name",
-              f"objective.name=bidvl needs model.name in {MARGINAL_MODELS}, and those models need bidvl; "
-              f"got objective.name={self.objective.name}, model.name={self.model.name}")
+        check(not bidvl or self.model.name in MARGINAL_MODELS, "model.name",
+              f"objective.name=bidvl needs model.name in {MARGINAL_MODELS}, got model.name={self.model.name}")
+        check(bidvl or sm_baseline or self.model.name not in MARGINAL_MODELS, "model.name",
+              f"model.name={self.model.name} has no latent: train it with bidvl, dsm, mdsm or ssm, "
+              f"got objective.name={self.objective.name}")
         check(bidvl == (self.posterior.name == "encoder_decoder"), "posterior.name",
               f"objective.name=bidvl needs posterior.name=encoder_decoder, and that posterior needs bidvl; "
               f"got objective.name={self.objective.name}, posterior.name={self.posterior.name}")

@@ -6,7 +6,8 @@ Image sets (N, C, H, W) in [0, 1]:
     fashion_mnist (1, 28, 28), from idx files           mnist (1, 28, 28), torchvision
     cifar10 (3, 32, 32), torchvision                    celeba (3, 64, 64), torchvision
 
-`data.dequantize` spreads every pixel of an image set uniformly over its intensity level (see
+`data.pad` zero-pads image sets on every side (28×28 → 32×32 with 2, as the reference does for
+MNIST), before any noise is added. `data.dequantize` spreads every pixel of an image set uniformly over its intensity level (see
 `dequantize`), the usual way to give discrete data a density whose log-likelihood is bounded.
 
 `check_dataset` is the cheap pre-flight the driver runs before starting workers (no torchvision
@@ -84,6 +85,8 @@ def check_dataset(cfg: DataConfig) -> None:
     if cfg.dequantize and cfg.name not in LEVELS:
         raise DataError(f"data.dequantize: {cfg.name} is not a set of quantised images; "
                         f"dequantize applies to {', '.join(LEVELS)}")
+    if cfg.pad and cfg.name not in LEVELS:
+        raise DataError(f"data.pad: {cfg.name} is not an image set; pad applies to {', '.join(LEVELS)}")
     if cfg.name in _CHECKS:
         _CHECKS[cfg.name](cfg)
 
@@ -99,6 +102,8 @@ def load_dataset(cfg: DataConfig) -> tuple[Tensor, Tensor]:
     if cfg.dequantize:
         levels = LEVELS[cfg.name]
         train, test = dequantize(train, levels, seed=cfg.seed), dequantize(test, levels, seed=cfg.seed + 1)
+    if cfg.pad:
+        train, test = (torch.nn.functional.pad(x, (cfg.pad,) * 4) for x in (train, test))
     return train, test
 
 

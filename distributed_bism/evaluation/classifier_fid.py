@@ -69,8 +69,14 @@ class FeatureClassifier:
 
     @torch.no_grad()
     def features(self, x: Tensor, *, batch_size: int = 500) -> Tensor:
-        """Penultimate-layer features (B, F) of x (B, C, H, W) or flat (B, D), float64 on the CPU."""
-        x = x.detach().reshape(-1, *self.image_shape).float().cpu()
+        """Penultimate-layer features (B, F) of x (B, C, H, W) or flat (B, D), float64 on the CPU.
+        Images padded on every side (data.pad) are cropped back to the classifier's size first."""
+        c, h, w = self.image_shape
+        x = x.detach()
+        if x.dim() == 4 and x.shape[-2] > h and x.shape[-1] > w:
+            top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+            x = x[..., top:top + h, left:left + w]
+        x = x.reshape(-1, c, h, w).float().cpu()
         self.net.eval()
         with _threads(TRAINING[self.dataset][2]):
             return torch.cat([self.net.body(chunk) for chunk in x.split(batch_size)]).double()

@@ -36,11 +36,12 @@ def build_energy(cfg: ModelConfig, data_shape: Sequence[int]) -> nn.Module:
         return GaussianRBM(data_shape[0], cfg.h_dim, init=cfg.init, init_std=cfg.init_std)
     if cfg.name in ("marginal_conv", "marginal_mlp"):
         return MarginalEnergy(data_shape, net=cfg.name.removeprefix("marginal_"), hidden=cfg.hidden, ch=cfg.ch,
-                              blocks_per_stage=cfg.blocks_per_stage)
+                              blocks_per_stage=cfg.blocks_per_stage, block=cfg.block, readout=cfg.readout,
+                              head=cfg.head)
     if len(data_shape) != 3:
         raise ValueError(f"model.name=conv needs image data (C, H, W), got shape {tuple(data_shape)}")
     return ConvEBLVM(data_shape, cfg.h_dim, ch=cfg.ch, blocks_per_stage=cfg.blocks_per_stage,
-                     coupling_dim=cfg.coupling_dim)
+                     coupling_dim=cfg.coupling_dim, block=cfg.block, readout=cfg.readout)
 
 
 def build_posterior(cfg: PosteriorConfig, data_shape: Sequence[int], h_dim: int) -> Posterior | EncoderDecoder:

@@ -19,34 +19,48 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from distributed_bism.models.conv_energy import Padding, ResNetFeatures, checked_pad, side_padding
+from distributed_bism.models.conv_energy import (Padding, ResNetFeatures, checked_pad, padded_sides,
+                                                 reference_coupling_dim, side_padding)
 from distributed_bism.models.posterior import GaussianPosterior, mlp
 
 ENERGY_NETS = ("conv", "mlp")
+ENERGY_HEADS = ("linear", "elu_square")
 DECODER_OUTPUTS = ("sigmoid", "tanh", "none")
 
 
 class MarginalEnergy(nn.Module):
-    """E_θ(v) ∈ R, no latent.
+    """E_θ(v) ∈ R, no latent: BiDVL's energy, and the plain EBM that DSM / MDSM train.
 
     net="conv": the conv EBLVM's ResNet (ch → 8ch, `blocks_per_stage` extra blocks per stage,
-    inputs zero-padded to a multiple of 8) with a linear head to one value; needs (C, H, W).
+    `block` and `readout` as in conv_energy.py, inputs zero-padded to a multiple of 8); needs (C, H, W).
     net="mlp": an ELU MLP of widths `hidden` on the flattened input; any shape.
+    head="linear": E = w·φ(v) + b, one output. head="elu_square" (conv only; the reference's
+    plain EBM, its EBMResNet): E = Σ_k ELU(Linear(φ(v)))_k² over D = (H/8)(W/8)·4·ch outputs.
     """
 
     def __init__(self, in_shape: Sequence[int], *, net: str = "mlp", hidden: Sequence[int] = (256, 256),
-                 ch: int = 64, blocks_per_stage: int = 1):
+                 ch: int = 64, blocks_per_stage: int = 1, block: str = "reference", readout: str = "flatten",
+                 head: str = "linear"):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
+        if head not in ENERGY_HEADS:
+            raise ValueError(f"unknown energy head {head!r}; expected one of {ENERGY_HEADS}")
+        self.square = head == "elu_square"
         if net == "conv":
             if len(self.in_shape) != 3:
                 raise ValueError(f"a conv marginal energy needs image data (C, H, W), got shape {self.in_shape}")
             self.padding: Padding = side_padding(self.in_shape)
-            self.net: nn.Module = ResNetFeatures(self.in_shape[0], 1, ch=ch, blocks_per_stage=blocks_per_stage)
+            sides = padded_sides(self.in_shape, self.padding)
+            width = reference_coupling_dim(sides, ch) if self.square else 1
+            self.net: nn.Module = ResNetFeatures((self.in_shape[0], *sides), width, ch=ch,
+                                                 blocks_per_stage=blocks_per_stage, block=block, readout=readout)
         elif net == "mlp":
+            if self.square:
+                raise ValueError("head elu_square is the conv energy's; net mlp has a linear head")
             self.padding = ((0, 0), (0, 0))
             self.net = nn.Sequential(nn.Flatten(), mlp(math.prod(self.in_shape), hidden, 1))
         else:
@@ -54,7 +68,8 @@ class MarginalEnergy(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         """E(v): (B, *in_shape) → (B,)."""
-        return self.net(checked_pad(v, self.in_shape, self.padding, "MarginalEnergy")).squeeze(-1)
+        out = self.net(checked_pad(v, self.in_shape, self.padding, "MarginalEnergy"))
+        return F.elu(out).pow(2).sum(-1) if self.square else out.squeeze(-1)
 
 
 class BiDVLPasses(NamedTuple):
