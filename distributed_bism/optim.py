@@ -25,18 +25,22 @@ from distributed_bism.unroll import torch_optimizer_state
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """lr(t) = base_lr for "constant"; for "cosine", base_lr decays to min_lr over `total` iterations."""
+    """lr(t) = base_lr for "constant"; for "cosine", base_lr decays to min_lr over `total` iterations.
+    With `warmup` = W > 0 the lr first rises linearly, lr(t) = base_lr·(t + 1)/W for t < W (the
+    cosine still spans all `total` iterations, so the two agree at t = W up to the decay so far)."""
 
     base_lr: float
     schedule: str = "constant"
     total: int = 1
     min_lr: float = 0.0
+    warmup: int = 0
 
     def at(self, t: int) -> float:
+        ramp = min(1.0, (t + 1) / self.warmup) if self.warmup else 1.0
         if self.schedule == "constant":
-            return self.base_lr
+            return self.base_lr * ramp
         frac = min(t, self.total) / self.total
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+        return ramp * (self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def all_ranks_agree(ok: bool) -> bool:

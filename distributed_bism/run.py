@@ -94,10 +94,16 @@ def worker_loop(loop_config: dict[str, Any]) -> Any:
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))  # 1 worker = its own cores, no oversubscription
+    torch.set_num_threads(worker_threads(cfg))  # 1 worker = its own cores, no oversubscription
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     return TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
                                  sink=RaySink(_local_run_dir(cfg)), logger=logger, run_id=loop_config["run_id"], log=_print)
+
+
+def worker_threads(cfg: Config) -> int:
+    """torch threads of one worker: its trainer.cpus_per_worker, at least 1. A process left at torch's
+    default uses every core, and on a busy machine that is many times slower than one thread."""
+    return max(1, int(cfg.trainer.cpus_per_worker))
 
 
 def _local_run_dir(cfg: Config) -> Path | None:
@@ -108,13 +114,20 @@ def _local_run_dir(cfg: Config) -> Path | None:
 
 
 def _train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[str, Any], str | None]:
+    import torch
+
     from distributed_bism.launch import LocalSink, storage_path
     from distributed_bism.tracking import RunLogger
     from distributed_bism.trainer import TrainLoop
 
     sink = LocalSink(Path(storage_path(cfg)) / str(cfg.trainer.name), cfg.trainer.num_to_keep)
     loop = TrainLoop.from_config(cfg, sink=sink, logger=RunLogger(uri, run_id), run_id=run_id, log=_print)
-    out = run_loop(loop)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(cfg))  # as a Ray worker would; the caller's setting is restored after
+    try:
+        out = run_loop(loop)
+    finally:
+        torch.set_num_threads(threads)
     out.update({k: v for k, v in loop.history.__dict__.items() if k == "test_loglik" and v})
     last = sink.last or sink.checkpoints.latest()
     return out, str(last) if last else None

@@ -110,8 +110,8 @@ class TrainLoop:
         self.log = log if self.rank == 0 else (lambda s: None)
         self.ema = EMA(unwrap(replica.energy), cfg.trainer.ema_decay)
         o, t = cfg.optim, cfg.trainer
-        self.schedules = (LRSchedule(o.lr, o.schedule, t.steps, o.min_lr),
-                          LRSchedule(o.posterior_lr, o.schedule, t.steps, o.min_lr))
+        self.schedules = (LRSchedule(o.lr, o.schedule, t.steps, o.min_lr, o.warmup_steps),
+                          LRSchedule(o.posterior_lr, o.schedule, t.steps, o.min_lr, o.warmup_steps))
         self.step, self.bad_steps = 0, 0
         self.history = History()
         self.eval_notes: set[str] = set()  # notes of skipped metrics already printed

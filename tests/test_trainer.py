@@ -241,3 +241,29 @@ def test_train_takes_a_config_a_dict_or_a_yaml_path(tmp_path: Path) -> None:
         finals.append(torch.load(tmp_path / "models" / name / "model.pt", weights_only=True)["energy"])
     assert_same(finals[0], finals[1], "dict")
     assert_same(finals[0], finals[2], "path")
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_local_strategy_trains_with_cpus_per_worker_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            cpus: int) -> None:
+    """strategy=local sets torch's threads to trainer.cpus_per_worker while it trains, as a Ray worker
+    does, and gives the caller its own setting back."""
+    import distributed_bism.run as run_module
+
+    seen: list[int] = []
+    real_run_loop = run_module.run_loop
+
+    def spy(loop: TrainLoop) -> dict[str, Any]:
+        seen.append(torch.get_num_threads())
+        return real_run_loop(loop)
+
+    monkeypatch.setattr(run_module, "run_loop", spy)
+    before = torch.get_num_threads()
+    other = 3 if cpus != 3 else 4
+    torch.set_num_threads(other)
+    try:
+        train(tiny(tmp_path, **{"trainer.cpus_per_worker": cpus}))
+        assert seen == [cpus]
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(before)

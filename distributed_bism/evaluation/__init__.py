@@ -8,6 +8,7 @@
     classifier_fid.py  the project's own feature classifiers and the FID / KID formulas
     inception.py       standard FID features from a TorchScript Inception file
     ood.py             ood_auroc (BiDVL's out-of-distribution detection)
+    learning_signal.py denoise and energy_gap: cheap signs that an image model is learning
     progress.py        the test log-likelihood curve of a run
     figures.py         sample grids, strips, curves (PNG)
     commands.py        `bism eval` and `bism sample`

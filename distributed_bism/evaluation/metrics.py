@@ -80,7 +80,7 @@ METRICS: dict[str, Metric] = {}
 
 # Modules that register the built-in metrics; imported at the end of this file so METRICS is
 # complete once this module is (ood.py: BiDVL's out-of-distribution detection).
-METRIC_MODULES = ("likelihood", "divergence", "sample_grid", "sample_quality", "ood")
+METRIC_MODULES = ("likelihood", "divergence", "sample_grid", "sample_quality", "ood", "learning_signal")
 
 
 def register_metric(name: str, *, all_ranks: bool = False) -> Callable[[MetricFn], MetricFn]:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.models.posterior import Posterior
 from distributed_bism.samplers.base import SampleResult, Sampler, register_sampler
-from distributed_bism.samplers.langevin import LangevinSchedule, annealed_langevin
+from distributed_bism.samplers.langevin import LangevinSchedule, annealed_langevin, reference_start
 
 SAMPLER_NAME = "conditional: v ~ p(v | h = E_q[h|v_data])"
 
@@ -46,7 +46,7 @@ def conditional_samples(energy: nn.Module, posterior: nn.Module | None, v_data: 
     if posterior is None:
         raise ValueError("the conditional sampler of a deep EBLVM needs its posterior")
     h = posterior_mean(posterior, v_data)
-    x0 = torch.rand(v_data.shape, generator=gen, device=v_data.device, dtype=v_data.dtype)
+    x0 = reference_start(len(v_data), v_data.shape[1:], v_data, gen)  # the reference's N(0.5, 1)
     was_training = core.training
     core.eval()
     try:

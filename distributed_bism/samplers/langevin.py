@@ -11,7 +11,7 @@ denoise_sigma = 0) after enough `settle` steps: unadjusted Langevin, exact as th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,3 +74,8 @@ def annealed_langevin(energy_fn: Callable[[Tensor], Tensor], x: Tensor, schedule
                       generator: torch.Generator | None = None) -> Tensor:
     """Run the schedule from x (B, ...) on energy_fn: x ↦ (B,) energies. Returns x (B, ...)."""
     return langevin_with_grad(energy_grad_fn(energy_fn), x, schedule, generator)
+
+
+def reference_start(num_samples: int, data_shape: Sequence[int], ref: Tensor, gen: torch.Generator) -> Tensor:
+    """v0 ~ N(0.5, 1) per pixel, the reference's start for every Langevin chain; (num_samples, *data_shape)."""
+    return 0.5 + torch.randn((num_samples, *data_shape), generator=gen, dtype=ref.dtype, device=ref.device)

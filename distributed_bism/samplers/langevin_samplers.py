@@ -1,11 +1,12 @@
 """Langevin samplers of the model: on the joint (v, h), and on the marginal v with the VaES score.
 
-joint_langevin: x = (v, h) flattened together, annealed Langevin on E(v, h); v starts uniform on
-    [0, 1] (pixels, as in the reference), h from N(0, I). Needs continuous h: a Gaussian RBM's h
+joint_langevin: x = (v, h) flattened together, annealed Langevin on E(v, h); v starts at
+    N(0.5, 1) per pixel (as in the reference), h from N(0, I). Needs continuous h: a Gaussian RBM's h
     is binary (its E is linear in h, so exp(−E) over real h is not normalisable) and is refused;
     sample a GRBM with `gibbs` or `marginal_langevin`.
 marginal_langevin: annealed Langevin on v with ∇ₓE replaced by −VaES(x) (objectives/vages.py,
-    `num_particles` particles of q(h|x)); for a Gaussian RBM without a posterior the exact score.
+    `num_particles` particles of q(h|x)); for a Gaussian RBM without a posterior the exact score,
+    and for a marginal energy E(v) (no latent: the plain EBM) −∇ₓE.
 Defaults are the reference's schedule (samplers/langevin.py), which cools to T=0 for sharp images;
 for draws of p itself end at T=1 (t_max=1, anneal=cool=0, denoise_sigma=0).
 """
@@ -13,7 +14,7 @@ for draws of p itself end at T=1 (t_max=1, anneal=cool=0, denoise_sigma=0).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,24 @@ from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.models.posterior import PosteriorView
 from distributed_bism.objectives.vages import vaes_score_fn
 from distributed_bism.samplers.base import SampleResult, Sampler, describe_schedule, register_sampler
-from distributed_bism.samplers.langevin import LangevinSchedule, annealed_langevin, langevin_with_grad
+from distributed_bism.samplers.langevin import (LangevinSchedule, annealed_langevin, energy_grad_fn,
+                                                langevin_with_grad, reference_start)
+
+
+def model_score_fn(energy: nn.Module, posterior: nn.Module | None, *, num_particles: int = 10
+                   ) -> tuple[Callable[[Tensor], Tensor], str]:
+    """(x (B, ...) ↦ ∇ₓ log p(x) (B, ...) detached, a short name of how): the VaES estimate with L =
+    `num_particles` when there is a posterior, the exact score of a Gaussian RBM, −∇ₓE of a marginal
+    energy E(v). `energy` and `posterior` unwrapped."""
+    if posterior is not None:
+        vaes = vaes_score_fn(energy, PosteriorView(posterior), num_particles=num_particles, create_graph=False)
+        return (lambda x: vaes(x).detach()), f"VaES score, L={num_particles}"
+    if isinstance(energy, GaussianRBM):
+        return (lambda x: energy.score(x).detach()), "exact score"
+    if getattr(energy, "h_dim", None) is None:  # a marginal energy E(v): no latent
+        grad = energy_grad_fn(energy)
+        return (lambda x: -grad(x)), "−∇E"
+    raise ValueError("the score of a latent-variable model needs its posterior (VaES)")
 
 
 class _EvalMode:
@@ -40,11 +58,11 @@ class _EvalMode:
         self.module.train(self.was_training)
 
 
-def _uniform_start(num_samples: int, data_shape: Sequence[int], v_data: Tensor | None, ref: Tensor,
-                   gen: torch.Generator) -> Tensor:
+def _start(num_samples: int, data_shape: Sequence[int], v_data: Tensor | None, ref: Tensor,
+           gen: torch.Generator) -> Tensor:
     if v_data is not None:
         return v_data[:num_samples].to(ref).clone()
-    return torch.rand((num_samples, *data_shape), generator=gen, dtype=ref.dtype, device=ref.device)
+    return reference_start(num_samples, data_shape, ref, gen)
 
 
 @register_sampler("joint_langevin")
@@ -63,7 +81,7 @@ class JointLangevinSampler(Sampler):
         ref = next(core.parameters())
         gen = torch.Generator(device=ref.device).manual_seed(seed)
         d = math.prod(data_shape)
-        v0 = _uniform_start(num_samples, data_shape, v_data, ref, gen).reshape(num_samples, d)
+        v0 = _start(num_samples, data_shape, v_data, ref, gen).reshape(num_samples, d)
         h0 = torch.randn((num_samples, core.h_dim), generator=gen, dtype=ref.dtype, device=ref.device)
 
         def joint_energy(x: Tensor) -> Tensor:
@@ -88,15 +106,8 @@ class MarginalLangevinSampler(Sampler):
         core = unwrap(energy)
         ref = next(core.parameters())
         gen = torch.Generator(device=ref.device).manual_seed(seed)
-        if posterior is not None:
-            score = vaes_score_fn(core, PosteriorView(unwrap(posterior)), num_particles=self.num_particles,
-                                  create_graph=False)
-            how = f"VaES score, L={self.num_particles}"
-        elif isinstance(core, GaussianRBM):
-            score, how = core.score, "exact score"
-        else:
-            raise ValueError("marginal_langevin needs the model's posterior for its VaES score")
-        v0 = _uniform_start(num_samples, data_shape, v_data, ref, gen)
+        score, how = model_score_fn(core, posterior, num_particles=self.num_particles)
+        v0 = _start(num_samples, data_shape, v_data, ref, gen)
         with _EvalMode(core):
-            v = langevin_with_grad(lambda x: -score(x).detach(), v0, self.schedule, gen)
+            v = langevin_with_grad(lambda x: -score(x), v0, self.schedule, gen)
         return SampleResult(v, f"marginal Langevin on v ({how}): {describe_schedule(self.schedule)}", self.name, True)
