@@ -8,8 +8,8 @@
                                    bias of the K-step hypergradient at a trained model (diagnose.py)
     bism eval CHECKPOINT_OR_RUN_ID [--metrics M ...]
                                    evaluate a checkpoint; the table is logged into its own MLflow run
-    bism sample CHECKPOINT [-n 64] [--sampler NAME] -o grid.png [--force]
-                                   a sample figure, titled with the sampler
+    bism sample CHECKPOINT [-n 64] [--sampler NAME] -o grid.png|samples.npz|samples.pt [--force]
+                                   a sample figure titled with the sampler, or the samples themselves
 
 Bad input (config, data set, paths, tracking store, cluster) is one line on stderr and exit 2,
 before any worker starts.
@@ -107,9 +107,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from distributed_bism.evaluation.commands import sample_checkpoint
 
-    path = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
-                             force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
-    print(f"wrote {path}")
+    paths = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
+                              force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
+    print("wrote " + " and ".join(str(p) for p in paths))
     return 0
 
 
@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p_sample.add_argument("--sampler", default="conditional", help="conditional (default), gibbs, joint_langevin "
                           "or marginal_langevin")
-    p_sample.add_argument("-o", "--output", type=Path, required=True, help="figure file to write (.png)")
+    p_sample.add_argument("-o", "--output", type=Path, required=True,
+                          help="a figure (.png), or the samples (n, C, H, W) as .npz or .pt, clipped to the data's "
+                               "range with the raw values beside them, plus the figure as .png")
     p_sample.add_argument("--force", action="store_true", help="replace an existing output file")
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--tracking-uri", help="MLflow store, to resolve a run id")

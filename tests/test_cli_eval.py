@@ -137,7 +137,33 @@ def test_sample_writes_a_labelled_figure_and_refuses_to_overwrite(finished: Fini
     assert "gibbs" in Image.open(grid).text["Title"]
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_sample_writes_the_samples_themselves_beside_the_figure(finished: Finished, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str], suffix: str) -> None:
+    """-o samples.npz / .pt: the samples (n, *shape), their raw values, the sampler and step, and the
+    figure as samples.png; neither file is replaced without --force."""
+    import numpy as np
+    import torch
+
+    out = tmp_path / f"samples{suffix}"
+    assert main(["sample", str(finished.checkpoint), "-n", "12", "--sampler", "gibbs", "-o", str(out)]) == 0
+    assert out.with_suffix(".png").is_file()
+    if suffix == ".npz":
+        saved = np.load(out)
+        samples, raw, label, step = saved["samples"], saved["raw"], str(saved["sampler"]), int(saved["step"])
+    else:
+        d = torch.load(out, weights_only=True)
+        samples, raw, label, step = d["samples"].numpy(), d["raw"].numpy(), d["sampler"], d["step"]
+    assert samples.shape == raw.shape == (12, 2) and "Gibbs" in label and step == 8
+    np.testing.assert_array_equal(samples, raw)  # checkerboard has no range to clip to
+    before = out.read_bytes()
+    out.with_suffix(".png").unlink()  # the figure alone missing still refuses: the samples file exists
+    assert main(["sample", str(finished.checkpoint), "-n", "12", "--sampler", "gibbs", "-o", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == before
+
+
 @pytest.mark.parametrize("args, message", [
+    (["sample", "{ckpt}", "-o", "{noext}"], "the file name must end in .png, .npz, .pt"),
     (["eval", "{missing}"], "neither a checkpoint directory nor an MLflow run id"),
     (["eval", "0123456789abcdef0123456789abcdef", "--tracking-uri", "{uri}"], "nor an MLflow run in"),
     (["eval", "{ckpt}", "--metrics", "test_loglik", "nope"], "--metrics: unknown metric 'nope'"),
@@ -149,8 +175,8 @@ def test_bad_input_is_one_line_and_exit_2(finished: Finished, tmp_path: Path, ca
     """Bad references, metric names and sampler names: one line on stderr, exit 2, nothing written."""
     runs_before = _runs(finished.uri)
     values = {"missing": str(tmp_path / "nowhere"), "uri": finished.uri, "ckpt": str(finished.checkpoint),
-              "png": str(tmp_path / "x.png"), "run_dir": str(finished.checkpoint.parent)}
+              "png": str(tmp_path / "x.png"), "run_dir": str(finished.checkpoint.parent), "noext": str(tmp_path / "x")}
     assert main([a.format(**values) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bism: error: ") and message in err and err.count("\n") == 1, err
-    assert not (tmp_path / "x.png").exists() and _runs(finished.uri) == runs_before
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x").exists() and _runs(finished.uri) == runs_before

@@ -31,7 +31,7 @@ from distributed_bism.data.images import (check_fashion_mnist, check_mnist5k, lo
 from distributed_bism.data.synthetic import SYNTHETIC, load_synthetic, log_density, make_synthetic, score
 from distributed_bism.data.torchvision_sets import check_torchvision_set, load_celeba, load_cifar10, load_mnist
 
-__all__ = ["DATASETS", "LEVELS", "DataError", "check_dataset", "dequantize", "load_dataset", "log_density",
+__all__ = ["DATASETS", "LEVELS", "DataError", "check_dataset", "data_range", "dequantize", "load_dataset", "log_density",
            "make_synthetic", "score"]
 
 _LOADERS: dict[str, Callable[[DataConfig], tuple[Tensor, Tensor]]] = {
@@ -54,6 +54,11 @@ SPLIT_SIZES: dict[str, tuple[int, int]] = {
 # Intensity levels of the image sets: digits are 0..16, the others 8-bit.
 LEVELS: dict[str, int] = {"digits": 17, "mnist5k": 256, "fashion_mnist": 256, "mnist": 256, "cifar10": 256,
                           "celeba": 256}
+
+
+def data_range(name: str) -> tuple[float, float] | None:
+    """The range every value of the set lies in: [0, 1] for image sets, None for the 2-D sets."""
+    return (0.0, 1.0) if name in LEVELS else None
 
 
 def _check_sklearn(cfg: DataConfig) -> None:

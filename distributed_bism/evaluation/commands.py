@@ -3,7 +3,9 @@
     bism eval CHECKPOINT_OR_RUN_ID [--metrics m1 m2 ...]    a table, logged into the checkpoint's
         own MLflow run at the checkpoint's step (no new run; artifacts under eval/step_XXXXXXXX_<time>/,
         beside, never over, what training logged)
-    bism sample CHECKPOINT -n 64 --sampler NAME -o grid.png [--force]
+    bism sample CHECKPOINT -n 64 --sampler NAME -o grid.png|samples.npz|samples.pt [--force]
+        .png: the figure; .npz / .pt: the samples themselves (see `write_samples`) and the figure
+        beside them (same name, .png)
 """
 
 from __future__ import annotations
@@ -76,12 +78,44 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
     return EvalReport(values, trained.step, trained.checkpoint, run_id, ctx.notes, ctx.artifacts)
 
 
+SAMPLE_SUFFIXES = (".png", ".npz", ".pt")
+
+
+def sample_outputs(out: Path) -> list[Path]:
+    """The files `bism sample -o out` writes: out itself, and for .npz / .pt the figure beside it."""
+    if out.suffix not in SAMPLE_SUFFIXES:
+        raise ValueError(f"-o {out}: the file name must end in {', '.join(SAMPLE_SUFFIXES)} "
+                         "(a figure, or the samples as numpy or torch arrays with a figure beside them)")
+    return [out] if out.suffix == ".png" else [out, out.with_suffix(".png")]
+
+
+def write_samples(path: Path, samples: Tensor, *, label: str, step: int, value_range: tuple[float, float] | None) -> None:
+    """The samples as arrays: `samples` (n, *shape) clipped to the data's range (images: [0, 1]),
+    `raw` as the sampler left them, and `sampler`, `step`, `range`. .npz (numpy) or .pt (torch)."""
+    raw = samples.detach().float().cpu()
+    clipped = raw.clamp(*value_range) if value_range else raw
+    if path.suffix == ".npz":
+        import numpy as np
+
+        np.savez(path, samples=clipped.numpy(), raw=raw.numpy(), sampler=np.array(label), step=np.array(step),
+                 range=np.array(value_range if value_range else (np.nan, np.nan)))
+    else:
+        torch.save({"samples": clipped, "raw": raw, "sampler": label, "step": step, "range": value_range}, path)
+
+
 def sample_checkpoint(ref: str | Path, out: Path, *, n: int = 64, sampler: str = "conditional", seed: int = 0,
-                      force: bool = False, tracking_uri: str | None = None, use_ema: bool = False) -> Path:
-    """Draw n samples of checkpoint `ref` with `sampler` and write them to `out` as a figure titled
-    with the sampler. An existing `out` is refused unless `force`; checked before any work."""
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; choose another -o or pass --force to replace it")
+                      force: bool = False, tracking_uri: str | None = None, use_ema: bool = False) -> list[Path]:
+    """Draw n samples of checkpoint `ref` with `sampler` and write them to `out` (.png: a figure titled
+    with the sampler; .npz / .pt: the samples, and the figure beside them). Returns the files written.
+    Existing files are refused unless `force`, and bad arguments too, before any work."""
+    from distributed_bism.data import data_range
+
+    outputs = sample_outputs(out)
+    existing = [p for p in outputs if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{existing[0]} exists; choose another -o or pass --force to replace it")
+    if any(p.is_dir() for p in outputs):
+        raise FileExistsError(f"{next(p for p in outputs if p.is_dir())} is a directory; -o names a file")
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler: unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
     if n < 1:
@@ -90,4 +124,9 @@ def sample_checkpoint(ref: str | Path, out: Path, *, n: int = 64, sampler: str =
     _, test = _data(trained)
     drawn = draw_samples(trained.cfg, trained.energy, trained.posterior, test, n, sampler=sampler, seed=seed)
     title = f"{trained.cfg.trainer.name} at step {trained.step}: {len(drawn.samples)} samples — {drawn.label}"
-    return save_sample_figure(drawn.samples, trained.image_shape, out, title=title, reference=test[:n])
+    value_range = data_range(trained.cfg.data.name)
+    samples = drawn.samples.reshape(len(drawn.samples), *trained.image_shape)
+    if len(outputs) == 2:
+        write_samples(out, samples, label=drawn.label, step=trained.step, value_range=value_range)
+    save_sample_figure(samples, trained.image_shape, outputs[-1], title=title, reference=test[:n])
+    return outputs

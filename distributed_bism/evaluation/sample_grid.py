@@ -53,9 +53,21 @@ def _strip(directory: Path, image_shape: tuple[int, ...], out: Path, label: str)
     return save_sample_strip(rows, image_shape, out, title=f"samples over training — {label}")
 
 
+def out_of_range(samples: Tensor, value_range: tuple[float, float] | None) -> float:
+    """The fraction of sample values outside the data's range (0 when the set has none)."""
+    if value_range is None:
+        return 0.0
+    lo, hi = value_range
+    return float(((samples < lo) | (samples > hi)).float().mean())
+
+
 @register_metric("samples")
 def samples_metric(ctx: EvalContext) -> dict[str, float]:
-    """A grid of eval.num_samples samples of eval.sampler, and the strip over training (rank 0)."""
+    """A grid of eval.num_samples samples of eval.sampler, and the strip over training (rank 0);
+    eval/samples_out_of_range, the fraction of sample values outside the data's range (the grid
+    clips them; no sampler clamps its chain, as in the reference)."""
+    from distributed_bism.data import data_range
+
     data = ctx.test_data if ctx.test_data is not None else ctx.train_data
     if data is None:
         ctx.notes.append("samples: skipped (no data to condition on)")
@@ -73,4 +85,4 @@ def samples_metric(ctx: EvalContext) -> dict[str, float]:
     if strip is not None:
         ctx.artifacts["samples_over_training"] = strip
         ctx.log_artifact(strip, "plots")
-    return {}
+    return {"eval/samples_out_of_range": out_of_range(drawn.samples, data_range(ctx.cfg.data.name))}
