@@ -70,7 +70,7 @@ def run_loop(loop: Any) -> dict[str, Any]:
     if loop.rank == 0:
         _final_model(loop, trained=loop.step > start)
     samples = loop.history.samples
-    return {"step": loop.step, "samples_path": samples[max(samples)] if samples else None}
+    return {**loop.last_eval, "step": loop.step, "samples_path": samples[max(samples)] if samples else None}
 
 
 def worker_main(loop_config: dict[str, Any]) -> None:
@@ -196,8 +196,29 @@ def _already_complete(cfg: Config, checkpoint: Path, uri: str | None) -> TrainSu
     return summary
 
 
+def judged(metrics: dict[str, Any]) -> list[str]:
+    """The last evaluation's sample quality and learning signals beside the figures that judge them
+    (held-out data and noise), one line each; [] when the run measured none of them."""
+    m, lines = metrics, []
+    if "eval/classifier_fid" in m:
+        model = [f"{v:.1f} for {k.removeprefix('eval/classifier_fid_')} samples" for k, v in m.items()
+                 if k.startswith("eval/classifier_fid_") and k not in ("eval/classifier_fid_held_out",
+                                                                       "eval/classifier_fid_noise")]
+        lines.append(f"classifier-FID {m['eval/classifier_fid']:.1f}" + "".join(f", {x}" for x in model)
+                     + f"  (lower is better; held-out data {m.get('eval/classifier_fid_held_out', float('nan')):.1f}, "
+                     f"uniform noise {m.get('eval/classifier_fid_noise', float('nan')):.1f})")
+    if "eval/denoise_gain" in m:
+        lines.append(f"denoise gain {m['eval/denoise_gain']:.3f}  (1 − error of the score's one-step denoiser / "
+                     "error of the noisy input: 0 = a zero score, 1 = perfect, < 0 = pointing away from the data)")
+    if "eval/energy_gap" in m:
+        lines.append(f"energy gap {m['eval/energy_gap']:.1f}  (mean energy of uniform noise − of held-out data: "
+                     "> 0 = noise is less likely than data)")
+    return lines
+
+
 def describe(s: TrainSummary) -> str:
     lines = [f"done: run {s.name!r} at step {s.step} ({s.seconds:.0f} s)"]
+    lines += [f"result: {line}" for line in judged(s.metrics)]
     if s.samples:
         lines.append(f"sample grid (its title names the sampler, eval.sampler): {s.samples}")
     if s.checkpoint:

@@ -115,6 +115,7 @@ class TrainLoop:
         self.step, self.bad_steps = 0, 0
         self.history = History()
         self.eval_notes: set[str] = set()  # notes of skipped metrics already printed
+        self.last_eval: dict[str, float] = {}  # the newest evaluation's eval/* values (rank 0)
         # what a sample is drawn as: (C, H, W) even when a GRBM sees flat vectors
         self.image_shape = image_shape or tuple(batches.data.shape[1:])
 
@@ -265,6 +266,7 @@ class TrainLoop:
             self.history.samples[self.step] = str(ctx.artifacts["samples"])
         if metrics:
             self.logger.metrics(metrics, self.step)
+            self.last_eval = metrics
         if "eval/test_loglik" in metrics:
             self.history.test_loglik[self.step] = metrics["eval/test_loglik"]
             log_loglik_curve(ctx, self.history.test_loglik)

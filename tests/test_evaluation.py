@@ -246,7 +246,7 @@ def test_image_metrics_of_a_digits_grbm(digits: Digits, tmp_path: Path) -> None:
     torch.jit.script(_FakeInception()).save(str(weights))
     over = {"data": {"name": "digits"}, "model": {"name": "grbm", "h_dim": 6}, "trainer": {"output_dir": str(tmp_path)},
             "eval": {"metrics": ["classifier_fid", "classifier_kid", "fid"], "fid_samples": 200,
-                     "classifier_dir": str(digits.cache)}}
+                     "classifier_dir": str(digits.cache), "compare_samplers": ["gibbs"]}}
     from distributed_bism.config import from_dict
 
     cfg = from_dict(Config, over)
@@ -257,9 +257,17 @@ def test_image_metrics_of_a_digits_grbm(digits: Digits, tmp_path: Path) -> None:
     ctx = context(cfg, grbm, q, digits.test.flatten(1), tmp_path, image_shape=(1, 8, 8),
                   train_data=digits.train.flatten(1))
     values = run_metrics(cfg.eval.metrics, ctx)
-    assert set(values) == {"eval/classifier_fid", "eval/classifier_kid", "eval/classifier_accuracy"}
+    both = {f"eval/{m}{s}" for m in ("classifier_fid", "classifier_kid") for s in ("", "_gibbs", "_held_out", "_noise")}
+    assert set(values) == both | {"eval/classifier_accuracy"}
     assert values["eval/classifier_accuracy"] == digits.clf.accuracy
     assert values["eval/classifier_fid"] > classifier_fid(digits.train, digits.test, digits.clf)
+    # conditional samples (eval.sampler) and Gibbs samples (compare_samplers) are measured apart
+    assert values["eval/classifier_fid_gibbs"] != values["eval/classifier_fid"]
+    # the references: held-out test digits against 200 training digits, and uniform noise
+    assert values["eval/classifier_fid_held_out"] == pytest.approx(
+        classifier_fid(digits.train[:200], digits.test[:200], digits.clf))
+    assert values["eval/classifier_fid_held_out"] < 0.3 * min(values["eval/classifier_fid"],
+                                                              values["eval/classifier_fid_noise"])
     assert [n for n in ctx.notes if n.startswith("fid: skipped")]
     cfg = replace(cfg, eval=replace(cfg.eval, inception_weights=str(weights)))
     ctx = context(cfg, grbm, q, digits.test.flatten(1), tmp_path, image_shape=(1, 8, 8),

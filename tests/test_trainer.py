@@ -267,3 +267,20 @@ def test_local_strategy_trains_with_cpus_per_worker_threads(tmp_path: Path, monk
         assert torch.get_num_threads() == other
     finally:
         torch.set_num_threads(before)
+
+
+def test_summary_ends_with_the_last_evaluation_judged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A local run's summary carries its last evaluation, and the final lines print it beside what
+    judges it (for classifier-FID, held-out data and noise)."""
+    from distributed_bism.run import judged
+
+    summary = train(tiny(tmp_path, **{"eval.metrics": ["denoise", "energy_gap"], "eval.every": 6}))
+    assert {"eval/denoise_gain", "eval/energy_gap"} <= set(summary.metrics)
+    out = capsys.readouterr().out
+    assert f"result: denoise gain {summary.metrics['eval/denoise_gain']:.3f}" in out
+    assert f"result: energy gap {summary.metrics['eval/energy_gap']:.1f}" in out
+    lines = judged({"eval/classifier_fid": 21.04, "eval/classifier_fid_marginal_langevin": 25.0,
+                    "eval/classifier_fid_held_out": 12.3, "eval/classifier_fid_noise": 208.0})
+    assert lines == ["classifier-FID 21.0, 25.0 for marginal_langevin samples  (lower is better; held-out data 12.3, "
+                     "uniform noise 208.0)"]
+    assert judged({"eval/test_loglik": -1.0}) == []

@@ -286,6 +286,9 @@ class EvalConfig:
     # The sampler of sample grids and of classifier-FID/KID samples (distributed_bism/samplers);
     # the reference's `conditional` draws v given h = E_q[h|v_data]: not samples of the model's marginal
     sampler: str = "conditional"
+    # further samplers measured beside eval.sampler by classifier_fid / classifier_kid (as
+    # eval/classifier_fid_<sampler>), e.g. marginal_langevin: samples of the model itself
+    compare_samplers: list[str] = field(default_factory=list)
     # test_loglik of a GRBM: exact for H <= 20, else AIS (the reference: 2000 chains, 2000 linear β)
     ais_chains: int = 2_000  # over all workers: each runs its share
     ais_betas: int = 2_000
@@ -320,8 +323,8 @@ class EvalConfig:
 
         for m in self.metrics:
             check(m in METRICS, "eval.metrics", f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
-        check(self.sampler in SAMPLERS, "eval.sampler",
-              f"unknown sampler {self.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+        for key, name in [("eval.sampler", self.sampler)] + [("eval.compare_samplers", s) for s in self.compare_samplers]:
+            check(name in SAMPLERS, key, f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
 
 
 @dataclass
