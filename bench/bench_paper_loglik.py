@@ -1,18 +1,20 @@
 """Benchmark against the BiSM paper's claim "BiSM is comparable to CD and SM when they are applicable".
 
-Trains Gaussian RBMs with six learners under an equal budget (the same number of iterations,
+Trains Gaussian RBMs with eight learners under an equal budget (the same number of iterations,
 batch size, optimiser and learning rate for every learner) and records the exact test
 log-likelihood (enumeration of h) along the way:
 
     cd1, pcd1      contrastive divergence, 1 Gibbs sweep (persistent chains for pcd1)
     dsm            denoising score matching on the exact free energy, σ = 0.05
+    ssm            sliced score matching on the exact free energy
     bidsm_k0/k5    BiDSM, N = 5 warm-up steps, K = 0 / 5 unrolled Adam steps, KL lower level
     bissm_k0/k5    BiSSM, N = 5, K = 0 / 5, KL lower level
 
-on two data sets (METHODS.md §2 hyperparameters: Adam 1e-3 for θ and φ, batch 100, linear
-Bernoulli posterior with τ = 0.1):
+on two data sets (METHODS.md §2 hyperparameters, `experiments.checkerboard_grbm`: the reference
+initialisation, Adam 1e-3 with betas (0.9, 0.95) for θ and φ, batch 100, linear Bernoulli posterior
+with τ = 0.1):
 
-    checkerboard   v = 2, H = 4 (the reference's toy set-up)
+    checkerboard   v = 2, H = 4, 60 000 training points (the reference's toy set-up)
     digits         scikit-learn's 8×8 digits as 64-d vectors, dequantised (data.dequantize: each
                    pixel uniform within its level, [k/17, (k+1)/17)), H = 16 (exact log Z). Without
                    dequantisation the log-likelihood is unbounded: 3 pixels are 0 in every image,
@@ -24,7 +26,9 @@ MLflow), through `learning_grbm.train_curve`. Runs are independent jobs spread o
 processes with one torch thread each. Writes bench/results/paper_loglik.{json,md,png}
 (`--quick`: paper_loglik_quick.*, a smoke run whose numbers are not results).
 
-    nice .venv/bin/python bench/bench_paper_loglik.py --jobs 2          # the measurement
+    nice .venv/bin/python bench/bench_paper_loglik.py --jobs 1          # the measurement: 39 min on one core
+    nice .venv/bin/python bench/bench_paper_loglik.py --jobs 1 --datasets checkerboard --seeds 0 \
+        --steps 100000 --tag 100k --methods cd1 pcd1 dsm ssm bidsm_k0 bissm_k0 bissm_k5   # the 100k subset
     .venv/bin/python bench/bench_paper_loglik.py --quick --out /tmp/b   # smoke run, seconds
 """
 
@@ -52,6 +56,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cd1": ("cd1", {}),
     "pcd1": ("pcd1", {}),
     "dsm": ("dsm", {}),
+    "ssm": ("dsm", {"name": "ssm"}),
     "bidsm_k0": ("bidsm_k0", {}),
     "bidsm_k5": ("bidsm_k5", {}),
     "bissm_k0": ("bidsm_k0", {"name": "bissm"}),
@@ -61,15 +66,16 @@ assert set(METHODS) == set(BASELINES) | set(BISM_METHODS)
 
 # data set → dotted overrides on top of the checkerboard set-up, and the default budget
 DATASETS: dict[str, dict[str, Any]] = {
-    "checkerboard": {"overrides": [], "steps": 12_000, "eval_every": 500},
-    "digits": {"overrides": ["data.name=digits", "data.dequantize=true", "model.h_dim=16"], "steps": 4_000,
-               "eval_every": 200},
+    "checkerboard": {"overrides": [], "steps": 20_000, "eval_every": 500},
+    "digits": {"overrides": ["data.name=digits", "data.n_train=null", "data.dequantize=true", "model.h_dim=16"],
+               "steps": 4_000, "eval_every": 200},
 }
 QUICK = {"steps": 40, "eval_every": 20}
 
-# relative cost of one iteration (measured on the checkerboard: 1.6-1.8 ms for cd/pcd/dsm, 6.8
-# bidsm_k0, 7.4 bissm_k0, 15.3 bidsm_k5), to start the longest jobs first
-COST = {"cd1": 1.0, "pcd1": 1.0, "dsm": 1.0, "bidsm_k0": 4.0, "bissm_k0": 4.4, "bidsm_k5": 9.0, "bissm_k5": 10.0}
+# relative cost of one iteration (measured on the checkerboard, one thread, 2026-12-02: 0.95-1.1 ms
+# for cd/pcd/dsm, 1.5 ssm, 3.9-4.1 bidsm_k0/bissm_k0, 8.7-9.0 bidsm_k5/bissm_k5), to start the
+# longest jobs first
+COST = {"cd1": 1.0, "pcd1": 1.0, "dsm": 1.0, "ssm": 1.3, "bidsm_k0": 4.0, "bissm_k0": 4.4, "bidsm_k5": 9.0, "bissm_k5": 10.0}
 
 
 def experiment_config(dataset: str, method: str, *, steps: int, eval_every: int, seed: int) -> Config:
@@ -107,6 +113,7 @@ def main() -> None:
                         help="'comparable' tolerance: this fraction of the baseline's gain over the initial model")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['steps']} iterations, seed 0")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tag", help="write paper_loglik_<tag>.* (e.g. a longer budget on a subset) instead of paper_loglik.*")
     args = parser.parse_args()
     seeds = [0] if args.quick else args.seeds
     jobs = []
@@ -138,7 +145,7 @@ def main() -> None:
     machine.update(wall_s=wall, jobs=args.jobs, torch_threads_per_job=1, loadavg_end=os.getloadavg(),
                    cores_whole_run=sampler.cores(sampler.samples[0][0], sampler.samples[-1][0]))
     command = "nice .venv/bin/python bench/bench_paper_loglik.py " + " ".join(sys.argv[1:])
-    stem = "paper_loglik_quick" if args.quick else "paper_loglik"
+    stem = "paper_loglik_quick" if args.quick else f"paper_loglik_{args.tag}" if args.tag else "paper_loglik"
     paths = write_report(results, machine=machine, command=command, rel_tol=args.rel_tol, out=args.out, stem=stem)
     print("wrote " + ", ".join(str(p) for p in paths))
 
