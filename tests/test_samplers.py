@@ -127,3 +127,22 @@ def test_registry_defaults_and_errors():
         get_sampler("gibbs", step=0.1)
     with pytest.raises(ValueError, match="gibbs sampler needs a Gaussian RBM"):
         get_sampler("gibbs").sample(LinearGaussianEBLVM(), num_samples=2, data_shape=(2,))
+
+
+@pytest.mark.parametrize("name", ["marginal_langevin", "joint_langevin"])
+def test_langevin_samplers_start_at_the_reference_noise_unless_told_to_start_at_data(name):
+    """init=noise (default): v0 ~ N(0.5, 1) whatever v_data is given, so evaluation's model samples
+    are independent of the data; init=data: the chains start at v_data."""
+    model = LinearGaussianEBLVM() if name == "joint_langevin" else bimodal_grbm()  # the GRBM: its exact score
+    q = None
+    data = torch.full((5, 2), 7.0)
+    none = dict(hot=0, anneal=0, cool=0, denoise_sigma=0.0)  # no step at all: the samples are v0
+    with_data = get_sampler(name, **none).sample(model, q, num_samples=5, data_shape=(2,), v_data=data, seed=3)
+    without = get_sampler(name, **none).sample(model, q, num_samples=5, data_shape=(2,), seed=3)
+    assert torch.equal(with_data.samples, without.samples) and (with_data.samples - 0.5).abs().max() < 5
+    started = get_sampler(name, init="data", **none).sample(model, q, num_samples=5, data_shape=(2,), v_data=data)
+    assert torch.equal(started.samples, data)
+    with pytest.raises(ValueError, match="init=data needs at least 5 rows of v_data"):
+        get_sampler(name, init="data", **none).sample(model, q, num_samples=5, data_shape=(2,))
+    with pytest.raises(ValueError, match="init must be one of"):
+        get_sampler(name, init="uniform")

@@ -58,19 +58,35 @@ class _EvalMode:
         self.module.train(self.was_training)
 
 
-def _start(num_samples: int, data_shape: Sequence[int], v_data: Tensor | None, ref: Tensor,
-           gen: torch.Generator) -> Tensor:
-    if v_data is not None:
-        return v_data[:num_samples].to(ref).clone()
-    return reference_start(num_samples, data_shape, ref, gen)
+INITS = ("noise", "data")
+
+
+def _start(init: str, num_samples: int, data_shape: Sequence[int], v_data: Tensor | None, ref: Tensor,
+           gen: torch.Generator, sampler: str) -> Tensor:
+    """The chains' v0: the reference's N(0.5, 1) ("noise"), or the first rows of v_data ("data")."""
+    if init == "noise":
+        return reference_start(num_samples, data_shape, ref, gen)
+    if v_data is None or len(v_data) < num_samples:
+        raise ValueError(f"{sampler} with init=data needs at least {num_samples} rows of v_data")
+    return v_data[:num_samples].reshape(num_samples, *data_shape).to(ref).clone()
+
+
+def _check_init(init: str, sampler: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"{sampler}: init must be one of {INITS}, got {init!r}")
 
 
 @register_sampler("joint_langevin")
 @dataclass(frozen=True)
 class JointLangevinSampler(Sampler):
-    """schedule: the annealed Langevin schedule on (v, h)."""
+    """schedule: the annealed Langevin schedule on (v, h); init: v0 from "noise" (the reference's
+    N(0.5, 1)) or "data" (v_data, to study mixing: not independent draws of the model)."""
 
     schedule: LangevinSchedule = field(default_factory=LangevinSchedule)
+    init: str = "noise"
+
+    def __post_init__(self) -> None:
+        _check_init(self.init, "joint_langevin")
 
     def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
                data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
@@ -81,7 +97,7 @@ class JointLangevinSampler(Sampler):
         ref = next(core.parameters())
         gen = torch.Generator(device=ref.device).manual_seed(seed)
         d = math.prod(data_shape)
-        v0 = _start(num_samples, data_shape, v_data, ref, gen).reshape(num_samples, d)
+        v0 = _start(self.init, num_samples, data_shape, v_data, ref, gen, self.name).reshape(num_samples, d)
         h0 = torch.randn((num_samples, core.h_dim), generator=gen, dtype=ref.dtype, device=ref.device)
 
         def joint_energy(x: Tensor) -> Tensor:
@@ -96,10 +112,15 @@ class JointLangevinSampler(Sampler):
 @register_sampler("marginal_langevin")
 @dataclass(frozen=True)
 class MarginalLangevinSampler(Sampler):
-    """schedule: the annealed Langevin schedule on v; num_particles: L of the VaES score."""
+    """schedule: the annealed Langevin schedule on v; num_particles: L of the VaES score; init as
+    joint_langevin's."""
 
     schedule: LangevinSchedule = field(default_factory=LangevinSchedule)
     num_particles: int = 10
+    init: str = "noise"
+
+    def __post_init__(self) -> None:
+        _check_init(self.init, "marginal_langevin")
 
     def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
                data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
@@ -107,7 +128,7 @@ class MarginalLangevinSampler(Sampler):
         ref = next(core.parameters())
         gen = torch.Generator(device=ref.device).manual_seed(seed)
         score, how = model_score_fn(core, posterior, num_particles=self.num_particles)
-        v0 = _start(num_samples, data_shape, v_data, ref, gen)
+        v0 = _start(self.init, num_samples, data_shape, v_data, ref, gen, self.name)
         with _EvalMode(core):
             v = langevin_with_grad(lambda x: -score(x), v0, self.schedule, gen)
         return SampleResult(v, f"marginal Langevin on v ({how}): {describe_schedule(self.schedule)}", self.name, True)
