@@ -243,8 +243,9 @@ class TrainLoop:
             self.sink.report(metrics, Path(tmp), self.step)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, float]:
-        """eval.metrics at this step (evaluation/metrics.py). Every rank calls it: metrics with
+    def evaluate(self, *, final: bool = False) -> dict[str, float]:
+        """eval.metrics at this step (evaluation/metrics.py), and eval.final_metrics too when `final`
+        (the last step). Every rank calls it: metrics with
         collectives (AIS) run on every rank, the others on rank 0, which logs eval/* to MLflow
         and redraws the log-likelihood curve. Samplers use their own generators, so an
         evaluation leaves the training RNG as it was."""
@@ -255,7 +256,8 @@ class TrainLoop:
                           step=self.step, device=r.device, rank=self.rank, world_size=self.world_size,
                           output_dir=Path(self.cfg.trainer.output_dir).resolve(),
                           logger=self.logger if self.rank == 0 else None)
-        metrics = run_metrics(self.cfg.eval.metrics, ctx)
+        e = self.cfg.eval
+        metrics = run_metrics(e.metrics + ([m for m in e.final_metrics if m not in e.metrics] if final else []), ctx)
         if self.rank != 0:
             return {}
         for note in ctx.notes:  # a skipped metric is said once, never silently dropped
@@ -293,6 +295,10 @@ class TrainLoop:
             self.history.inner_loss[self.step] = m["train/inner_loss"]
         return m
 
+    def _print_eval(self, evaluated: dict[str, float]) -> None:
+        if evaluated:
+            self.log(f"step {self.step} eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in evaluated.items()))
+
     def resume(self) -> bool:
         """Load the newest readable checkpoint of the sink, if any. Rank 0 chooses and every rank
         loads the same one; one cut short by a crash is renamed *.unreadable (kept, never
@@ -321,7 +327,7 @@ class TrainLoop:
         eval.every, checkpoints every checkpoint_every and at the end."""
         t = self.cfg.trainer
         if self.step == 0:
-            self.evaluate()
+            self._print_eval(self.evaluate())
         start_step, start = self.step, time.perf_counter()
         window, last_print = (self.step, start), start
         while self.step < t.steps:
@@ -343,9 +349,8 @@ class TrainLoop:
                 last_print = now
             evaluating = s % self.cfg.eval.every == 0 or at_end
             if evaluating:
-                evaluated = self.evaluate()
-                if evaluated:
-                    self.log(f"step {s} eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in evaluated.items()))
+                evaluated = self.evaluate(final=at_end)
+                self._print_eval(evaluated)
                 metrics.update(evaluated)
             # Ray hears of the run at checkpoints and evaluations only (a sweep's scheduler decides
             # on those): each ray.train.report is a barrier that can wait up to ~2 s for the

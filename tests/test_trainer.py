@@ -274,7 +274,11 @@ def test_summary_ends_with_the_last_evaluation_judged(tmp_path: Path, capsys: py
     judges it (for classifier-FID, held-out data and noise)."""
     from distributed_bism.run import judged
 
-    summary = train(tiny(tmp_path, **{"eval.metrics": ["denoise", "energy_gap"], "eval.every": 6}))
+    cfg = tiny(tmp_path, **{"eval.metrics": ["energy_gap"], "eval.final_metrics": ["denoise"], "eval.every": 6})
+    loop = TrainLoop.from_config(cfg, log=lambda s: None)
+    assert set(loop.evaluate()) == {"eval/energy_gap", "eval/energy_data", "eval/energy_noise"}
+    assert "eval/denoise_gain" in loop.evaluate(final=True)  # final_metrics: at the last step only
+    summary = train(cfg)
     assert {"eval/denoise_gain", "eval/energy_gap"} <= set(summary.metrics)
     out = capsys.readouterr().out
     assert f"result: denoise gain {summary.metrics['eval/denoise_gain']:.3f}" in out

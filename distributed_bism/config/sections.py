@@ -278,6 +278,8 @@ class TrackingConfig:
 class EvalConfig:
     every: int = 1_000  # steps between evaluations (and sample grids)
     metrics: list[str] = field(default_factory=lambda: ["test_loglik", "samples"])
+    # run at the last step only, after `metrics` (costly ones, e.g. classifier_fid with many Langevin samples)
+    final_metrics: list[str] = field(default_factory=list)
     num_samples: int = 64  # images in each sample grid
     # The reference's annealed Langevin (deep EBLVMs): steps at T=t_max, annealed to T=1, cooled to 0
     langevin_steps: list[int] = field(default_factory=lambda: [500, 2000, 200])
@@ -321,8 +323,9 @@ class EvalConfig:
         from distributed_bism.evaluation.metrics import METRICS
         from distributed_bism.samplers import SAMPLERS
 
-        for m in self.metrics:
-            check(m in METRICS, "eval.metrics", f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
+        for key, names in (("eval.metrics", self.metrics), ("eval.final_metrics", self.final_metrics)):
+            for m in names:
+                check(m in METRICS, key, f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
         for key, name in [("eval.sampler", self.sampler)] + [("eval.compare_samplers", s) for s in self.compare_samplers]:
             check(name in SAMPLERS, key, f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
 

@@ -4,7 +4,8 @@ of the grids over training.
 
 Files (training): <output_dir>/samples/<run>/step_XXXXXXXX.png, the samples themselves as
 step_XXXXXXXX.pt (the strip's source), and <output_dir>/plots/<run>/samples_over_training.png;
-logged as MLflow artifacts samples/step_XXXXXXXX.png and plots/samples_over_training.png.
+logged as MLflow artifacts samples/step_XXXXXXXX.png and plots/samples_over_training.png. Each
+sampler of eval.compare_samplers adds its grid as samples/<run>/<sampler>/step_XXXXXXXX.png.
 """
 
 from __future__ import annotations
@@ -73,13 +74,20 @@ def samples_metric(ctx: EvalContext) -> dict[str, float]:
         ctx.notes.append("samples: skipped (no data to condition on)")
         return {}
     n = min(ctx.cfg.eval.num_samples, len(data))
-    drawn = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, data, n, seed=ctx.cfg.trainer.seed)
     directory = ctx.output_dir / "samples" / ctx.run_name
+    drawn = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, data, n, seed=ctx.cfg.trainer.seed)
     path = save_sample_figure(drawn.samples, ctx.image_shape, directory / f"step_{ctx.step:08d}.png",
                               title=f"step {ctx.step} — {drawn.label}", reference=data[:n])
     torch.save(drawn.samples.detach().cpu(), path.with_suffix(".pt"))
     ctx.artifacts["samples"] = path
     ctx.log_artifact(path, "samples")
+    for name in ctx.cfg.eval.compare_samplers:  # e.g. model samples beside conditional ones, in a folder each
+        if name != ctx.cfg.eval.sampler:
+            other = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, data, n, sampler=name, seed=ctx.cfg.trainer.seed)
+            grid = save_sample_figure(other.samples, ctx.image_shape, directory / name / f"step_{ctx.step:08d}.png",
+                                      title=f"step {ctx.step} — {other.label}", reference=data[:n])
+            ctx.artifacts[f"samples_{name}"] = grid
+            ctx.log_artifact(grid, f"samples/{name}")
     strip = _strip(directory, ctx.image_shape, ctx.output_dir / "plots" / ctx.run_name / "samples_over_training.png",
                    drawn.label)
     if strip is not None:
