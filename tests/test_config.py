@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from distributed_bism.cli import main
@@ -56,3 +58,11 @@ def test_unknown_dataset_is_a_clear_error():
     cfg = from_dict(Config, {"data": {"name": "mnist9"}})
     with pytest.raises(ValueError, match="unknown dataset 'mnist9'"):
         load_dataset(cfg.data)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    """Each experiment config in configs/ is valid as shipped (its keys, values and combinations)."""
+    cfg = load_config(path)
+    assert cfg.trainer.steps > 0

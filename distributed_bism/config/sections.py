@@ -225,7 +225,7 @@ class TrainerConfig:
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     max_bad_steps: int = 10  # non-finite losses (each step skipped) before training stops
-    ema_decay: float = 0.999  # EMA of θ, kept in checkpoints; 0 disables
+    ema_decay: float = 0.0  # EMA of θ kept in checkpoints (e.g. 0.999); 0: none, as the reference keeps none
     zero_stage: int = 1  # deepspeed: ZeRO stage 0, 1 or 2 (3 cannot run the unrolled step)
     precision: str = "fp32"  # deepspeed: fp32 | bf16 | fp16 (the last two need GPUs)
     output_dir: str = "outputs"  # MLflow store, samples and (by default) checkpoints live here
