@@ -207,6 +207,7 @@ def _set(raw: dict, path: str, value) -> dict:
     ("mode", "maximum", "mode: expected max or min, got 'maximum'"),
     ("metric", "eval/fid", "metric: unknown metric 'eval/fid'"),
     ("metric", "eval/ood_auroc", "metric: eval/ood_auroc is reported with ood_auroc in eval.metrics only"),
+    ("metric", "eval/denoise_gain", "metric: eval/denoise_gain is reported with denoise in eval.metrics only"),
     ("overrides|eval.every", 2000,
      "metric: checkpoints (trainer.checkpoint_every=1000) report without eval/test_loglik"),
     ("overrides|model.h_dim", 0, "overrides/resources make an invalid config: model.h_dim: must be > 0"),

@@ -44,7 +44,10 @@ CONTROLLED = {"trainer.name": "each trial is a run named by the sweep", "trackin
 # What trainer.run reports to Tune; Tune fails a trial on any report that lacks the metric.
 METRICS = ("eval/test_loglik", "train/loss", "train/inner_loss", "train/grad_norm_theta", "train/grad_norm_phi",
            "train/lr", "train/posterior_lr",
-           "eval/classifier_fid", "eval/ood_auroc")  # image models, e.g. BiDVL, whose training loss is no guide
+           "eval/classifier_fid", "eval/ood_auroc",  # image models, e.g. BiDVL, whose training loss is no guide
+           "eval/denoise_gain", "eval/energy_gap")  # cheap learning signals of any model
+# The eval.metrics entry that reports an eval/* key, where the two names differ.
+REPORTED_BY = {"eval/denoise_gain": "denoise"}
 
 
 @dataclass
@@ -299,7 +302,7 @@ def _check_metric(metric: str, cfg: Config) -> None:
     """Every report must carry the metric, or Tune fails the trial."""
     t, every = cfg.trainer, cfg.eval.every
     if metric.startswith("eval/"):
-        name = metric.removeprefix("eval/")
+        name = REPORTED_BY.get(metric, metric.removeprefix("eval/"))
         check(name in cfg.eval.metrics, "metric", f"{metric} is reported with {name} in eval.metrics only")
         check(metric != "eval/test_loglik" or cfg.model.name == "grbm", "metric",
               "eval/test_loglik is reported for model.name=grbm with test_loglik in eval.metrics only")
