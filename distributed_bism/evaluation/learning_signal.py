@@ -37,9 +37,13 @@ NUM_LEVELS = 3
 VAES_PARTICLES = 10
 
 
-def _held_out(ctx: EvalContext) -> Tensor | None:
+def _held_out(ctx: EvalContext, metric: str) -> Tensor | None:
+    """At most MAX_EXAMPLES test rows (training rows without a test split); None, with a note, without data."""
     data = ctx.test_data if ctx.test_data is not None else ctx.train_data
-    return None if data is None else data[: min(MAX_EXAMPLES, len(data))]
+    if data is None:
+        ctx.notes.append(f"{metric}: skipped (no held-out data)")
+        return None
+    return data[: min(MAX_EXAMPLES, len(data))]
 
 
 def denoise_levels(ctx: EvalContext) -> list[float]:
@@ -65,9 +69,8 @@ def denoise_gain(energy: nn.Module, posterior: nn.Module | None, v: Tensor, sigm
 @register_metric("denoise")
 def denoise_metric(ctx: EvalContext) -> dict[str, float]:
     """eval/denoise_gain (mean over σ levels) and eval/denoise_gain@σ per level."""
-    v = _held_out(ctx)
+    v = _held_out(ctx, "denoise")
     if v is None:
-        ctx.notes.append("denoise: skipped (no held-out data)")
         return {}
     o = ctx.cfg.objective
     mdsm = o.name in ("bimdsm", "mdsm", "vages_mdsm")
@@ -93,9 +96,8 @@ def mean_energy(energy: nn.Module, posterior: nn.Module | None, v: Tensor) -> fl
 @register_metric("energy_gap")
 def energy_gap_metric(ctx: EvalContext) -> dict[str, float]:
     """eval/energy_gap = mean E(uniform noise) − mean E(held-out data), and both means."""
-    v = _held_out(ctx)
+    v = _held_out(ctx, "energy_gap")
     if v is None:
-        ctx.notes.append("energy_gap: skipped (no held-out data)")
         return {}
     gen = torch.Generator(device=v.device).manual_seed(ctx.cfg.trainer.seed)
     noise = torch.rand(v.shape, generator=gen, device=v.device, dtype=v.dtype)
