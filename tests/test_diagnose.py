@@ -102,12 +102,13 @@ def test_unroll_reference_on_a_conv_eblvm(float64):
     still = gradient_bias(energy, q, cfg, v, [0, 2], posterior_lr=1e-12, reference="unroll", reference_steps=4)
     for k in (0, 2):
         assert min(still.cos_sim[k]) > 1 - 1e-9 and max(still.rel_error[k]) < 1e-6
-    moving = gradient_bias(energy, q, cfg, v, [0], posterior_lr=0.05, reference="unroll", reference_steps=4)
+    # lr 0.01: at 0.05 the reference conv model's wider coupling head makes 4 SGD steps on φ diverge
+    moving = gradient_bias(energy, q, cfg, v, [0], posterior_lr=0.01, reference="unroll", reference_steps=4)
     assert max(moving.rel_error[0]) > 1e-4
     assert moving.reference_change is not None and math.isfinite(moving.reference_change)
     assert "unroll(K=4)" in moving.table()
     # a reference that still moves is flagged; a still one is not
-    assert moving.reference_change > 0.1 and "warning: the reference has not converged" in moving.table()  # 0.51
+    assert moving.reference_change > 0.1 and "warning: the reference has not converged" in moving.table()  # 0.57
     assert still.reference_change is not None and still.reference_change < 1e-6
     assert "warning" not in still.table()
 

@@ -23,10 +23,10 @@ LR = 0.05
 SEED = 1234
 
 
-def plain_J(energy, posterior, objective, v, K: int, opt_name: str) -> float:
+def plain_J(energy, posterior, objective, v, K: int, opt_name: str, lr: float = LR) -> float:
     """J(θ, φ_K) with φ_K from K ordinary optimiser steps (no create_graph) on a copy of q."""
     q = copy.deepcopy(posterior)
-    opt = torch.optim.SGD(q.parameters(), lr=LR) if opt_name == "sgd" else torch.optim.Adam(q.parameters(), lr=LR)
+    opt = torch.optim.SGD(q.parameters(), lr=lr) if opt_name == "sgd" else torch.optim.Adam(q.parameters(), lr=lr)
     torch.manual_seed(SEED)
     for _ in range(K):
         batch = objective.perturbation(v)
@@ -38,8 +38,8 @@ def plain_J(energy, posterior, objective, v, K: int, opt_name: str) -> float:
     return objective.outer(energy, PosteriorView(q, params=phi), objective.perturbation(v)).mean().item()
 
 
-def autograd_grad(energy, posterior, objective, v, K: int, opt_name: str) -> torch.Tensor:
-    opt = SGD(LR) if opt_name == "sgd" else Adam(LR)
+def autograd_grad(energy, posterior, objective, v, K: int, opt_name: str, lr: float = LR) -> torch.Tensor:
+    opt = SGD(lr) if opt_name == "sgd" else Adam(lr)
     step = BilevelStep(objective, unroll_steps=K, unroll_optimizer=opt)
     energy.zero_grad()
     torch.manual_seed(SEED)
@@ -48,7 +48,8 @@ def autograd_grad(energy, posterior, objective, v, K: int, opt_name: str) -> tor
     return torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in energy.parameters()])
 
 
-def fd_directional(energy, posterior, objective, v, K, opt_name, direction: torch.Tensor, eps: float = 1e-6) -> float:
+def fd_directional(energy, posterior, objective, v, K, opt_name, direction: torch.Tensor, eps: float = 1e-6,
+                   lr: float = LR) -> float:
     """Central difference of J along `direction` in the flattened θ."""
     params = list(energy.parameters())
     base = [p.detach().clone() for p in params]
@@ -59,16 +60,16 @@ def fd_directional(energy, posterior, objective, v, K, opt_name, direction: torc
             for p, b in zip(params, base):
                 p.copy_(b + t * direction[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        return plain_J(energy, posterior, objective, v, K, opt_name)
+        return plain_J(energy, posterior, objective, v, K, opt_name, lr)
 
     value = (J_at(eps) - J_at(-eps)) / (2 * eps)
     J_at(0.0)  # restore θ
     return value
 
 
-def check(energy, posterior, objective, v, K, opt_name, directions):
-    g = autograd_grad(energy, posterior, objective, v, K, opt_name)
-    fd = torch.tensor([fd_directional(energy, posterior, objective, v, K, opt_name, d) for d in directions])
+def check(energy, posterior, objective, v, K, opt_name, directions, lr: float = LR):
+    g = autograd_grad(energy, posterior, objective, v, K, opt_name, lr)
+    fd = torch.tensor([fd_directional(energy, posterior, objective, v, K, opt_name, d, lr=lr) for d in directions])
     ad = torch.stack([g @ d for d in directions])
     rel = (fd - ad).norm() / ad.norm()
     assert rel < 1e-5, f"hypergradient mismatch: rel {rel:.2e}\nautograd {ad}\nfinite-diff {fd}"
@@ -93,7 +94,9 @@ def test_conv_hypergradient_matches_finite_differences(float64, K, opt_name):
     v = torch.rand(4, 1, 8, 8)
     n = sum(p.numel() for p in energy.parameters())
     gen = torch.Generator().manual_seed(0)
-    check(energy, q, objective, v, K, opt_name, [torch.randn(n, generator=gen) for _ in range(3)])
+    # SGD at 0.01: at 0.05 three unrolled Fisher steps diverge on the reference model's wider coupling head
+    lr = 0.01 if opt_name == "sgd" else LR
+    check(energy, q, objective, v, K, opt_name, [torch.randn(n, generator=gen) for _ in range(3)], lr=lr)
 
 
 def test_unrolled_posterior_depends_on_theta(float64):
