@@ -11,7 +11,6 @@ both stay at their initial values and the test fails (mutation-checked).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from distributed_bism.cli import DEMO_CONFIG
 from distributed_bism.config import load_config
