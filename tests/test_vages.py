@@ -40,7 +40,7 @@ from distributed_bism.trainer import TrainLoop
 from conftest import tiny_grbm
 from test_grbm import exact_posterior
 # the learning test's budget: 1500 iterations from the old start (model.init=small, b at the data
-# mean), the −1.92 → −0.36 climb to the single-Gaussian plateau (test_learning.py); from the
+# mean), the −1.92 → −0.40 climb towards the single-Gaussian plateau (test_learning.py); from the
 # reference start that climb alone takes ~3500 iterations, too long for VaGES here (~12 ms each)
 STEPS, INITIAL_BELOW, FINAL_ABOVE = 1500, -1.5, -0.6
 
