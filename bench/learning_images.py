@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -194,22 +195,34 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 20 s per method, 100 samples")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--resume", action="store_true", help="reuse the methods a previous run of the same stem finished")
     a = ap.parse_args()
     if a.quick:
         a.budget, a.fractions, a.n, a.tag = 20.0, [0.5, 1.0], 100, a.tag or "quick"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     info, start = machine_info(), time.perf_counter()
+    stem = f"learning_images_{a.dataset}" + (f"_{a.tag}" if a.tag else "")
+    # Each finished method is kept in <stem>.jobs/ (not committed), so a failure or a kill loses
+    # only the methods still running; --resume reuses what is there.
+    done_dir = a.out / f"{stem}.jobs"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    results = [json.loads((done_dir / f"{m}.json").read_text()) for m in a.methods
+               if a.resume and (done_dir / f"{m}.json").is_file()]
+    todo = [m for m in a.methods if m not in {r["method"] for r in results}]
     jobs = [{"method": m, "dataset": a.dataset, "budget": a.budget, "fractions": a.fractions, "n": a.n,
-             "overrides": a.override} for m in a.methods]
-    results = []
+             "overrides": a.override} for m in todo]
     with ProcessPoolExecutor(max_workers=a.jobs) as pool:
-        futures = [pool.submit(run_job, j) for j in jobs]
+        futures = {pool.submit(run_job, j): j for j in jobs}
         refs = pool.submit(reference_points, a.dataset, a.n)
         for f in as_completed(futures):
-            results.append(f.result())
+            try:
+                result = f.result()
+            except Exception as e:  # a method that fails is reported as failed; the others still count
+                result = {**futures[f], "points": [], "samplers": [], "error": f"{type(e).__name__}: {e}"}
+                print(f"[{result['method']}] failed: {result['error']}", flush=True)
+            (done_dir / f"{result['method']}.json").write_text(json.dumps(result))
+            results.append(result)
         reference = refs.result()
-    stem = f"learning_images_{a.dataset}" + (f"_{a.tag}" if a.tag else "")
-    a.out.mkdir(parents=True, exist_ok=True)
     from learning_images_report import write_report
 
     write_report(a.out, stem, results, reference, info=info, wall_s=time.perf_counter() - start,

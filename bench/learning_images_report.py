@@ -63,6 +63,9 @@ def write_report(out: Path, stem: str, results: list[dict[str, Any]], reference:
              "| first below pixel Gaussian (model samples) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if r.get("error"):
+            lines.append(f"| {r['method']} | failed: {r['error'][:120]} | | | | | | |")
+            continue
         model_key = "cfid_bidvl_decoder" if "bidvl_decoder" in r["samplers"] else "cfid_marginal_langevin"
         kid_key = model_key.replace("cfid", "ckid")
         t = first_below(r, model_key, pg)

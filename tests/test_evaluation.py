@@ -178,6 +178,10 @@ def test_frechet_distance_and_mmd_formulas() -> None:
     within += sum(k(y[i], y[j]) for i in range(6) for j in range(6) if i != j) / 30
     assert polynomial_mmd2(x, y) == pytest.approx(within - 2 * sum(k(u, v) for u in x for v in y) / 42, rel=1e-9)
     assert frechet_distance(a[:150], a[150:]) < 0.1 * frechet_distance(a, b)
+    # samples of a diverged model give non-finite features: NaN, not a linear-algebra error
+    broken = b.clone()
+    broken[0, 0] = float("inf")
+    assert math.isnan(frechet_distance(a, broken)) and math.isnan(polynomial_mmd2(a, broken))
     assert abs(polynomial_mmd2(a[:150], a[150:])) < 0.1 * polynomial_mmd2(a, b)
 
 

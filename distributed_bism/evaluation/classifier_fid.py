@@ -195,8 +195,11 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2}) of Gaussians fitted to rows of a (N, F), b (M, F).
 
     tr (Σ_a Σ_b)^{1/2} = Σ √λ_i(Σ_a^{1/2} Σ_b Σ_a^{1/2}): a symmetric PSD matrix, so two eigen-
-    decompositions in float64 give it without the complex round-off of a general sqrtm."""
+    decompositions in float64 give it without the complex round-off of a general sqrtm. NaN when a
+    feature is not finite (samples of a diverged model)."""
     a, b = a.double(), b.double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.nan
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
     lam, vec = torch.linalg.eigh(cov_a)
@@ -206,8 +209,11 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
 
 def polynomial_mmd2(a: Tensor, b: Tensor) -> float:
-    """Unbiased MMD² between rows of a (N, F) and b (M, F), N, M ≥ 2, with k(x, y) = (xᵀy / F + 1)³."""
+    """Unbiased MMD² between rows of a (N, F) and b (M, F), N, M ≥ 2, with k(x, y) = (xᵀy / F + 1)³;
+    NaN when a feature is not finite."""
     a, b = a.double(), b.double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.nan
     d = a.shape[1]
     k_aa, k_bb, k_ab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
     n, m = len(a), len(b)
