@@ -52,11 +52,12 @@ def write_report(out: Path, stem: str, results: list[dict[str, Any]], reference:
                                                   "reference": reference, "results": slim, "grids": grids}, indent=1))
 
     pg = reference["pixel_gaussian"]
-    lines = [f"# Image learning at equal wall-clock: {args['dataset']}", "",
+    lines = [f"# Image learning at equal training time: {args['dataset']}", "",
              f"{args['budget']:.0f} CPU seconds of training per method (one torch thread each: the time of a quiet core), "
              f"{args['jobs']} jobs at once on "
-             f"{info['cpu_model']} ({info['cpu_count']} cores); classifier-FID with {args['n']} samples against "
-             f"held-out test images. Total wall clock {wall_s:.0f} s.", "",
+             f"{info['cpu_model']} ({info['cpu_count']} cores); classifier-FID with {args['n']} samples, or as many as there are held-out images (297 for digits), against "
+             f"held-out test images. Wall clock of this invocation {wall_s:.0f} s"
+             + (" (methods finished by earlier invocations were reused: --resume)." if args.get("resume") else "."), "",
              f"Reference classifier-FIDs: held-out data {reference['held_out']:.1f} (floor), pixel Gaussian "
              f"{pg:.1f}, uniform noise {reference['uniform_noise']:.1f} (ceiling).", "",
              "| method | steps | cFID conditional | cFID marginal (model) | cKID marginal | denoise gain | energy gap "
@@ -78,19 +79,20 @@ def write_report(out: Path, stem: str, results: list[dict[str, Any]], reference:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, sampler in zip(axes, ("conditional", "model")):
-        for r in results:
+        for i, r in enumerate(results):  # one colour per method in both panels
             key = ("cfid_conditional" if sampler == "conditional" else
                    "cfid_bidvl_decoder" if "bidvl_decoder" in r["samplers"] else "cfid_marginal_langevin")
             xs = [p["train_s"] for p in r["points"] if key in p]
             if xs:
-                ax.plot(xs, [p[key] for p in r["points"] if key in p], marker="o", label=r["method"])
+                ax.plot(xs, [p[key] for p in r["points"] if key in p], marker="o", label=r["method"], color=f"C{i}")
         for name, style in (("held_out", ":"), ("pixel_gaussian", "--"), ("uniform_noise", "-.")):
             ax.axhline(reference[name], color="grey", ls=style, lw=1, label=name.replace("_", " "))
         ax.set_yscale("log")
         ax.set_xlabel("training CPU seconds (one thread)")
         ax.set_ylabel("classifier-FID")
         ax.set_title(f"{args['dataset']}: {'conditional samples' if sampler == 'conditional' else 'model samples'}")
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=110)
     plt.close(fig)
