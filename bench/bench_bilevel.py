@@ -4,7 +4,7 @@
 One iteration = N = 5 warm-up steps on φ + K unrolled (differentiable) steps + the higher-level
 loss + its backward + the θ optimiser step (METHODS.md §1). It is measured for
 
-    ours          distributed_bism.bilevel.step_from_config (functional Adam unroll on dicts)
+    ours          distributed_bism.core.bilevel.step_from_config (functional Adam unroll on dicts)
     ours_shared   the same with share_inner_noise=True. NOT the same estimator: one noise draw
                   serves all N + K inner steps. Reported as its own series, never as "ours".
     higher        the reference formulation written on the `higher` library (innerloop_ctx +

@@ -1,6 +1,6 @@
 """The bi-level iteration written two ways for bench_bilevel.py: ours and on `higher`.
 
-    ours          distributed_bism.bilevel.step_from_config (functional Adam unroll on dicts)
+    ours          distributed_bism.core.bilevel.step_from_config (functional Adam unroll on dicts)
     ours_shared   the same with share_inner_noise=True (a different estimator)
     higher        the reference formulation (baofff/BiSM `_update`) on the `higher` library,
                   reusing our loss functions so that it computes the same estimator as "ours"
@@ -90,7 +90,7 @@ class Ours:
     """distributed_bism's BilevelStep, built exactly as the trainer builds it."""
 
     def __init__(self, setup: Setup, *, share_inner_noise: bool = False):
-        from distributed_bism.bilevel import BilevelStep
+        from distributed_bism.core.bilevel import BilevelStep
         from distributed_bism.objectives import get_objective
 
         self.s, self.share = setup, share_inner_noise
@@ -99,7 +99,7 @@ class Ours:
         self.set_unroll(0)
 
     def set_unroll(self, k: int) -> None:
-        from distributed_bism.bilevel import step_from_config
+        from distributed_bism.core.bilevel import step_from_config
         from distributed_bism.objectives import get_objective
 
         cfg = objective_config(self.s, k, self.share)

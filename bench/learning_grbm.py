@@ -21,7 +21,7 @@ import torch
 from distributed_bism.config import Config, from_dict
 from distributed_bism.data.synthetic import CHECKERBOARD_BEST_LOGLIK
 from distributed_bism.experiments import CHECKERBOARD_METHODS, checkerboard_grbm
-from distributed_bism.trainer import TrainLoop
+from distributed_bism.training.loop import TrainLoop
 
 
 def train_curve(cfg: Config) -> dict:

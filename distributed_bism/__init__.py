@@ -6,8 +6,8 @@ from typing import Any
 
 
 def train(config: Any, **kwargs: Any) -> Any:
-    """Train per `config` (a Config, a nested dict or a YAML path); see distributed_bism.run.train."""
-    from distributed_bism.run import train as _train
+    """Train per `config` (a Config, a nested dict or a YAML path); see distributed_bism.api.train."""
+    from distributed_bism.api import train as _train
 
     return _train(config, **kwargs)
 

@@ -31,7 +31,7 @@ Command = Callable[..., int]
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
-    from distributed_bism.checkpoint import CheckpointError
+    from distributed_bism.training.checkpointing import CheckpointError
     from distributed_bism.data import DataError
 
     return ConfigError, DataError, CheckpointError
@@ -57,7 +57,7 @@ def _one_line_errors(*extra: type[Exception]) -> Callable[[Command], Command]:
 
 @_one_line_errors()
 def _train(cfg: Config, address: str | None) -> int:
-    from distributed_bism.run import train
+    from distributed_bism.api import train
 
     train(cfg, address=address)
     return 0
@@ -74,7 +74,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 @_one_line_errors(ValueError)  # bad --k, --batches or --reference
 def _diagnose(args: argparse.Namespace) -> int:
-    from distributed_bism.diagnose import diagnose
+    from distributed_bism.commands.diagnose import diagnose
 
     try:
         ks = [int(k) for k in args.k.split(",")]
@@ -93,7 +93,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 @_one_line_errors(ValueError)  # bad --metrics
 def _eval(args: argparse.Namespace) -> int:
-    from distributed_bism.evaluation.commands import evaluate_checkpoint
+    from distributed_bism.commands.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, metrics=args.metrics, tracking_uri=args.tracking_uri,
                                  log=not args.no_log, use_ema=args.ema)
@@ -105,7 +105,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 @_one_line_errors(ValueError, FileExistsError)  # bad --sampler or -n; an output file that exists
 def _sample(args: argparse.Namespace) -> int:
-    from distributed_bism.evaluation.commands import sample_checkpoint
+    from distributed_bism.commands.evaluate import sample_checkpoint
 
     paths = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
                               force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)

@@ -19,8 +19,8 @@ from ray import cloudpickle
 
 import dist_workers
 from distributed_bism.config import load_config
-from distributed_bism.launch import preflight, run_on_ray
-from distributed_bism.run import run_loop, worker_loop
+from distributed_bism.launch.ray_backend import preflight, run_on_ray
+from distributed_bism.api import run_loop, worker_loop
 
 cloudpickle.register_pickle_by_value(dist_workers)  # workers cannot import tests/
 

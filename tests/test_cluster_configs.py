@@ -220,7 +220,7 @@ def test_bad_placement_keys_are_named(trainer: dict[str, Any], key: str) -> None
 
 def test_scaling_config_carries_placement_and_resources() -> None:
     from distributed_bism.config import load_config
-    from distributed_bism.launch import scaling_config
+    from distributed_bism.launch.ray_backend import scaling_config
 
     cfg = load_config(None, ["trainer.num_workers=2", "trainer.placement_strategy=SPREAD",
                              "trainer.resources_per_worker.bism_slot=1", "trainer.cpus_per_worker=0.5"])
@@ -246,7 +246,7 @@ class FakeRay:
 
 def test_check_resources_names_what_the_cluster_lacks() -> None:
     from distributed_bism.config import ConfigError
-    from distributed_bism.launch import check_resources
+    from distributed_bism.launch.ray_backend import check_resources
 
     ray_2_nodes = FakeRay({"CPU": 4, "bism_slot": 2}, nodes=2)
     check_resources(placement_config(resources_per_worker={"bism_slot": 1}, placement_strategy="STRICT_SPREAD",

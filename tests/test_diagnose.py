@@ -18,7 +18,7 @@ from conftest import tiny_conv, tiny_grbm
 from local_runs import scratch_cwd, tiny  # noqa: F401  (scratch_cwd: autouse, keeps the checkout clean)
 
 from distributed_bism.config import ObjectiveConfig
-from distributed_bism.diagnostics import exact_reference_gradient, gradient_bias
+from distributed_bism.core.diagnostics import exact_reference_gradient, gradient_bias
 from distributed_bism.objectives import get_objective
 from distributed_bism.objectives.score_matching import free_energy_score_fn, get_sm_loss_fn
 
@@ -129,7 +129,7 @@ def test_bad_arguments(float64):
 @pytest.fixture
 def trained_run(tmp_path: Path):
     """A 4-step local BiDSM GRBM run with an MLflow run in tmp_path: (checkpoint dir, uri, run id)."""
-    from distributed_bism.run import train
+    from distributed_bism.api import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny(tmp_path / "out", **{"tracking.enabled": True, "tracking.tracking_uri": uri, "trainer.steps": 4,

@@ -23,8 +23,8 @@ from ray import cloudpickle
 import dist_workers
 from dist_workers import first_step_config
 from distributed_bism.config import Config, from_dict
-from distributed_bism.launch import run_on_ray
-from distributed_bism.trainer import TrainLoop
+from distributed_bism.launch.ray_backend import run_on_ray
+from distributed_bism.training.loop import TrainLoop
 
 cloudpickle.register_pickle_by_value(dist_workers)  # workers cannot import tests/
 

@@ -21,7 +21,7 @@ from distributed_bism.evaluation import likelihood
 from distributed_bism.evaluation.classifier_fid import (classifier_fid, classifier_kid, feature_classifier,
                                                         frechet_distance, labelled_splits, polynomial_mmd2)
 from distributed_bism.evaluation.metrics import METRICS, EvalContext, register_metric, run_metrics
-from distributed_bism.loglik import exact_log_likelihood
+from distributed_bism.evaluation.loglik import exact_log_likelihood
 from distributed_bism.models import BernoulliPosterior, GaussianRBM
 from local_runs import scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributed_bism.data.synthetic import make_synthetic
-from distributed_bism.fisher import exact_fisher_divergence, synthetic_score_fn, vaes_fisher_divergence
+from distributed_bism.evaluation.fisher import exact_fisher_divergence, synthetic_score_fn, vaes_fisher_divergence
 from distributed_bism.models import GaussianRBM
 
 from conftest import tiny_grbm

@@ -18,7 +18,7 @@ from torch import nn
 from distributed_bism.config import Config, ConfigError, from_dict, load_config
 from distributed_bism.experiments import checkerboard_grbm
 from distributed_bism.models import BernoulliPosterior, GaussianRBM
-from distributed_bism.trainer import TrainLoop
+from distributed_bism.training.loop import TrainLoop
 
 
 @pytest.mark.parametrize("v_dim,h_dim", [(2, 4), (64, 16)])

@@ -34,7 +34,7 @@ import pytest
 
 from distributed_bism.config import Config, from_dict
 from distributed_bism.experiments import CHECKERBOARD_METHODS, checkerboard_grbm
-from distributed_bism.trainer import TrainLoop
+from distributed_bism.training.loop import TrainLoop
 
 PLATEAU = -0.356
 INIT = "reference"

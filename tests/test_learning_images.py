@@ -16,7 +16,7 @@ from distributed_bism.cli import DEMO_CONFIG
 from distributed_bism.config import load_config
 from distributed_bism.evaluation.metrics import EvalContext, run_metrics
 from distributed_bism.models import unwrap
-from distributed_bism.trainer import TrainLoop
+from distributed_bism.training.loop import TrainLoop
 
 STEPS = 300
 # Measured at STEPS (seed 0, one thread, ~20 s): denoise gain 0.000 → 0.342, energy gap 0.017 → 72.8.

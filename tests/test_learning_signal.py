@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from distributed_bism.config import Config, from_dict
 from distributed_bism.evaluation.learning_signal import denoise_gain, mean_energy
 from distributed_bism.evaluation.metrics import EvalContext, run_metrics
-from distributed_bism.optim import LRSchedule
+from distributed_bism.training.optim import LRSchedule
 
 
 class Quadratic(nn.Module):

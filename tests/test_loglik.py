@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_bism.loglik import (LogZEstimate, ais_log_likelihood, ais_log_partition, ais_log_weights,
+from distributed_bism.evaluation.loglik import (LogZEstimate, ais_log_likelihood, ais_log_partition, ais_log_weights,
                                      base_log_partition, bidirectional_log_likelihood, chain_share,
                                      exact_log_likelihood, linear_betas, raise_log_likelihood,
                                      reverse_ais_log_partition)

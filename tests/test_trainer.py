@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from distributed_bism import train
-from distributed_bism.checkpoint import STATE_FILE, CheckpointError, load_state, save_state
+from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, load_state, save_state
 from distributed_bism.config import Config, ConfigError, from_dict
-from distributed_bism.trainer import TrainLoop
+from distributed_bism.training.loop import TrainLoop
 from local_runs import assert_same, checkpoint_dirs, run_dir, scratch_cwd, snapshot, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
 
@@ -248,7 +248,7 @@ def test_local_strategy_trains_with_cpus_per_worker_threads(tmp_path: Path, monk
                                                             cpus: int) -> None:
     """strategy=local sets torch's threads to trainer.cpus_per_worker while it trains, as a Ray worker
     does, and gives the caller its own setting back."""
-    import distributed_bism.run as run_module
+    import distributed_bism.api as run_module
 
     seen: list[int] = []
     real_run_loop = run_module.run_loop
@@ -272,7 +272,7 @@ def test_local_strategy_trains_with_cpus_per_worker_threads(tmp_path: Path, monk
 def test_summary_ends_with_the_last_evaluation_judged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A local run's summary carries its last evaluation, and the final lines print it beside what
     judges it (for classifier-FID, held-out data and noise)."""
-    from distributed_bism.run import judged
+    from distributed_bism.api import judged
 
     cfg = tiny(tmp_path, **{"eval.metrics": ["energy_gap"], "eval.final_metrics": ["denoise"], "eval.every": 6})
     loop = TrainLoop.from_config(cfg, log=lambda s: None)

@@ -35,7 +35,7 @@ from distributed_bism.objectives.vages import (
     vaes_score_fn,
     vages_surrogate,
 )
-from distributed_bism.trainer import TrainLoop
+from distributed_bism.training.loop import TrainLoop
 
 from conftest import tiny_grbm
 from test_grbm import exact_posterior

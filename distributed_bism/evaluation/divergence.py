@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from distributed_bism.data.synthetic import MIXTURES
 from distributed_bism.evaluation.metrics import EvalContext, register_metric
-from distributed_bism.fisher import exact_fisher_divergence, synthetic_score_fn, vaes_fisher_divergence
+from distributed_bism.evaluation.fisher import exact_fisher_divergence, synthetic_score_fn, vaes_fisher_divergence
 from distributed_bism.models import GaussianRBM
 
 VAES_PARTICLES = 100

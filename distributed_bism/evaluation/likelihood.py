@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from distributed_bism.evaluation.metrics import EvalContext, register_metric
-from distributed_bism.loglik import ais_log_likelihood, exact_log_likelihood, raise_log_likelihood
+from distributed_bism.evaluation.loglik import ais_log_likelihood, exact_log_likelihood, raise_log_likelihood
 from distributed_bism.models.grbm import MAX_ENUMERABLE_H, GaussianRBM
 
 

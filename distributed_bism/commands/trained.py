@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from distributed_bism.checkpoint import STATE_FILE, CheckpointError, LocalCheckpoints, load_state
+from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, LocalCheckpoints, load_state
 from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.models import build_energy, build_posterior
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distributed_bism.bilevel import BilevelStep, step_from_config
+from distributed_bism.core.bilevel import BilevelStep, step_from_config
 from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models.grbm import GaussianRBM
 from distributed_bism.models.posterior import BernoulliPosterior, Posterior, PosteriorView

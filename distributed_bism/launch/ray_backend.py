@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from distributed_bism.checkpoint import LocalCheckpoints, checkpoint_dir_name
+from distributed_bism.training.checkpointing import LocalCheckpoints, checkpoint_dir_name
 from distributed_bism.config import Config, ConfigError, check_writable_dir
 from distributed_bism.data import check_dataset
 from distributed_bism.tracking import check_tracking_uri, tracking_uri

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distributed_bism.checkpoint import CheckpointError, load_state
-from distributed_bism.diagnostics import BiasReport, gradient_bias
+from distributed_bism.training.checkpointing import CheckpointError, load_state
+from distributed_bism.core.diagnostics import BiasReport, gradient_bias
 from distributed_bism.models import BernoulliPosterior, GaussianRBM
-from distributed_bism.trained import TrainedModel, load_trained
-from distributed_bism.unroll import torch_optimizer_state
+from distributed_bism.commands.trained import TrainedModel, load_trained
+from distributed_bism.core.unroll import torch_optimizer_state
 
 DEFAULT_KS = (0, 1, 5, 10)
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distributed_bism.unroll import torch_optimizer_state
+from distributed_bism.core.unroll import torch_optimizer_state
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distributed_bism.bilevel import BilevelStep, StepOutput, step_from_config
-from distributed_bism.checkpoint import CheckpointError, all_finite, load_file, load_state, optim_shard_file, save_state
+from distributed_bism.core.bilevel import BilevelStep, StepOutput, step_from_config
+from distributed_bism.training.checkpointing import CheckpointError, all_finite, load_file, load_state, optim_shard_file, save_state
 from distributed_bism.config import Config
 from distributed_bism.data import load_dataset
 from distributed_bism.data.sharding import ShardedBatches
@@ -32,10 +32,10 @@ from distributed_bism.evaluation.metrics import EvalContext, run_metrics
 from distributed_bism.evaluation.progress import log_loglik_curve
 from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.objectives import Objective, get_objective
-from distributed_bism.optim import EMA, LRSchedule
-from distributed_bism.strategies import Replica, build_replica, deepspeed_safe_globals
+from distributed_bism.training.optim import EMA, LRSchedule
+from distributed_bism.training.replica import Replica, build_replica, deepspeed_safe_globals
 from distributed_bism.tracking import RunLogger
-from distributed_bism.trained import build_models
+from distributed_bism.commands.trained import build_models
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from distributed_bism.config import Config
-from distributed_bism.optim import TorchUpdater, Updater, adam, all_ranks_agree
-from distributed_bism.unroll import torch_optimizer_state
+from distributed_bism.training.optim import TorchUpdater, Updater, adam, all_ranks_agree
+from distributed_bism.core.unroll import torch_optimizer_state
 
 
 @dataclass

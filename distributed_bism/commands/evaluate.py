@@ -20,7 +20,7 @@ from distributed_bism.evaluation.figures import save_sample_figure
 from distributed_bism.evaluation.metrics import EvalContext, check_metric_names, run_metrics
 from distributed_bism.evaluation.sample_grid import draw_samples
 from distributed_bism.samplers import SAMPLERS
-from distributed_bism.trained import TrainedModel, load_trained
+from distributed_bism.commands.trained import TrainedModel, load_trained
 
 
 @dataclass

@@ -85,9 +85,9 @@ def worker_loop(loop_config: dict[str, Any]) -> Any:
     import torch
 
     from distributed_bism.config import from_dict
-    from distributed_bism.launch import RaySink
+    from distributed_bism.launch.ray_backend import RaySink
     from distributed_bism.tracking import RunLogger
-    from distributed_bism.trainer import TrainLoop
+    from distributed_bism.training.loop import TrainLoop
 
     cfg = from_dict(Config, loop_config["config"])
     # Ray Train logs every report at INFO (a long line per rank per report); our progress lines say it better.
@@ -107,7 +107,7 @@ def worker_threads(cfg: Config) -> int:
 
 
 def _local_run_dir(cfg: Config) -> Path | None:
-    from distributed_bism.launch import storage_path
+    from distributed_bism.launch.ray_backend import storage_path
 
     sp = storage_path(cfg)
     return None if "://" in sp else Path(sp) / str(cfg.trainer.name)
@@ -116,9 +116,9 @@ def _local_run_dir(cfg: Config) -> Path | None:
 def _train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[str, Any], str | None]:
     import torch
 
-    from distributed_bism.launch import LocalSink, storage_path
+    from distributed_bism.launch.ray_backend import LocalSink, storage_path
     from distributed_bism.tracking import RunLogger
-    from distributed_bism.trainer import TrainLoop
+    from distributed_bism.training.loop import TrainLoop
 
     sink = LocalSink(Path(storage_path(cfg)) / str(cfg.trainer.name), cfg.trainer.num_to_keep)
     loop = TrainLoop.from_config(cfg, sink=sink, logger=RunLogger(uri, run_id), run_id=run_id, log=_print)
@@ -143,7 +143,7 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
         cfg = from_dict(Config, cfg)
     elif not isinstance(cfg, Config):
         cfg = load_config(cfg)
-    from distributed_bism.launch import _record_run, completed_checkpoint, preflight, run_on_ray
+    from distributed_bism.launch.ray_backend import _record_run, completed_checkpoint, preflight, run_on_ray
     from distributed_bism.tracking import close_run, open_run, tracking_uri
 
     cfg, resumed = preflight(cfg, address)
@@ -182,7 +182,7 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
 
 def _already_complete(cfg: Config, checkpoint: Path, uri: str | None) -> TrainSummary:
     """A relaunch of a finished run: report what it left, start nothing, write nothing."""
-    from distributed_bism.checkpoint import load_state
+    from distributed_bism.training.checkpointing import load_state
 
     state = load_state(checkpoint)
     name = str(cfg.trainer.name)

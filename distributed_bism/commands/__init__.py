@@ -1,0 +1,1 @@
+"""What the CLI does with a trained model: load it, evaluate, sample, diagnose."""

@@ -1,0 +1,1 @@
+"""Launching a run: preflight checks, the Ray session and TorchTrainer, and the worker entry."""

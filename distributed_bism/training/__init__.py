@@ -1,0 +1,1 @@
+"""The training loop and what it drives: replicas (local, DDP, DeepSpeed), optimisers, checkpoints."""
