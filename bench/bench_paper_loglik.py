@@ -30,11 +30,16 @@ processes with one torch thread each. Writes bench/results/paper_loglik.{json,md
     nice .venv/bin/python bench/bench_paper_loglik.py --jobs 1 --datasets checkerboard --seeds 0 \
         --steps 100000 --tag 100k --methods cd1 pcd1 dsm ssm bidsm_k0 bissm_k0 bissm_k5   # the 100k subset
     .venv/bin/python bench/bench_paper_loglik.py --quick --out /tmp/b   # smoke run, seconds
+
+`--reuse A.json B.json` takes the runs already in earlier results (same data set, learner, seed,
+iterations and evaluation interval) instead of training them again, and reports them with the new
+ones: a longer budget can be extended by a learner or a seed at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -114,7 +119,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['steps']} iterations, seed 0")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", help="write paper_loglik_<tag>.* (e.g. a longer budget on a subset) instead of paper_loglik.*")
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[], metavar="JSON",
+                        help="earlier results whose runs are taken instead of training them again")
     args = parser.parse_args()
+    reused = load_runs(args.reuse)
     seeds = [0] if args.quick else args.seeds
     jobs = []
     for ds in args.datasets:
@@ -122,6 +130,9 @@ def main() -> None:
         steps = args.steps or budget["steps"]
         jobs += [{"dataset": ds, "method": m, "seed": s, "steps": steps, "eval_every": min(budget["eval_every"], steps)}
                  for m in args.methods for s in seeds]
+    wanted = {run_key(j) for j in jobs}
+    reused = [r for r in reused if run_key(r) in wanted]
+    jobs = [j for j in jobs if run_key(j) not in {run_key(r) for r in reused}]
     jobs.sort(key=lambda j: -COST[j["method"]] * j["steps"])
     for job in jobs:  # a bad combination fails here, before any training
         experiment_config(job["dataset"], job["method"], steps=job["steps"], eval_every=job["eval_every"],
@@ -131,7 +142,8 @@ def main() -> None:
     sampler = CpuSampler(interval=1.0)
     sampler.start()
     start = time.perf_counter()
-    print(f"{len(jobs)} runs on {args.jobs} process(es); load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{len(jobs)} runs on {args.jobs} process(es), {len(reused)} reused; load average {os.getloadavg()[0]:.2f}",
+          flush=True)
     if args.jobs == 1:
         results = [_announce(run_job(j)) for j in jobs]
     else:
@@ -142,12 +154,30 @@ def main() -> None:
     sampler.stop()
     for r in results:
         r["cores"] = sampler.cores(r["t_start"], r["t_end"])
+    results += reused
     machine.update(wall_s=wall, jobs=args.jobs, torch_threads_per_job=1, loadavg_end=os.getloadavg(),
                    cores_whole_run=sampler.cores(sampler.samples[0][0], sampler.samples[-1][0]))
     command = "nice .venv/bin/python bench/bench_paper_loglik.py " + " ".join(sys.argv[1:])
     stem = "paper_loglik_quick" if args.quick else f"paper_loglik_{args.tag}" if args.tag else "paper_loglik"
     paths = write_report(results, machine=machine, command=command, rel_tol=args.rel_tol, out=args.out, stem=stem)
     print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def run_key(run: dict[str, Any]) -> tuple[str, str, int, int, int]:
+    """What makes two runs the same measurement."""
+    return (run["dataset"], run["method"], int(run["seed"]), int(run["steps"]), int(run["eval_every"]))
+
+
+def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """The runs stored in earlier results JSONs (curves keyed by int step), each marked with its file."""
+    runs: dict[tuple[str, str, int, int, int], dict[str, Any]] = {}
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"bench_paper_loglik: --reuse {path}: no such file")
+        for r in json.loads(path.read_text())["runs"]:
+            runs.setdefault(run_key(r), {**r, "test_loglik": {int(k): float(v) for k, v in r["test_loglik"].items()},
+                                         "reused_from": r.get("reused_from", path.name)})
+    return list(runs.values())
 
 
 def _announce(r: dict[str, Any]) -> dict[str, Any]:

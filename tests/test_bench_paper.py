@@ -91,3 +91,32 @@ def test_cpu_sampler_counts_children_that_exit_inside_the_window():
     sampler.stop()
     cores = sampler.cores(t0, t1)
     assert cores is not None and cores["benchmark"] * (t1 - t0) > 0.4, cores
+
+
+def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch):
+    """`--reuse`: runs already in an earlier JSON are reported again, not retrained; the
+    missing ones are trained. A file that is not there is a one-line error."""
+    earlier = _runs({"cd1": [0.1], "dsm": [0.2]}, steps=40)
+    for r in earlier:
+        r.update(dataset="checkerboard", eval_every=20, cores=None)
+    (tmp_path / "earlier.json").write_text(json.dumps({"runs": earlier}))
+    trained: list[str] = []
+
+    def fake_job(job):
+        trained.append(job["method"])
+        return {**job, "seconds": 1.0, "t_start": 0.0, "t_end": 1.0, "test_loglik": {0: -2.0, 40: 0.3}}
+
+    monkeypatch.setattr(bench, "run_job", fake_job)
+    argv = ["bench_paper_loglik.py", "--quick", "--datasets", "checkerboard", "--methods", "cd1", "dsm", "pcd1",
+            "--out", str(tmp_path), "--reuse", str(tmp_path / "earlier.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert trained == ["pcd1"]
+    runs = json.loads((tmp_path / "paper_loglik_quick.json").read_text())["runs"]
+    finals = {r["method"]: r["test_loglik"]["40"] for r in runs}
+    assert finals == {"cd1": 0.1, "dsm": 0.2, "pcd1": 0.3}
+    assert {r["method"]: r.get("reused_from") for r in runs} == {"cd1": "earlier.json", "dsm": "earlier.json",
+                                                                  "pcd1": None}
+    monkeypatch.setattr(sys, "argv", [*argv[:-1], str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="missing.json: no such file"):
+        bench.main()
