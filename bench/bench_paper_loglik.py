@@ -157,6 +157,8 @@ def main() -> None:
     results += reused
     machine.update(wall_s=wall, jobs=args.jobs, torch_threads_per_job=1, loadavg_end=os.getloadavg(),
                    cores_whole_run=sampler.cores(sampler.samples[0][0], sampler.samples[-1][0]))
+    if reused:
+        machine["reused"] = {f: sum(r["reused_from"] == f for r in reused) for f in sorted({r["reused_from"] for r in reused})}
     command = "nice .venv/bin/python bench/bench_paper_loglik.py " + " ".join(sys.argv[1:])
     stem = "paper_loglik_quick" if args.quick else f"paper_loglik_{args.tag}" if args.tag else "paper_loglik"
     paths = write_report(results, machine=machine, command=command, rel_tol=args.rel_tol, out=args.out, stem=stem)

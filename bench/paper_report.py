@@ -106,6 +106,10 @@ def markdown(summary: dict[str, Any], machine: dict[str, Any], command: str) -> 
         f"{cores.get('other_processes', float('nan')):.2f} (of {machine.get('cpu_count')}).",
         "",
     ]
+    if machine.get("reused"):
+        lines += ["Reused, not retrained (`--reuse`): " + "; ".join(
+            f"{n} run(s) from `{f}`" for f, n in machine["reused"].items())
+            + ". Their wall times and cores were measured when they ran; the wall time above is this command's.", ""]
     for ds, s in summary.items():
         v = s["verdict"]
         n_seeds = max(len(m["seeds"]) for m in s["methods"].values())

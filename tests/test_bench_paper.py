@@ -117,6 +117,7 @@ def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch):
     assert finals == {"cd1": 0.1, "dsm": 0.2, "pcd1": 0.3}
     assert {r["method"]: r.get("reused_from") for r in runs} == {"cd1": "earlier.json", "dsm": "earlier.json",
                                                                   "pcd1": None}
+    assert "2 run(s) from `earlier.json`" in (tmp_path / "paper_loglik_quick.md").read_text()
     monkeypatch.setattr(sys, "argv", [*argv[:-1], str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="missing.json: no such file"):
         bench.main()
