@@ -136,7 +136,8 @@ class EngineUpdater:
             g["lr"] = lr
 
     def full_grads(self) -> list[Tensor | None]:
-        """The averaged gradient of every parameter, assembled from the shards (a collective)."""
+        """The averaged gradient of every parameter, assembled from the shards (a collective). The
+        distributed tests compare it with the mean of the single-process gradients (dist_workers.py)."""
         from deepspeed.utils import safe_get_full_grad
 
         return [safe_get_full_grad(p) for p in self.params]
