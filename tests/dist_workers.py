@@ -11,7 +11,7 @@ import torch
 
 from distributed_bism.config import Config, from_dict
 from distributed_bism.models import unwrap
-from distributed_bism.training.replica import EngineUpdater
+from distributed_bism.training.updaters import EngineUpdater
 from distributed_bism.training.loop import TrainLoop
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from distributed_bism.training.checkpointing import CheckpointError, load_state
 from distributed_bism.core.diagnostics import BiasReport, gradient_bias
+from distributed_bism.data.prepare import prepare_data
 from distributed_bism.models import BernoulliPosterior, GaussianRBM
 from distributed_bism.commands.trained import TrainedModel, load_trained
 from distributed_bism.core.unroll import torch_optimizer_state
@@ -41,10 +42,7 @@ class Diagnosis:
 def training_batches(trained: TrainedModel, num_batches: int, *, seed: int) -> list[Tensor]:
     """`num_batches` batches (batch_size, *data_shape) of the run's training split, drawn by a
     permutation seeded with `seed` (without replacement, cycling if the set is small)."""
-    from distributed_bism.data import load_dataset
-
-    train, _ = load_dataset(trained.cfg.data)
-    train = train.reshape(len(train), *trained.data_shape)
+    train = prepare_data(trained.cfg).train
     bs = trained.cfg.trainer.batch_size
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(-(-num_batches * bs // len(train)))])

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distributed_bism.data.prepare import prepare_data
 from distributed_bism.evaluation.figures import save_sample_figure
 from distributed_bism.evaluation.metrics import EvalContext, check_metric_names, run_metrics
 from distributed_bism.evaluation.sample_grid import draw_samples
 from distributed_bism.samplers import SAMPLERS
-from distributed_bism.commands.trained import TrainedModel, load_trained
+from distributed_bism.commands.trained import load_trained
 
 
 @dataclass
@@ -44,14 +45,6 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _data(trained: TrainedModel) -> tuple[Tensor, Tensor]:
-    """(train, test) of the run's data set, in the shape its energy takes."""
-    from distributed_bism.data import load_dataset
-
-    train, test = load_dataset(trained.cfg.data)
-    return train.reshape(len(train), *trained.data_shape), test.reshape(len(test), *trained.data_shape)
-
-
 def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tracking_uri: str | None = None,
                         log: bool = True, output_dir: Path | None = None, use_ema: bool = False) -> EvalReport:
     """Run `metrics` (default: the run's eval.metrics) on checkpoint `ref` in this process and log
@@ -68,9 +61,9 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
     out = output_dir or Path(cfg.trainer.output_dir) / "evals" / str(cfg.trainer.name) / stamp
     run_id = trained.run_id if log else None
     logger = RunLogger(tracking_uri or default_uri(cfg), run_id) if run_id else None
-    train, test = _data(trained)
-    ctx = EvalContext(cfg=cfg, energy=trained.energy, posterior=trained.posterior, train_data=train, test_data=test,
-                      image_shape=trained.image_shape, step=trained.step, device=torch.device("cpu"),
+    data = prepare_data(cfg)
+    ctx = EvalContext(cfg=cfg, energy=trained.energy, posterior=trained.posterior, train_data=data.train,
+                      test_data=data.test, image_shape=data.image_shape, step=trained.step, device=torch.device("cpu"),
                       output_dir=out, logger=logger, artifact_root=f"eval/{stamp}")
     values = run_metrics(names, ctx)
     if logger is not None and values:
@@ -121,7 +114,7 @@ def sample_checkpoint(ref: str | Path, out: Path, *, n: int = 64, sampler: str =
     if n < 1:
         raise ValueError(f"-n must be >= 1, got {n}")
     trained = load_trained(ref, tracking_uri=tracking_uri, use_ema=use_ema)
-    _, test = _data(trained)
+    test = prepare_data(trained.cfg).test
     drawn = draw_samples(trained.cfg, trained.energy, trained.posterior, test, n, sampler=sampler, seed=seed)
     title = f"{trained.cfg.trainer.name} at step {trained.step}: {len(drawn.samples)} samples — {drawn.label}"
     value_range = data_range(trained.cfg.data.name)

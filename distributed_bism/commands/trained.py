@@ -6,15 +6,13 @@
                                                                   run's `checkpoint_path` tag
 
 The modules are built from the config stored in the checkpoint by the same builder the trainer
-uses (`build_models`), then loaded with the checkpoint's θ (or its EMA) and φ.
+uses (`models.build.build_models`), then loaded with the checkpoint's θ (or its EMA) and φ.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,36 +21,17 @@ from torch import nn
 
 from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, LocalCheckpoints, load_state
 from distributed_bism.config import Config, ConfigError, from_dict
-from distributed_bism.models import build_energy, build_posterior
+from distributed_bism.data.prepare import example_shapes
+from distributed_bism.models.build import build_models
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids
-
-
-def model_input_shape(cfg: Config, image_shape: Sequence[int]) -> tuple[int, ...]:
-    """What the energy sees per example: flat (D,) for a GRBM, the data set's own shape otherwise."""
-    return (math.prod(image_shape),) if cfg.model.name == "grbm" else tuple(image_shape)
-
-
-def build_models(cfg: Config, input_shape: Sequence[int], *, with_posterior: bool) -> tuple[nn.Module, nn.Module | None]:
-    """Freshly initialised (energy, posterior or None) for inputs of `input_shape` (see model_input_shape)."""
-    energy = build_energy(cfg.model, tuple(input_shape))
-    posterior = build_posterior(cfg.posterior, tuple(input_shape), cfg.model.h_dim) if with_posterior else None
-    return energy, posterior
-
-
-def dataset_shape(cfg: Config) -> tuple[int, ...]:
-    """The shape of one example of cfg.data, (C, H, W) or (2,), from a one-example load."""
-    from distributed_bism.data import load_dataset
-
-    train, _ = load_dataset(replace(cfg.data, n_train=1, n_test=1))
-    return tuple(train.shape[1:])
 
 
 @dataclass
 class TrainedModel:
     """A model at one checkpoint. `energy` and `posterior` are in eval mode on `device`.
 
-    data_shape: what the energy takes per example, (D,) for a GRBM or (C, H, W);
+    data_shape: what the energy takes per example, (D,) for a GRBM or (C, H, W) (data.prepare);
     image_shape: the data set's own example shape, for drawing samples.
     """
 
@@ -112,8 +91,7 @@ def load_trained(ref: str | Path, *, tracking_uri: str | None = None, use_ema: b
         cfg = from_dict(Config, yaml.safe_load(state["config"]))
     except (ConfigError, yaml.YAMLError, KeyError) as e:
         raise CheckpointError(f"{directory}: its stored config is not usable ({e})") from e
-    image_shape = dataset_shape(cfg)
-    input_shape = model_input_shape(cfg, image_shape)
+    image_shape, input_shape = example_shapes(cfg)
     energy, posterior = build_models(cfg, input_shape, with_posterior=state.get("posterior") is not None)
     try:
         energy.load_state_dict(state["energy"])

@@ -29,7 +29,7 @@ from distributed_bism.models.posterior import Posterior, PosteriorView
 from distributed_bism.objectives import Objective
 from distributed_bism.objectives.noise import NoisyBatch
 from distributed_bism.objectives.score_matching import EnergyFn
-from distributed_bism.training.optim import Updater, as_updater
+from distributed_bism.training.updaters import Updater, as_updater
 from distributed_bism.core.unroll import (
     SGD,
     FunctionalOptimizer,

@@ -38,10 +38,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from distributed_bism.distributed import gather_rows, rank_and_world
 from distributed_bism.models.grbm import MAX_ENUMERABLE_H, GaussianRBM
 
 # METHODS.md: the reference evaluates with 2000 chains and 2000 linearly spaced β.
@@ -155,38 +155,9 @@ def raise_log_weights(grbm: GaussianRBM, data: Tensor, betas: Tensor, num_chains
 
 
 # ------------------------------------------------------------------------------- distribution
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def chain_share(num_chains: int, rank: int, world_size: int) -> int:
     """Chains run by `rank`: num_chains split as evenly as possible, the first ranks taking the remainder."""
     return num_chains // world_size + (1 if rank < num_chains % world_size else 0)
-
-
-def gather_chains(local: Tensor) -> Tensor:
-    """Concatenate every rank's (n_rank, ...) tensor along dim 0, in rank order (local when not distributed)."""
-    rank, world = _rank_and_world()
-    if world == 1:
-        return local
-    # all_gather needs equal shapes: pad to the largest share, then cut each rank's part back.
-    sizes = _gather_sizes(local.shape[0], world)
-    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-
-def _gather_sizes(n: int, world: int) -> list[int]:
-    t = torch.tensor([n], dtype=torch.long)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t)
-    return [int(x.item()) for x in out]
 
 
 # ------------------------------------------------------------------------------------- public
@@ -209,10 +180,10 @@ def ais_log_partition(grbm: GaussianRBM, *, num_chains: int = DEFAULT_NUM_CHAINS
     `betas` (K+1,) overrides the linear schedule of `num_betas` values. Rank r runs its share of
     `num_chains` with a generator seeded `seed + r`; every rank returns the same estimate.
     """
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     sched = _schedule(num_betas, betas, grbm)
     gen = torch.Generator(device=grbm.W.device).manual_seed(seed + rank)
-    log_w = gather_chains(ais_log_weights(grbm, sched, chain_share(num_chains, rank, world), gen))
+    log_w = gather_rows(ais_log_weights(grbm, sched, chain_share(num_chains, rank, world), gen))
     return LogZEstimate.from_log_weights(log_w, base_log_partition(grbm), num_betas=len(sched), side="lower")
 
 
@@ -231,7 +202,7 @@ def raise_log_likelihood(grbm: GaussianRBM, data: Tensor, *, num_chains: int = 1
     """RAISE estimate of the mean log p(v) over data (N, D), `num_chains` reverse chains per point
     (a stochastic lower bound on the annealed model's log-likelihood; see the module docstring). Under torch.distributed each rank takes a share of the
     points (seeded `seed + rank`) and the per-point estimates are all-gathered."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     sched = _schedule(num_betas, betas, grbm)
     start = sum(chain_share(len(data), r, world) for r in range(rank))
     mine = data[start: start + chain_share(len(data), rank, world)]
@@ -242,7 +213,7 @@ def raise_log_likelihood(grbm: GaussianRBM, data: Tensor, *, num_chains: int = 1
     var_point = (w.var(0, unbiased=True) / num_chains / w.mean(0) ** 2) if num_chains > 1 else torch.full_like(
         per_point, math.inf)
     ess = (w.sum(0) ** 2 / (w**2).sum(0)).mean()
-    gathered = gather_chains(torch.stack([per_point, var_point, -grbm.free_energy(mine),
+    gathered = gather_rows(torch.stack([per_point, var_point, -grbm.free_energy(mine),
                                           ess.expand_as(per_point)], 1))
     n = len(gathered)
     loglik = gathered[:, 0].mean().item()
@@ -264,7 +235,7 @@ def reverse_ais_log_partition(grbm: GaussianRBM, *, num_chains: int = DEFAULT_NU
     `gibbs_steps` block-Gibbs sweeps and the bound holds only as far as those chains mixed.
     Distributed like `ais_log_partition`.
     """
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     sched = _schedule(num_betas, betas, grbm)
     gen = torch.Generator(device=grbm.W.device).manual_seed(seed + rank)
     n = chain_share(num_chains, rank, world)
@@ -278,7 +249,7 @@ def reverse_ais_log_partition(grbm: GaussianRBM, *, num_chains: int = DEFAULT_NU
                 starts = grbm.gibbs_step(starts, gen)
     with torch.no_grad():  # raise_log_weights = log p̂ = −F − log Z_0 + log w, so log w = that + F + log Z_0
         log_w = raise_log_weights(grbm, starts, sched, 1, gen)[0] + grbm.free_energy(starts) + base_log_partition(grbm)
-    log_w = gather_chains(log_w)
+    log_w = gather_rows(log_w)
     inverse = LogZEstimate.from_log_weights(log_w, -base_log_partition(grbm), num_betas=len(sched), side="upper")
     return dataclasses.replace(inverse, log_z=-inverse.log_z)  # log Ẑ = −(log(1/Z_0) + log mean w)
 

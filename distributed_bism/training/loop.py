@@ -26,7 +26,7 @@ from torch import Tensor
 from distributed_bism.core.bilevel import BilevelStep, StepOutput, step_from_config
 from distributed_bism.training.checkpointing import CheckpointError, all_finite, load_file, load_state, optim_shard_file, save_state
 from distributed_bism.config import Config
-from distributed_bism.data import load_dataset
+from distributed_bism.data.prepare import prepare_data
 from distributed_bism.data.sharding import ShardedBatches
 from distributed_bism.evaluation.metrics import EvalContext, run_metrics
 from distributed_bism.evaluation.progress import log_loglik_curve
@@ -35,7 +35,8 @@ from distributed_bism.objectives import Objective, get_objective
 from distributed_bism.training.optim import EMA, LRSchedule
 from distributed_bism.training.replica import Replica, build_replica, deepspeed_safe_globals
 from distributed_bism.tracking import RunLogger
-from distributed_bism.commands.trained import build_models
+from distributed_bism.models.build import build_models
+from distributed_bism.distributed import gather_objects, mean_over_ranks
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
@@ -64,7 +65,6 @@ class History:
     """Logged values: step → metric (rank 0)."""
 
     loss: dict[int, float] = field(default_factory=dict)
-    inner_loss: dict[int, float] = field(default_factory=dict)
     test_loglik: dict[int, float] = field(default_factory=dict)
     samples: dict[int, str] = field(default_factory=dict)
 
@@ -76,22 +76,6 @@ def _move_aside(directory: Path) -> Path:
         target, n = directory.with_name(f"{directory.name}.unreadable.{n}"), n + 1
     directory.rename(target)
     return target
-
-
-def _gather(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _mean_over_ranks(x: float, world_size: int, device: torch.device) -> float:
-    if world_size == 1:
-        return x
-    t = torch.tensor([x], device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / world_size
 
 
 class TrainLoop:
@@ -126,23 +110,20 @@ class TrainLoop:
         same initial weights from trainer.seed, then draw their own noise from seed and rank."""
         device = device or torch.device("cpu")
         torch.manual_seed(cfg.trainer.seed)
-        train, test = load_dataset(cfg.data)
-        image_shape = tuple(train.shape[1:])
-        if cfg.model.name == "grbm":  # a GRBM sees flat vectors
-            train, test = train.flatten(1), test.flatten(1)
+        data = prepare_data(cfg)  # a GRBM sees flat vectors; samples are drawn as data.image_shape
         objective = get_objective(cfg.objective)
-        energy, posterior = build_models(cfg, tuple(train.shape[1:]), with_posterior=objective.bilevel)
+        energy, posterior = build_models(cfg, data.input_shape, with_posterior=objective.bilevel)
         if isinstance(energy, GaussianRBM) and cfg.model.b_init == "data_mean":
             with torch.no_grad():  # opt-in; the reference draws b with W (model.init=reference)
-                energy.b.copy_(train.mean(0))
+                energy.b.copy_(data.train.mean(0))
         replica = build_replica(cfg, energy, posterior, rank=rank, world_size=world_size, device=device)
         step = step_from_config(objective, cfg.objective, posterior_lr=cfg.optim.posterior_lr,
                                 posterior_betas=tuple(cfg.optim.posterior_betas))  # type: ignore[arg-type]
-        batches = ShardedBatches(train.to(device), cfg.trainer.batch_size, rank=rank, world_size=world_size,
+        batches = ShardedBatches(data.train.to(device), cfg.trainer.batch_size, rank=rank, world_size=world_size,
                                  seed=cfg.trainer.seed)
         torch.manual_seed(cfg.trainer.seed + 1_000_003 * rank)
         return cls(cfg=cfg, replica=replica, objective=objective, step=step, batches=batches,
-                   test_data=test.to(device), image_shape=image_shape, **kwargs)
+                   test_data=data.test.to(device), image_shape=data.image_shape, **kwargs)
 
     # ------------------------------------------------------------------ one iteration
     def forward_backward(self, v: Tensor) -> StepOutput:
@@ -177,8 +158,8 @@ class TrainLoop:
     def state(self) -> dict[str, Any]:
         """The checkpoint dict (see checkpoint.py); a collective: every rank must call it."""
         r = self.replica
-        rng = _gather(torch.get_rng_state(), self.world_size)
-        obj = _gather(self.objective.state_dict(), self.world_size)
+        rng = gather_objects(torch.get_rng_state())
+        obj = gather_objects(self.objective.state_dict())
         sharded = r.sharded_optimizer
         return {
             "step": self.step, "world_size": self.world_size, "bad_steps": self.bad_steps,
@@ -280,19 +261,17 @@ class TrainLoop:
         steps0, t0 = window
         r = self.replica
         dt = max(time.perf_counter() - t0, 1e-9)
-        m = {"train/loss": _mean_over_ranks(out.loss.item(), self.world_size, r.device),
+        m = {"train/loss": mean_over_ranks(out.loss.item()),
              "train/grad_norm_theta": r.energy_updater.grad_norm(),
              "train/lr": self.schedules[0].at(self.step),
              "perf/s_per_step": dt / max(self.step - steps0, 1),
              "perf/samples_per_s": (self.step - steps0) * self.cfg.trainer.batch_size * self.world_size / dt}
         if out.inner_loss is not None:
-            m["train/inner_loss"] = _mean_over_ranks(out.inner_loss.item(), self.world_size, r.device)
+            m["train/inner_loss"] = mean_over_ranks(out.inner_loss.item())
         if r.posterior_updater is not None:
             m["train/grad_norm_phi"] = r.posterior_updater.grad_norm()
             m["train/posterior_lr"] = self.schedules[1].at(self.step)
         self.history.loss[self.step] = m["train/loss"]
-        if "train/inner_loss" in m:
-            self.history.inner_loss[self.step] = m["train/inner_loss"]
         return m
 
     def _print_eval(self, evaluated: dict[str, float]) -> None:

@@ -17,16 +17,15 @@ and the reducer can expect all of them. DeepSpeed averages in engine.backward, w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from distributed_bism.config import Config
-from distributed_bism.training.optim import TorchUpdater, Updater, adam, all_ranks_agree
-from distributed_bism.core.unroll import torch_optimizer_state
+from distributed_bism.training.optim import adam
+from distributed_bism.training.updaters import EngineUpdater, TorchUpdater, Updater
 
 
 @dataclass
@@ -46,78 +45,6 @@ class Replica:
     def sharded_optimizer(self) -> bool:
         """True when each rank holds only its shard of the optimiser state (ZeRO ≥ 1)."""
         return bool(getattr(self.energy_updater, "sharded", False))
-
-
-class EngineUpdater:
-    """A DeepSpeed engine as an `Updater`. engine.backward reduces the gradient across ranks;
-    the skip decision is taken on the loss and all-reduced, since under ZeRO-2 no rank sees
-    the whole gradient."""
-
-    def __init__(self, engine: Any, zero_stage: int):
-        self.engine, self.zero_stage = engine, zero_stage
-        self.params = [p for p in engine.module.parameters() if p.requires_grad]
-        self.sharded = zero_stage >= 1
-        self._loss_finite = True
-
-    def zero_grad(self) -> None:
-        self.engine.zero_grad()
-
-    def backward(self, loss: Tensor) -> None:
-        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
-        self.engine.backward(loss)
-
-    def step(self) -> bool:
-        if not all_ranks_agree(self._loss_finite):
-            self.engine.zero_grad()
-            return False
-        self.engine.step()
-        return True
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr
-
-    def full_grads(self) -> list[Tensor | None]:
-        """The averaged gradient of every parameter, assembled from the shards (a collective)."""
-        from deepspeed.utils import safe_get_full_grad
-
-        return [safe_get_full_grad(p) for p in self.params]
-
-    def grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()  # computed by the last engine.step()
-        return float(norm) if norm is not None else 0.0
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.engine.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """This rank's shard (ZeRO ≥ 1), or the whole state (stage 0). ZeRO wants a list indexed by
-        data-parallel rank; only this rank's entry is read for a checkpoint of the same world size,
-        and its fp32 master weights are restored exactly (load_from_fp32_weights)."""
-        if not self.sharded:
-            self.engine.optimizer.load_state_dict(state)
-            return
-        import torch.distributed as dist
-
-        shards = [state] * dist.get_world_size()
-        self.engine.optimizer.load_state_dict(shards, load_from_fp32_weights=True)
-
-    def optimizer_state(self, params: Mapping[str, Tensor]) -> dict[str, dict]:
-        """Adam's per-parameter state by name, assembled from the shards (a collective), so the
-        unrolled Adam continues from it exactly as under DDP."""
-        if not self.sharded:
-            return torch_optimizer_state(self.engine.optimizer, params)
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        base = self.engine.optimizer.optimizer.state
-        steps = [st["step"] for st in base.values() if "step" in st]
-        if not steps:
-            return {}
-        out = {}
-        for n, p in params.items():
-            out[n] = {"step": steps[0], "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                      "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
-        return out
 
 
 def deepspeed_safe_globals() -> list[Any]:
