@@ -15,10 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.launch.local import print_line, worker_threads
 from distributed_bism.launch.preflight import check_address, check_local_cpus, local_run_dir, storage_path
+from distributed_bism.tracking import RunLogger
 from distributed_bism.training.checkpointing import LocalCheckpoints, checkpoint_dir_name
+from distributed_bism.training.loop import TrainLoop
 
 
 def train_on_ray(cfg: Config, run_id: str | None, uri: str | None,
@@ -124,15 +128,11 @@ def worker_main(loop_config: dict[str, Any]) -> None:
     worker_loop(loop_config).fit()
 
 
-def worker_loop(loop_config: dict[str, Any]) -> Any:
+def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
     """The TrainLoop of this Ray Train worker's rank, checkpointing through Ray (not yet run).
     loop_config: {"config": the resolved config as a dict, "run_id", "tracking_uri"}."""
     import ray.train
     import ray.train.torch
-    import torch
-
-    from distributed_bism.tracking import RunLogger
-    from distributed_bism.training.loop import TrainLoop
 
     cfg = from_dict(Config, loop_config["config"])
     # Ray Train logs every report at INFO (a long line per rank per report); our progress lines say it better.
