@@ -1,7 +1,7 @@
 """A training run whose workers say where they ran: the driver of the multi-node test, submitted
 as a Ray job (`python tests/cluster_probe.py CONFIG.yaml OUT_DIR`).
 
-It trains through the package's own path (`run_on_ray`, `worker_loop`, `run_loop`: the loop,
+It trains through the package's own path (`run_on_ray`, `worker_loop`, `TrainLoop.fit`: the loop,
 its checkpoints and its resume), tracking off. Each worker writes OUT_DIR/start_rank{r}_{pid}.json
 (its node) when it starts, and OUT_DIR/final_rank{r}.pt (node, step, θ and φ) when it is done.
 """
@@ -19,8 +19,8 @@ from ray import cloudpickle
 
 import dist_workers
 from distributed_bism.config import load_config
-from distributed_bism.launch.ray_backend import preflight, run_on_ray
-from distributed_bism.api import run_loop, worker_loop
+from distributed_bism.launch.preflight import preflight
+from distributed_bism.launch.ray_backend import run_on_ray, worker_loop
 
 cloudpickle.register_pickle_by_value(dist_workers)  # workers cannot import tests/
 
@@ -34,7 +34,7 @@ def probe_worker(conf: dict[str, Any]) -> None:
     node = ray.get_runtime_context().get_node_id()
     (out / f"start_rank{rank}_{os.getpid()}.json").write_text(json.dumps({"rank": rank, "node": node}))
     loop = worker_loop(conf)
-    run_loop(loop)
+    loop.fit()
     torch.save({"rank": rank, "node": node, "step": loop.step, "params": dist_workers.params_of(loop)},
                out / f"final_rank{rank}.pt")
 

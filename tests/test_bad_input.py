@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distributed_bism.launch import ray_backend as launch
+from distributed_bism.launch import preflight as launch
 from distributed_bism.cli import main
 
 TINY = {

@@ -1,152 +1,40 @@
-"""`distributed_bism.train(config)`: checks, then the run on Ray Train (ddp, deepspeed) or in this
-process (local).
+"""strategy=ddp / deepspeed: the run on Ray Train.
 
-Everything that can be wrong with the input is checked here, before Ray starts a worker: the
-data set, the storage path, the tracking store, an existing run of the same name with a
-different set-up, the Ray address, and the workers the cluster can hold. Then the driver opens
-the MLflow run, fits, and closes the run as FINISHED or FAILED.
+The driver connects to (or starts) a Ray cluster, checks it can hold the workers, and fits a
+TorchTrainer whose workers each run `worker_main`: this rank's TrainLoop, checkpointing through
+`RaySink` (ray.train.report). Ray is imported only inside functions, so the input checks
+(preflight.py) run and fail before Ray is loaded; the training loop itself never imports Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import shutil
-import socket
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
+import torch
 
+from distributed_bism.config import Config, ConfigError, from_dict
+from distributed_bism.launch.local import print_line, worker_threads
+from distributed_bism.launch.preflight import check_address, check_local_cpus, local_run_dir, storage_path
+from distributed_bism.tracking import RunLogger
 from distributed_bism.training.checkpointing import LocalCheckpoints, checkpoint_dir_name
-from distributed_bism.config import Config, ConfigError, check_writable_dir
-from distributed_bism.data import check_dataset
-from distributed_bism.tracking import check_tracking_uri, tracking_uri
-
-RUN_CONFIG_FILE = "bism_config.yaml"
-# What must match for a run to continue under the same trainer.name; the rest (steps, logging,
-# checkpoint cadence, tracking, address) may change between launches.
-FIXED_TRAINER_KEYS = ("strategy", "num_workers", "batch_size", "seed", "ema_decay", "zero_stage", "precision")
+from distributed_bism.training.loop import TrainLoop
 
 
-# --------------------------------------------------------------------------- checks
-def storage_path(cfg: Config) -> str:
-    """trainer.storage_path (local path or URI), else <output_dir>/ray_results, made absolute."""
-    sp = cfg.trainer.storage_path
-    if sp and "://" in sp:
-        return sp
-    return str(Path(sp or Path(cfg.trainer.output_dir) / "ray_results").expanduser().resolve())
+def train_on_ray(cfg: Config, run_id: str | None, uri: str | None,
+                 *, address: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """Fit the run on trainer.num_workers Ray Train workers; returns rank 0's last report (what
+    `TrainLoop.fit` returns) and the newest checkpoint's path."""
+    result = run_on_ray(cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
+                        address=address)
+    return dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None
 
 
-def _math_of(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    keep = {k: v for k, v in cfg_dict.items() if k in ("data", "model", "posterior", "objective", "optim")}
-    keep["trainer"] = {k: cfg_dict.get("trainer", {}).get(k) for k in FIXED_TRAINER_KEYS}
-    return keep
-
-
-def check_resume(cfg: Config, run_dir: Path) -> bool:
-    """True if run_dir holds an earlier launch of this run. A different set-up under the same name
-    is an error naming the first differing key, so one run's checkpoints are never continued
-    with another's model or objective."""
-    saved_file = run_dir / RUN_CONFIG_FILE
-    if not saved_file.is_file():
-        return False
-    saved = _math_of(yaml.safe_load(saved_file.read_text()) or {})
-    now = _math_of(cfg.to_dict())
-    for section, values in now.items():
-        for key, value in values.items():
-            old = saved.get(section, {}).get(key)
-            if old != value:
-                raise ConfigError(f"{section}.{key}: run {cfg.trainer.name!r} in {run_dir} was started with "
-                                  f"{old!r}, now {value!r}; choose a new trainer.name to start a new run")
-    return True
-
-
-def check_address(address: str, *, timeout: float = 3.0) -> None:
-    """A TCP connect to host:port of a Ray address, so a wrong address fails in seconds, naming it."""
-    scheme, _, hostport = address.rpartition("://")
-    if scheme not in ("", "ray"):  # http://...:8265 is the dashboard, where `ray job submit` sends jobs
-        raise ConfigError(f"trainer.address: {address!r} is not a Ray cluster address; give the head's host:port "
-                          "(port 6379 by default) or ray://host:10001; a dashboard URL is for `ray job submit`")
-    hostport = hostport.rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"trainer.address: {address!r} is not host:port (or ray://host:port)")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        raise ConfigError(f"trainer.address: no Ray cluster answers at {address} ({e.strerror or e})") from e
-
-
-def check_batch(cfg: Config) -> None:
-    """Every worker needs one full batch of its share of the training set (else each worker
-    would fail in ShardedBatches, after Ray started it)."""
-    from distributed_bism.data import SPLIT_SIZES
-    from distributed_bism.data.synthetic import N_TRAIN_DEFAULT, SYNTHETIC
-
-    d, t = cfg.data, cfg.trainer
-    n = d.n_train
-    if n is None:
-        n = N_TRAIN_DEFAULT if d.name in SYNTHETIC else SPLIT_SIZES.get(d.name, (None,))[0]
-    if n is not None and n // t.num_workers < t.batch_size:
-        raise ConfigError(f"trainer.batch_size: {t.batch_size} per worker × {t.num_workers} worker(s) needs "
-                          f"{t.batch_size * t.num_workers} training examples, {d.name} has {n} (data.n_train)")
-
-
-def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
-    """Check everything cheap, the Ray address included; returns the config with its run name
-    fixed, and whether it resumes. Nothing is written or opened before this passes."""
-    check_dataset(cfg.data)
-    check_batch(cfg)
-    name = cfg.trainer.name or f"{cfg.data.name}-{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # Absolute: Ray Train workers run in a directory of their own.
-    output_dir = Path(cfg.trainer.output_dir).expanduser().resolve()
-    cfg = replace(cfg, trainer=replace(cfg.trainer, name=name, output_dir=str(output_dir)))
-    check_writable_dir(output_dir, "trainer.output_dir")
-    sp = storage_path(cfg)
-    resumed = False
-    if "://" not in sp:
-        run_dir = Path(sp) / name
-        check_writable_dir(Path(sp), "trainer.storage_path")
-        resumed = check_resume(cfg, run_dir)
-    if cfg.tracking.enabled:
-        check_tracking_uri(tracking_uri(cfg))
-    if cfg.trainer.precision != "fp32" and cfg.trainer.use_gpu is False:
-        raise ConfigError(f"trainer.precision: {cfg.trainer.precision} needs GPUs, but trainer.use_gpu is false")
-    if cfg.trainer.strategy != "local":
-        address = address or cfg.trainer.address or os.environ.get("RAY_ADDRESS")
-        if address and address not in ("auto", "local"):
-            check_address(address)
-        check_local_cpus(cfg, address)
-    return cfg, resumed
-
-
-def completed_checkpoint(cfg: Config) -> Path | None:
-    """The run's final checkpoint if an earlier launch already reached trainer.steps (local
-    storage only), so a relaunch can report it without starting Ray."""
-    sp = storage_path(cfg)
-    if "://" in sp:
-        return None
-    latest = LocalCheckpoints(Path(sp) / str(cfg.trainer.name), cfg.trainer.num_to_keep).latest()
-    if latest is None or int(latest.name.rsplit("_", 1)[1]) < cfg.trainer.steps:
-        return None
-    return latest
-
-
-def _record_run(cfg: Config) -> None:
-    sp = storage_path(cfg)
-    if "://" not in sp:
-        run_dir = Path(sp) / str(cfg.trainer.name)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / RUN_CONFIG_FILE).exists():
-            (run_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
-
-
-# --------------------------------------------------------------------------- Ray
+# --------------------------------------------------------------------------- the driver
 @contextlib.contextmanager
 def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator[Any]:
     """Connect to the cluster at `address` (or $RAY_ADDRESS, or one already running here), else
@@ -175,38 +63,6 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
         yield ray
     finally:
         ray.shutdown()
-
-
-def _ray_running_here() -> bool:
-    """Whether ray.init(address="auto") would find a cluster on this machine: Ray's own lookup (the
-    address file of the last `ray start`, or a running GCS process), no connection made."""
-    try:
-        from ray._private.services import get_ray_address_from_environment
-    except ImportError:  # a private API; if it moved, assume a cluster may be running
-        return True
-    try:
-        return get_ray_address_from_environment("auto", None) is not None
-    except ConnectionError:
-        return False
-
-
-def check_local_cpus(cfg: Config, address: str | None) -> None:
-    """Before any ray.init: when no address is given ($RAY_ADDRESS unset) and no cluster runs here,
-    Ray would start a new local cluster with at most os.cpu_count() CPUs, so CPU workers that need
-    more fail now, naming the key, instead of after Ray started. A running cluster may have more
-    CPUs than this machine; check_resources checks it once connected."""
-    import torch
-
-    t = cfg.trainer
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        return
-    if t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()):
-        return
-    need, have = t.num_workers * t.cpus_per_worker, os.cpu_count() or 1
-    if need > have and (address == "local" or not _ray_running_here()):
-        raise ConfigError(f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
-                          f"CPUs, this machine has {have} (no Ray cluster running here and no address given)")
 
 
 def check_resources(cfg: Config, ray: Any) -> bool:
@@ -266,26 +122,28 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_co
         return trainer.fit()
 
 
-# --------------------------------------------------------------------------- sinks
-class LocalSink:
-    """Checkpoints as checkpoint_XXXXXXXX/ directories under the run directory (local strategy)."""
+# --------------------------------------------------------------------------- in each worker
+def worker_main(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build the loop for this rank and fit it."""
+    worker_loop(loop_config).fit()
 
-    def __init__(self, root: Path, num_to_keep: int):
-        self.checkpoints = LocalCheckpoints(root, num_to_keep)
-        self.last: Path | None = None
 
-    def candidates(self) -> list[Path]:
-        return self.checkpoints.all()[::-1]
+def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
+    """The TrainLoop of this Ray Train worker's rank, checkpointing through Ray (not yet run).
+    loop_config: {"config": the resolved config as a dict, "run_id", "tracking_uri"}."""
+    import ray.train
+    import ray.train.torch
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
-        if checkpoint_dir is None:
-            return
-        target = self.checkpoints.directory(step)
-        if target.exists():  # never overwrite what was saved
-            raise FileExistsError(f"checkpoint {target} already exists")
-        shutil.copytree(checkpoint_dir, target)
-        self.last = target
-        self.checkpoints.prune()
+    cfg = from_dict(Config, loop_config["config"])
+    # Ray Train logs every report at INFO (a long line per rank per report); our progress lines say it better.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(worker_threads(cfg))  # 1 worker = its own cores, no oversubscription
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    return TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
+                                 sink=RaySink(local_run_dir(cfg)), logger=logger, run_id=loop_config["run_id"],
+                                 log=print_line)
 
 
 class RaySink:

@@ -10,14 +10,17 @@ Layout of a checkpoint directory:
       "format": 1, "step": t, "world_size": W, "bad_steps": n,
       "energy": θ state_dict, "posterior": φ state_dict | None, "ema": EMA(θ) | {},
       "energy_optimizer": ..., "posterior_optimizer": ...,   # None when sharded (see above)
-      "schedules": {"energy": lr at t, "posterior": lr at t},
       "rng": [torch RNG state of rank r for r < W],        # uint8 tensors
       "objective": [objective state of rank r] ,           # PCD chains; {} otherwise
       "config": resolved config as YAML, "mlflow_run_id": str | None,
     }
 
-Under Ray, directories are handed to `ray.train.report` and kept by CheckpointConfig; the
-"local" strategy keeps them itself with `LocalCheckpoints`, in the same layout.
+Older checkpoints also hold "schedules" (the learning rates at t). Nothing reads it, since
+`LRSchedule.at(t)` recomputes them, and loading takes keys by name, so they load as they are.
+
+Where the directories go is a `CheckpointSink`, the only thing the training loop sees: under Ray
+(`RaySink`, launch/ray_backend.py) they are handed to `ray.train.report` and kept by Ray's
+CheckpointConfig; the "local" strategy keeps them itself (`LocalSink`), in the same layout.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -38,6 +41,12 @@ FORMAT = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+def is_uri(path: str) -> bool:
+    """Whether a storage path is a URI (s3://..., gs://...) rather than a local path: only a local
+    path can be listed, checked for writability or searched for checkpoints from this process."""
+    return "://" in path
 
 
 def optim_shard_file(rank: int) -> str:
@@ -120,3 +129,55 @@ class LocalCheckpoints:
 
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
+
+
+def move_aside(directory: Path) -> Path:
+    """Rename a checkpoint directory to <name>.unreadable[.N], so nothing writes over it."""
+    target, n = directory.with_name(directory.name + ".unreadable"), 1
+    while target.exists():
+        target, n = directory.with_name(f"{directory.name}.unreadable.{n}"), n + 1
+    directory.rename(target)
+    return target
+
+
+# --------------------------------------------------------------------------- sinks
+class CheckpointSink(Protocol):
+    """Where checkpoints go. Every rank calls `report` at the same steps."""
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint directories to resume from, newest first."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        """Hand over this step's metrics and, at checkpoints, a directory `TrainLoop.save` filled
+        (a temporary one: the sink copies or uploads what it keeps)."""
+
+
+class NoCheckpoints:
+    """Keeps nothing (benchmarks and tests of the loop itself)."""
+
+    def candidates(self) -> list[Path]:
+        return []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        return None
+
+
+class LocalSink:
+    """Checkpoints as checkpoint_XXXXXXXX/ directories under the run directory (local strategy)."""
+
+    def __init__(self, root: Path, num_to_keep: int):
+        self.checkpoints = LocalCheckpoints(root, num_to_keep)
+        self.last: Path | None = None
+
+    def candidates(self) -> list[Path]:
+        return self.checkpoints.all()[::-1]
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        target = self.checkpoints.directory(step)
+        if target.exists():  # never overwrite what was saved
+            raise FileExistsError(f"checkpoint {target} already exists")
+        shutil.copytree(checkpoint_dir, target)
+        self.last = target
+        self.checkpoints.prune()

@@ -17,14 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from distributed_bism.core.bilevel import BilevelStep, StepOutput, step_from_config
-from distributed_bism.training.checkpointing import CheckpointError, all_finite, load_file, load_state, optim_shard_file, save_state
+from distributed_bism.training.checkpointing import (CheckpointError, CheckpointSink, NoCheckpoints, all_finite, load_file,
+                                                    load_state, move_aside, optim_shard_file, save_state)
 from distributed_bism.config import Config
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.data.sharding import ShardedBatches
@@ -41,25 +42,6 @@ from distributed_bism.distributed import gather_objects, mean_over_ranks
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
 
-class CheckpointSink(Protocol):
-    """Where checkpoints go. Every rank calls `report` at the same steps."""
-
-    def candidates(self) -> list[Path]:
-        """Checkpoint directories to resume from, newest first."""
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None: ...
-
-
-class NoCheckpoints:
-    """Keeps nothing (benchmarks and tests of the loop itself)."""
-
-    def candidates(self) -> list[Path]:
-        return []
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
-        return None
-
-
 @dataclass
 class History:
     """Logged values: step → metric (rank 0)."""
@@ -69,17 +51,11 @@ class History:
     samples: dict[int, str] = field(default_factory=dict)
 
 
-def _move_aside(directory: Path) -> Path:
-    """Rename a checkpoint directory to <name>.unreadable[.N], so nothing writes over it."""
-    target, n = directory.with_name(directory.name + ".unreadable"), 1
-    while target.exists():
-        target, n = directory.with_name(f"{directory.name}.unreadable.{n}"), n + 1
-    directory.rename(target)
-    return target
 
 
 class TrainLoop:
-    """Keyword-only training loop: `run_step` = `forward_backward` + optimiser steps; `save`/`load`."""
+    """Keyword-only training loop: `run_step` = `forward_backward` + optimiser steps; `save`/`load`;
+    `fit` = `resume`, `run` to trainer.steps, `export` of the final model."""
 
     def __init__(self, *, cfg: Config, replica: Replica, objective: Objective, step: BilevelStep,
                  batches: ShardedBatches, test_data: Tensor | None, sink: CheckpointSink | None = None,
@@ -168,7 +144,6 @@ class TrainLoop:
             "ema": self.ema.state_dict(),
             "energy_optimizer": None if sharded else r.energy_updater.state_dict(),
             "posterior_optimizer": None if sharded or r.posterior_updater is None else r.posterior_updater.state_dict(),
-            "schedules": {"energy": self.schedules[0].at(self.step), "posterior": self.schedules[1].at(self.step)},
             "rng": rng, "objective": obj,
             "config": self.cfg.to_yaml(), "mlflow_run_id": self.run_id,
         }
@@ -288,7 +263,7 @@ class TrainLoop:
                 try:
                     load_state(candidate)
                 except CheckpointError as e:
-                    aside = _move_aside(candidate)
+                    aside = move_aside(candidate)
                     self.log(f"skipping unreadable checkpoint ({e}); kept as {aside}")
                     continue
                 choice[0] = str(candidate)
@@ -341,3 +316,37 @@ class TrainLoop:
             if metrics:  # the next throughput window starts after evaluation and checkpointing
                 window = (s, time.perf_counter())
         return self.history
+
+    def fit(self) -> dict[str, Any]:
+        """The whole job of a worker: resume from the sink's newest checkpoint, train to
+        trainer.steps, then (rank 0) export the final model. Returns the last evaluation's eval/*
+        values, the step, and the newest sample grid ("samples_path", None if none was drawn)."""
+        t = self.cfg.trainer
+        self.resume()
+        if self.step >= t.steps:
+            self.log(f"run {t.name!r} is already complete at step {self.step}: nothing to train. To train again, "
+                     f"give it a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it")
+        self.log(f"{self.world_size} worker(s) × batch {t.batch_size} = global batch {t.batch_size * self.world_size}; "
+                 f"strategy {t.strategy}; steps {self.step} → {t.steps}")
+        start = self.step
+        self.run()
+        if self.rank == 0:
+            self.export(trained=self.step > start)
+        samples = self.history.samples
+        return {**self.last_eval, "step": self.step, "samples_path": samples[max(samples)] if samples else None}
+
+    def export(self, *, trained: bool) -> Path | None:
+        """Rank 0: the final weights (θ, EMA θ, φ) and config as one safe-to-load file,
+        <output_dir>/models/<name>/model.pt, logged to MLflow as the artifact "model". A relaunch
+        that trained nothing (`trained` false) leaves an existing file alone. Returns the path
+        written, None when nothing was."""
+        r = self.replica
+        path = Path(self.cfg.trainer.output_dir).resolve() / "models" / str(self.cfg.trainer.name) / "model.pt"
+        if path.exists() and not trained:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"step": self.step, "energy": unwrap(r.energy).state_dict(), "ema": self.ema.state_dict(),
+                    "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
+                    "config": self.cfg.to_yaml()}, path)
+        self.logger.artifact(path, "model")
+        return path

@@ -54,8 +54,7 @@ def trial_driver(params: dict[str, Any], ctx: SweepContext) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distributed_bism.launch.ray_backend import run_on_ray
-    from distributed_bism.api import worker_main
+    from distributed_bism.launch.ray_backend import run_on_ray, worker_main
     from distributed_bism.tracking import close_run, open_run, tracking_uri
 
     trial = ray.tune.get_context().get_trial_id()
@@ -107,7 +106,8 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, output_dir: str = "ou
     import ray.tune
     from ray.tune import TuneConfig, Tuner
 
-    from distributed_bism.launch.ray_backend import preflight, ray_session
+    from distributed_bism.launch.preflight import preflight
+    from distributed_bism.launch.ray_backend import ray_session
     from distributed_bism.tracking import close_children, close_run, open_run, tracking_uri
     from distributed_bism.tune.report import write_results
 

@@ -1,0 +1,48 @@
+"""strategy=local: the run's one TrainLoop in this process, no Ray; and what every worker shares
+with it (its torch threads, how it prints)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distributed_bism.config import Config
+from distributed_bism.launch.preflight import storage_path
+from distributed_bism.tracking import RunLogger
+from distributed_bism.training.checkpointing import LocalSink
+from distributed_bism.training.loop import TrainLoop
+
+
+def print_line(msg: str) -> None:
+    """A progress line on stdout, flushed. Not print(): in Ray Train workers print is patched to log
+    *and* echo, doubling each line."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def worker_threads(cfg: Config) -> int:
+    """torch threads of one worker: its trainer.cpus_per_worker, at least 1. A process left at torch's
+    default uses every core, and on a busy machine that is many times slower than one thread."""
+    return max(1, int(cfg.trainer.cpus_per_worker))
+
+
+def train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[str, Any], str | None]:
+    """Fit one TrainLoop here, its checkpoints kept by a LocalSink under the run directory, with
+    trainer.cpus_per_worker torch threads (as a Ray worker would; the caller's setting is restored
+    after). Returns what `TrainLoop.fit` returns (plus the test log-likelihood curve, step → value,
+    when one was measured) and the newest checkpoint."""
+    sink = LocalSink(Path(storage_path(cfg)) / str(cfg.trainer.name), cfg.trainer.num_to_keep)
+    loop = TrainLoop.from_config(cfg, sink=sink, logger=RunLogger(uri, run_id), run_id=run_id, log=print_line)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(cfg))
+    try:
+        out = loop.fit()
+    finally:
+        torch.set_num_threads(threads)
+    if loop.history.test_loglik:
+        out["test_loglik"] = loop.history.test_loglik
+    last = sink.last or sink.checkpoints.latest()
+    return out, str(last) if last else None

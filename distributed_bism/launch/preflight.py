@@ -1,0 +1,186 @@
+"""Every check of a training run's input, before any worker starts or any MLflow run opens.
+
+The data set and its batch, the output and storage paths, an earlier run of the same name with a
+different set-up, the tracking store, GPU precision, the Ray address and the CPUs a new local
+cluster would have. Bad input is a `ConfigError` (or `DataError`) naming the key. Also here:
+where the run's checkpoints live (`storage_path`, `local_run_dir`), the check for a run that is
+already complete, and `record_run`, the one file written before training (the run's config,
+which later launches of the same name are compared against).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distributed_bism.config import Config, ConfigError, check_writable_dir
+from distributed_bism.data import check_dataset
+from distributed_bism.tracking import check_tracking_uri, tracking_uri
+from distributed_bism.training.checkpointing import LocalCheckpoints, is_uri
+
+RUN_CONFIG_FILE = "bism_config.yaml"
+# What must match for a run to continue under the same trainer.name; the rest (steps, logging,
+# checkpoint cadence, tracking, address) may change between launches.
+FIXED_TRAINER_KEYS = ("strategy", "num_workers", "batch_size", "seed", "ema_decay", "zero_stage", "precision")
+
+
+# --------------------------------------------------------------------------- where checkpoints go
+def storage_path(cfg: Config) -> str:
+    """trainer.storage_path (local path or URI), else <output_dir>/ray_results, made absolute."""
+    sp = cfg.trainer.storage_path
+    if sp and is_uri(sp):
+        return sp
+    return str(Path(sp or Path(cfg.trainer.output_dir) / "ray_results").expanduser().resolve())
+
+
+def local_run_dir(cfg: Config) -> Path | None:
+    """<storage_path>/<trainer.name>, where the run's checkpoints and config are; None when the
+    storage is a URI (this process cannot look there)."""
+    sp = storage_path(cfg)
+    return None if is_uri(sp) else Path(sp) / str(cfg.trainer.name)
+
+
+# --------------------------------------------------------------------------- checks
+def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
+    """Check everything cheap, the Ray address included; returns the config with its run name
+    fixed, and whether it resumes. Nothing is written or opened before this passes."""
+    check_dataset(cfg.data)
+    check_batch(cfg)
+    name = cfg.trainer.name or f"{cfg.data.name}-{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Absolute: Ray Train workers run in a directory of their own.
+    output_dir = Path(cfg.trainer.output_dir).expanduser().resolve()
+    cfg = replace(cfg, trainer=replace(cfg.trainer, name=name, output_dir=str(output_dir)))
+    check_writable_dir(output_dir, "trainer.output_dir")
+    run_dir = local_run_dir(cfg)
+    resumed = False
+    if run_dir is not None:
+        check_writable_dir(run_dir.parent, "trainer.storage_path")
+        resumed = check_resume(cfg, run_dir)
+    if cfg.tracking.enabled:
+        check_tracking_uri(tracking_uri(cfg))
+    if cfg.trainer.precision != "fp32" and cfg.trainer.use_gpu is False:
+        raise ConfigError(f"trainer.precision: {cfg.trainer.precision} needs GPUs, but trainer.use_gpu is false")
+    if cfg.trainer.strategy != "local":
+        address = address or cfg.trainer.address or os.environ.get("RAY_ADDRESS")
+        if address and address not in ("auto", "local"):
+            check_address(address)
+        check_local_cpus(cfg, address)
+    return cfg, resumed
+
+
+def check_batch(cfg: Config) -> None:
+    """Every worker needs one full batch of its share of the training set (else each worker
+    would fail in ShardedBatches, after Ray started it)."""
+    from distributed_bism.data import SPLIT_SIZES
+    from distributed_bism.data.synthetic import N_TRAIN_DEFAULT, SYNTHETIC
+
+    d, t = cfg.data, cfg.trainer
+    n = d.n_train
+    if n is None:
+        n = N_TRAIN_DEFAULT if d.name in SYNTHETIC else SPLIT_SIZES.get(d.name, (None,))[0]
+    if n is not None and n // t.num_workers < t.batch_size:
+        raise ConfigError(f"trainer.batch_size: {t.batch_size} per worker × {t.num_workers} worker(s) needs "
+                          f"{t.batch_size * t.num_workers} training examples, {d.name} has {n} (data.n_train)")
+
+
+def _math_of(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    keep = {k: v for k, v in cfg_dict.items() if k in ("data", "model", "posterior", "objective", "optim")}
+    keep["trainer"] = {k: cfg_dict.get("trainer", {}).get(k) for k in FIXED_TRAINER_KEYS}
+    return keep
+
+
+def check_resume(cfg: Config, run_dir: Path) -> bool:
+    """True if run_dir holds an earlier launch of this run. A different set-up under the same name
+    is an error naming the first differing key, so one run's checkpoints are never continued
+    with another's model or objective."""
+    saved_file = run_dir / RUN_CONFIG_FILE
+    if not saved_file.is_file():
+        return False
+    saved = _math_of(yaml.safe_load(saved_file.read_text()) or {})
+    now = _math_of(cfg.to_dict())
+    for section, values in now.items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key)
+            if old != value:
+                raise ConfigError(f"{section}.{key}: run {cfg.trainer.name!r} in {run_dir} was started with "
+                                  f"{old!r}, now {value!r}; choose a new trainer.name to start a new run")
+    return True
+
+
+def check_address(address: str, *, timeout: float = 3.0) -> None:
+    """A TCP connect to host:port of a Ray address, so a wrong address fails in seconds, naming it."""
+    scheme, _, hostport = address.rpartition("://")
+    if scheme not in ("", "ray"):  # http://...:8265 is the dashboard, where `ray job submit` sends jobs
+        raise ConfigError(f"trainer.address: {address!r} is not a Ray cluster address; give the head's host:port "
+                          "(port 6379 by default) or ray://host:10001; a dashboard URL is for `ray job submit`")
+    hostport = hostport.rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"trainer.address: {address!r} is not host:port (or ray://host:port)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConfigError(f"trainer.address: no Ray cluster answers at {address} ({e.strerror or e})") from e
+
+
+def _ray_running_here() -> bool:
+    """Whether ray.init(address="auto") would find a cluster on this machine: Ray's own lookup (the
+    address file of the last `ray start`, or a running GCS process), no connection made."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # a private API; if it moved, assume a cluster may be running
+        return True
+    try:
+        return get_ray_address_from_environment("auto", None) is not None
+    except ConnectionError:
+        return False
+
+
+def check_local_cpus(cfg: Config, address: str | None) -> None:
+    """Before any ray.init: when no address is given ($RAY_ADDRESS unset) and no cluster runs here,
+    Ray would start a new local cluster with at most os.cpu_count() CPUs, so CPU workers that need
+    more fail now, naming the key, instead of after Ray started. A running cluster may have more
+    CPUs than this machine; ray_backend.check_resources checks it once connected."""
+    import torch
+
+    t = cfg.trainer
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        return
+    if t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()):
+        return
+    need, have = t.num_workers * t.cpus_per_worker, os.cpu_count() or 1
+    if need > have and (address == "local" or not _ray_running_here()):
+        raise ConfigError(f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
+                          f"CPUs, this machine has {have} (no Ray cluster running here and no address given)")
+
+
+# --------------------------------------------------------------------------- after the checks
+def completed_checkpoint(cfg: Config) -> Path | None:
+    """The run's final checkpoint if an earlier launch already reached trainer.steps (local
+    storage only), so a relaunch can report it without starting Ray."""
+    run_dir = local_run_dir(cfg)
+    if run_dir is None:
+        return None
+    latest = LocalCheckpoints(run_dir, cfg.trainer.num_to_keep).latest()
+    if latest is None or int(latest.name.rsplit("_", 1)[1]) < cfg.trainer.steps:
+        return None
+    return latest
+
+
+def record_run(cfg: Config) -> None:
+    """Write the run's config to <run dir>/bism_config.yaml at its first launch (local storage
+    only): what check_resume compares a later launch of the same name against."""
+    run_dir = local_run_dir(cfg)
+    if run_dir is None:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_CONFIG_FILE).exists():
+        (run_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
