@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from distributed_bism.core.bilevel import BilevelStep, StepOutput, step_from_config
@@ -37,7 +36,7 @@ from distributed_bism.training.optim import EMA, LRSchedule
 from distributed_bism.training.replica import Replica, build_replica, deepspeed_safe_globals
 from distributed_bism.tracking import RunLogger
 from distributed_bism.models.build import build_models
-from distributed_bism.distributed import gather_objects, mean_over_ranks
+from distributed_bism.distributed import broadcast_object, gather_objects, mean_over_ranks
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
@@ -257,7 +256,7 @@ class TrainLoop:
         """Load the newest readable checkpoint of the sink, if any. Rank 0 chooses and every rank
         loads the same one; one cut short by a crash is renamed *.unreadable (kept, never
         overwritten by the retrained step) and the next older one is tried."""
-        choice: list[str | None] = [None]
+        choice: str | None = None
         if self.rank == 0:
             for candidate in self.sink.candidates():
                 try:
@@ -266,14 +265,13 @@ class TrainLoop:
                     aside = move_aside(candidate)
                     self.log(f"skipping unreadable checkpoint ({e}); kept as {aside}")
                     continue
-                choice[0] = str(candidate)
+                choice = str(candidate)
                 break
-        if self.world_size > 1:
-            dist.broadcast_object_list(choice, src=0)
-        if choice[0] is None:
+        choice = broadcast_object(choice)
+        if choice is None:
             return False
-        self.load(Path(choice[0]))
-        self.log(f"resumed from {choice[0]} at step {self.step}")
+        self.load(Path(choice))
+        self.log(f"resumed from {choice} at step {self.step}")
         return True
 
     def run(self) -> History:
