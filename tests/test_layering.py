@@ -29,7 +29,8 @@ def test_config_imports_no_heavy_framework():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     heavy = json.loads(out.stdout.strip().splitlines()[-1])
-    assert heavy == [], f"importing distributed_bism.config imported {', '.join(heavy)}"
+    tops = sorted({m.split(".")[0] for m in heavy})
+    assert not heavy, f"importing distributed_bism.config imported {', '.join(tops)} ({len(heavy)} modules)"
 
 
 def _module_files() -> dict[str, Path]:
