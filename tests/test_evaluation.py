@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from distributed_bism.config import Config, ConfigError
-from distributed_bism.evaluation import likelihood
+from distributed_bism.evaluation import loglik
 from distributed_bism.evaluation.classifier_fid import (classifier_fid, classifier_kid, feature_classifier,
                                                         frechet_distance, labelled_splits, polynomial_mmd2)
-from distributed_bism.evaluation.metrics import METRICS, EvalContext, register_metric, run_metrics
 from distributed_bism.evaluation.loglik import exact_log_likelihood
+from distributed_bism.evaluation.metrics import EvalContext, register_metric, run_metrics
 from distributed_bism.models import BernoulliPosterior, GaussianRBM
+from distributed_bism.registry.metrics import METRICS
 from local_runs import scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
 
@@ -35,24 +36,31 @@ def context(cfg: Config, energy: torch.nn.Module, posterior: torch.nn.Module | N
 
 
 # --------------------------------------------------------------------------- the registry
-def test_registry_validates_config_and_runs_metrics_per_rank(tmp_path: Path) -> None:
-    """eval.metrics accepts exactly the registered names (a new registration becomes legal); a
-    rank-0 metric runs on rank 0 only, an all-ranks metric on every rank, values kept on rank 0."""
+CALLS: list[tuple[str, int]] = []
+
+
+@register_metric("probe_rank0")
+def probe_rank0(ctx: EvalContext) -> dict[str, float]:
+    CALLS.append(("rank0", ctx.rank))
+    return {"eval/probe_rank0": 1.0}
+
+
+@register_metric("probe_all", all_ranks=True)
+def probe_all(ctx: EvalContext) -> dict[str, float]:
+    CALLS.append(("all", ctx.rank))
+    return {"eval/probe_all": float(ctx.rank)}
+
+
+def test_registry_validates_config_and_runs_metrics_per_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.metrics accepts exactly the names of the registry's table (a new line there becomes
+    legal); a rank-0 metric runs on rank 0 only, an all-ranks metric on every rank, values kept on
+    rank 0; a line must point at the metric of its own name."""
     with pytest.raises(ConfigError, match=r"^eval\.metrics: unknown metric 'nope'"):
         tiny(tmp_path, **{"eval.metrics": ["test_loglik", "nope"]})
-    calls: list[tuple[str, int]] = []
-
-    @register_metric("probe_rank0")
-    def rank0(ctx: EvalContext) -> dict[str, float]:
-        calls.append(("rank0", ctx.rank))
-        return {"eval/probe_rank0": 1.0}
-
-    @register_metric("probe_all", all_ranks=True)
-    def everywhere(ctx: EvalContext) -> dict[str, float]:
-        calls.append(("all", ctx.rank))
-        return {"eval/probe_all": float(ctx.rank)}
-
-    try:
+    CALLS.clear()
+    with monkeypatch.context() as m:
+        m.setitem(METRICS, "probe_rank0", f"{__name__}:probe_rank0")
+        m.setitem(METRICS, "probe_all", f"{__name__}:probe_all")
         cfg = tiny(tmp_path, **{"eval.metrics": ["probe_rank0", "probe_all"]})
         grbm = GaussianRBM(2, 3)
         names = cfg.eval.metrics
@@ -60,12 +68,10 @@ def test_registry_validates_config_and_runs_metrics_per_rank(tmp_path: Path) -> 
             "eval/probe_rank0": 1.0, "eval/probe_all": 0.0}
         assert run_metrics(names, context(cfg, grbm, None, torch.zeros(4, 2), tmp_path, image_shape=(2,),
                                           rank=1, world_size=2)) == {}
-        assert calls == [("rank0", 0), ("all", 0), ("all", 1)]
-        with pytest.raises(ValueError, match="registered twice"):
-            register_metric("probe_all")(rank0)
-    finally:
-        METRICS.pop("probe_rank0", None)
-        METRICS.pop("probe_all", None)
+        assert CALLS == [("rank0", 0), ("all", 0), ("all", 1)]
+        m.setitem(METRICS, "probe_all", f"{__name__}:probe_rank0")
+        with pytest.raises(TypeError, match="not the metric 'probe_all'"):
+            run_metrics(["probe_all"], context(cfg, grbm, None, torch.zeros(4, 2), tmp_path, image_shape=(2,)))
     with pytest.raises(ConfigError, match="probe_rank0"):
         tiny(tmp_path, **{"eval.metrics": ["probe_rank0"]})
 
@@ -81,7 +87,7 @@ def test_test_loglik_uses_ais_beyond_the_enumeration_limit(tmp_path: Path, monke
     cfg = tiny(tmp_path, **{"eval.ais_chains": 400, "eval.ais_betas": 200})
     exact = run_metrics(["test_loglik"], context(cfg, grbm, None, test, tmp_path, image_shape=(2,)))
     assert set(exact) == {"eval/test_loglik"}
-    monkeypatch.setattr(likelihood, "MAX_ENUMERABLE_H", 3)
+    monkeypatch.setattr(loglik, "MAX_ENUMERABLE_H", 3)
     cfg = replace(cfg, eval=replace(cfg.eval, raise_chains=10))
     ais = run_metrics(["test_loglik"], context(cfg, grbm, None, test, tmp_path, image_shape=(2,)))
     assert set(ais) == {"eval/test_loglik", "eval/test_loglik_std_err", "eval/log_z", "eval/log_z_std_err",
@@ -113,7 +119,7 @@ def _ais_rank(rank: int, port: int, path: str, queue: Any) -> None:
     """One of 2 gloo ranks: run test_loglik (AIS, collectives) then samples (rank 0 only) twice."""
     import torch.distributed as dist
 
-    from distributed_bism.evaluation import likelihood as lik
+    from distributed_bism.evaluation import loglik as lik
     from local_runs import tiny as tiny_cfg
 
     lik.MAX_ENUMERABLE_H = 3  # this process only

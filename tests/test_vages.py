@@ -35,6 +35,7 @@ from distributed_bism.objectives.vages import (
     vaes_score_fn,
     vages_surrogate,
 )
+from distributed_bism.registry.objectives import objective_spec
 from distributed_bism.training.loop import TrainLoop
 
 from conftest import tiny_grbm
@@ -276,10 +277,10 @@ def test_bad_vages_settings_fail_in_one_line_naming_the_key(override, key):
 
 def test_valid_vages_settings_load():
     cfg = load_config(None, ["objective.name=vages_dsm", "objective.num_particles=1", "objective.biased_cov=true"])
-    assert cfg.objective.bilevel
+    assert objective_spec(cfg.objective.name).bilevel
     cfg = load_config(None, ["objective.name=vages_mdsm", "objective.num_particles=2", "objective.sgld_steps=5",
                              "posterior.name=gaussian", "model.name=conv", "data.name=digits"])
-    assert get_objective(cfg.objective).divide_inner_by_sigma
+    assert get_objective(cfg.objective).spec.divide_inner_by_sigma
 
 
 def test_a_non_finite_batch_gives_a_non_finite_loss_not_an_error(float64):

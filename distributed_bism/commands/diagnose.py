@@ -25,6 +25,7 @@ from distributed_bism.data.prepare import prepare_data
 from distributed_bism.models import BernoulliPosterior, GaussianRBM
 from distributed_bism.commands.trained import TrainedModel, load_trained
 from distributed_bism.core.unroll import torch_optimizer_state
+from distributed_bism.registry.objectives import objective_spec
 
 DEFAULT_KS = (0, 1, 5, 10)
 
@@ -102,7 +103,7 @@ def diagnose(ref: str, *, ks: list[int] | tuple[int, ...] = DEFAULT_KS, num_batc
         raise ValueError(f"--k needs unroll depths >= 0, got {list(ks)}")
     trained = load_trained(ref, tracking_uri=tracking_uri)
     cfg = trained.cfg
-    if not cfg.objective.bilevel or trained.posterior is None:
+    if not objective_spec(cfg.objective.name).bilevel or trained.posterior is None:
         raise CheckpointError(f"{trained.checkpoint}: objective {cfg.objective.name} is not bi-level, "
                               "so there is no hypergradient to diagnose")
     reference = reference or default_reference(trained)

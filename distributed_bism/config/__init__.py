@@ -1,27 +1,27 @@
 """Typed configuration: one dataclass per component, composed into `Config`.
 
 Configs load from YAML or dicts and take dotted overrides (`objective.unroll_steps=5`). Unknown
-keys and wrong types raise `ConfigError` naming the offending key; value checks live in each
-component's `__post_init__`, so a `Config` that exists is valid.
+keys, wrong types and bad values raise `ConfigError` naming the offending key: ranges in each
+section's `__post_init__`, names and cross-section fit in validate.py, which `from_dict` runs on
+every section; so a `Config` that loading returns is valid.
 
     errors.py     ConfigError, check, check_writable_dir
-    sections.py   DataConfig ... EvalConfig, Config, and the names each key accepts
-    loading.py    coerce, from_dict, apply_overrides, load_config
+    schema.py     DataConfig ... EvalConfig, Config: keys, types, ranges (a leaf: no torch, nothing
+                  else from the package)
+    validate.py   names against the registries (distributed_bism/registry) and how model,
+                  posterior and objective fit, as the objective's spec says
+    loading.py    coerce, from_dict (runs both checks), apply_overrides, load_config
 """
 
 from distributed_bism.config.errors import ConfigError, check, check_writable_dir
 from distributed_bism.config.loading import apply_overrides, coerce, from_dict, load_config
-from distributed_bism.config.sections import (
-    BILEVEL_OBJECTIVES,
+from distributed_bism.config.schema import (
     MARGINAL_MODELS,
     MODELS,
-    OBJECTIVES,
     PLACEMENT_STRATEGIES,
     POSTERIORS,
     PRECISIONS,
-    SINGLE_LEVEL_OBJECTIVES,
     STRATEGIES,
-    VAGES_OBJECTIVES,
     Config,
     DataConfig,
     EvalConfig,
@@ -32,10 +32,10 @@ from distributed_bism.config.sections import (
     TrackingConfig,
     TrainerConfig,
 )
+from distributed_bism.config.validate import validate
 
 __all__ = [
-    "BILEVEL_OBJECTIVES", "MARGINAL_MODELS", "MODELS", "OBJECTIVES", "PLACEMENT_STRATEGIES", "POSTERIORS", "PRECISIONS",
-    "SINGLE_LEVEL_OBJECTIVES", "STRATEGIES", "VAGES_OBJECTIVES", "Config", "ConfigError", "DataConfig", "EvalConfig",
+    "MARGINAL_MODELS", "MODELS", "PLACEMENT_STRATEGIES", "POSTERIORS", "PRECISIONS", "STRATEGIES", "Config", "ConfigError", "DataConfig", "EvalConfig",
     "ModelConfig", "ObjectiveConfig", "OptimConfig", "PosteriorConfig", "TrackingConfig", "TrainerConfig",
-    "apply_overrides", "check", "check_writable_dir", "coerce", "from_dict", "load_config",
+    "apply_overrides", "check", "check_writable_dir", "coerce", "from_dict", "load_config", "validate",
 ]

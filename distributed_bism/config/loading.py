@@ -1,4 +1,8 @@
-"""Loading configs: YAML files and dicts into `Config`, dotted overrides, type checks."""
+"""Loading configs: YAML files and dicts into `Config`, dotted overrides, type checks.
+
+Every section `from_dict` builds is checked twice: by its own `__post_init__` (schema.py: types
+and ranges) and then by validate.py (names against the registries, how the sections fit).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from typing import Any
 import yaml
 
 from distributed_bism.config.errors import ConfigError, check
-from distributed_bism.config.sections import Config
+from distributed_bism.config.schema import Config
+from distributed_bism.config.validate import validate
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -54,7 +59,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys, wrong types and names no
+    registry holds (validate.py)."""
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
@@ -69,11 +75,13 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
         key = f"{prefix}{name}"
         kwargs[name] = from_dict(tp, value, f"{key}.") if dataclasses.is_dataclass(tp) else coerce(value, tp, key)
     try:
-        return cls(**kwargs)
+        section = cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
+    validate(section)
+    return section
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models.grbm import GaussianRBM
 from distributed_bism.models.posterior import BernoulliPosterior, Posterior, PosteriorView
 from distributed_bism.objectives import NoisyBatch, Objective, get_objective
+from distributed_bism.registry.objectives import objective_spec
 
 REFERENCES = ("exact", "unroll")
 PER_PARAMETER_TABLE_MAX = 8  # the table lists per-tensor errors for models with at most this many tensors
@@ -180,7 +181,7 @@ def gradient_bias(energy: nn.Module, posterior: Posterior, objective_cfg: Object
     state by name, which the unrolled Adam continues from, as in training."""
     if reference not in REFERENCES:
         raise ValueError(f"unknown reference {reference!r}; expected one of {REFERENCES}")
-    if not objective_cfg.bilevel:
+    if not objective_spec(objective_cfg.name).bilevel:
         raise ValueError(f"objective {objective_cfg.name!r} is not bi-level: it has no hypergradient to diagnose")
     if reference == "exact" and not (isinstance(energy, GaussianRBM) and isinstance(posterior, BernoulliPosterior)):
         raise ValueError("the exact reference needs a Gaussian RBM with a Bernoulli posterior; use reference='unroll'")

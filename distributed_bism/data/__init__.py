@@ -10,6 +10,8 @@ Image sets (N, C, H, W) in [0, 1]:
 MNIST), before any noise is added. `data.dequantize` spreads every pixel of an image set uniformly over its intensity level (see
 `dequantize`), the usual way to give discrete data a density whose log-likelihood is bounded.
 
+The names and where each set's loader lives: distributed_bism/registry/datasets.py (a leaf, which
+config validation reads); a loader's module is imported when that set is loaded.
 `check_dataset` is the cheap pre-flight the driver runs before starting workers (no torchvision
 import, no file reads beyond stat); `load_dataset` does the work. Both raise `DataError`, a
 ValueError whose one-line message names the set, the directory or package, and the fix.
@@ -26,24 +28,22 @@ from torch import Tensor
 
 from distributed_bism.config import DataConfig
 from distributed_bism.data.common import DataError, too_many
-from distributed_bism.data.images import (check_fashion_mnist, check_mnist5k, load_digits, load_fashion_mnist,
-                                          load_mnist5k)
-from distributed_bism.data.synthetic import SYNTHETIC, load_synthetic, log_density, make_synthetic, score
-from distributed_bism.data.torchvision_sets import check_torchvision_set, load_celeba, load_cifar10, load_mnist
+from distributed_bism.data.images import check_fashion_mnist, check_mnist5k
+from distributed_bism.data.synthetic import load_synthetic, log_density, make_synthetic, score
+from distributed_bism.data.torchvision_sets import check_torchvision_set
+from distributed_bism.registry import resolve
+from distributed_bism.registry.datasets import DATASETS as _LOADERS
 
 __all__ = ["DATASETS", "LEVELS", "DataError", "check_dataset", "data_range", "dequantize", "load_dataset", "log_density",
            "make_synthetic", "score"]
 
-_LOADERS: dict[str, Callable[[DataConfig], tuple[Tensor, Tensor]]] = {
-    **{name: (lambda cfg: load_synthetic(cfg.name, cfg.n_train, cfg.n_test, cfg.seed)) for name in SYNTHETIC},
-    "digits": load_digits,
-    "fashion_mnist": load_fashion_mnist,
-    "mnist5k": load_mnist5k,
-    "mnist": load_mnist,
-    "cifar10": load_cifar10,
-    "celeba": load_celeba,
-}
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
+
+
+def load_synthetic_set(cfg: DataConfig) -> tuple[Tensor, Tensor]:
+    """The loader of the 2-D sets (registry/datasets.py): n draws from data.seed (test: seed + 1)."""
+    return load_synthetic(cfg.name, cfg.n_train, cfg.n_test, cfg.seed)
+
 
 # Sizes of the full splits (train, test), so a too-large n_train / n_test fails before any worker starts.
 SPLIT_SIZES: dict[str, tuple[int, int]] = {
@@ -103,7 +103,8 @@ def load_dataset(cfg: DataConfig) -> tuple[Tensor, Tensor]:
     of a permutation seeded with data.seed (synthetic: n draws, train from seed, test from seed + 1).
     """
     check_dataset(cfg)
-    train, test = _LOADERS[cfg.name](cfg)
+    loader: Callable[[DataConfig], tuple[Tensor, Tensor]] = resolve(_LOADERS[cfg.name])
+    train, test = loader(cfg)
     if cfg.dequantize:
         levels = LEVELS[cfg.name]
         train, test = dequantize(train, levels, seed=cfg.seed), dequantize(test, levels, seed=cfg.seed + 1)

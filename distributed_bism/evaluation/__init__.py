@@ -1,8 +1,9 @@
-"""Evaluation: the metric registry and the metrics it holds, figures, classifier-FID, commands.
+"""Evaluation: the metrics, figures, classifier-FID. The names eval.metrics accepts, and the module
+of each metric, are in distributed_bism/registry/metrics.py.
 
-    metrics.py         EvalContext, register_metric, METRICS, run_metrics (what eval.metrics may name)
-    likelihood.py      test_loglik: exact (H <= 20) or AIS over every rank's chains, RAISE (GRBMs)
-    divergence.py      fisher: Fisher divergence on sets with a closed-form score
+    metrics.py         EvalContext, Metric, register_metric, get_metric, run_metrics
+    loglik.py          exact / AIS / RAISE log-likelihood of GRBMs, and the test_loglik metric
+    fisher.py          Fisher divergence on sets with a closed-form score, and the fisher metric
     sample_grid.py     samples: sampler-titled grids, samples over training; draw_samples
     sample_quality.py  classifier_fid, classifier_kid, fid (standard, with a local Inception file)
     classifier_fid.py  the project's own feature classifiers and the FID / KID formulas

@@ -10,6 +10,13 @@ form (the 2-D sets in data/synthetic.py: `synthetic_score_fn`). The model score 
   independent particle sets give (s_d − ŝ₁)ᵀ(s_d − ŝ₂), whose expectation is exactly
   ‖s_d − E_q ŝ‖² (it can be negative for one v, not on average). If q is the exact posterior,
   E_q ŝ is the exact score and the estimate is unbiased for D_F.
+
+The `fisher` metric (eval.metrics), at the end of this file, on the test set of a set with a
+closed-form score (8gaussians, rings, 2spirals); rank 0 only:
+    eval/fisher        exact model score (Gaussian RBMs)
+    eval/fisher_vaes   VaES estimate of the model score from the posterior (deep EBLVMs), debiased
+                       with two particle sets; an estimate of D_F only as far as q matches p(h|v)
+Other data sets or models: skipped with a note.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from distributed_bism.data import synthetic
+from distributed_bism.evaluation.metrics import EvalContext, register_metric
 from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.models.posterior import PosteriorView
 from distributed_bism.objectives.vages import vaes_score_fn
@@ -79,3 +87,24 @@ def vaes_fisher_divergence(energy: nn.Module, posterior: nn.Module, data: Tensor
         if seed is not None:
             torch.manual_seed(seed)
         return fisher_divergence(data, data_score_fn, fns, batch_size=batch_size)
+
+
+VAES_PARTICLES = 100  # particles of q per test point in the metric's VaES score
+
+
+@register_metric("fisher")
+def fisher_metric(ctx: EvalContext) -> dict[str, float]:
+    """eval/fisher (GRBMs) or eval/fisher_vaes (deep EBLVMs) on the test set; see the module docstring."""
+    name, data = ctx.cfg.data.name, ctx.test_data
+    if name not in synthetic.MIXTURES or data is None:
+        ctx.notes.append(f"fisher: skipped (needs a data set with a closed-form score: {', '.join(synthetic.MIXTURES)}; "
+                         f"got {name})")
+        return {}
+    data_score = synthetic_score_fn(name)
+    if isinstance(ctx.energy, GaussianRBM):
+        return {"eval/fisher": exact_fisher_divergence(ctx.energy, data, data_score)}
+    if ctx.posterior is None:
+        ctx.notes.append("fisher: skipped (a deep EBLVM needs its posterior for the VaES score)")
+        return {}
+    return {"eval/fisher_vaes": vaes_fisher_divergence(ctx.energy, ctx.posterior, data, data_score,
+                                                       num_particles=VAES_PARTICLES, seed=ctx.cfg.trainer.seed + ctx.step)}

@@ -1,21 +1,26 @@
-"""The metric registry: every name `eval.metrics` accepts, and how an evaluation runs them.
+"""What a metric sees (EvalContext), what it is (Metric), and how an evaluation runs them.
 
+    # in the metric's module, next to the estimator it wraps:
     @register_metric("test_loglik", all_ranks=True)
     def test_loglik(ctx: EvalContext) -> dict[str, float]:
         return {"eval/test_loglik": ...}
 
+    # one line in distributed_bism/registry/metrics.py (the legal values of eval.metrics):
+    "test_loglik": "distributed_bism.evaluation.loglik:test_loglik",
+
     values = run_metrics(["test_loglik", "samples"], ctx)      # {"eval/...": float}
 
+A metric's module is imported when a run first asks for it, not when this module loads, so
+validating a config or running one metric loads no other metric's dependencies.
+
 Every rank of a training run calls `run_metrics` with the same names at the same step. A metric
-registered with `all_ranks=True` is called on every rank and may use collectives (every rank
+declared with `all_ranks=True` is called on every rank and may use collectives (every rank
 takes the same branches, so the collectives match; only rank 0's returned values are kept);
-any other metric runs on rank 0 only. Metrics registered here are the legal values of
-`eval.metrics` (EvalConfig validates against `metric_names()`).
+any other metric runs on rank 0 only.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from distributed_bism.registry import resolve
+from distributed_bism.registry.metrics import METRICS
 
 if TYPE_CHECKING:
     from distributed_bism.config import Config
@@ -71,28 +79,23 @@ MetricFn = Callable[[EvalContext], dict[str, float]]
 
 @dataclass(frozen=True)
 class Metric:
+    """A metric: `fn(ctx) -> {"eval/...": float}`, callable as the function itself."""
+
     name: str
     fn: MetricFn
     all_ranks: bool = False  # called on every rank (it has collectives); else rank 0 only
 
-
-METRICS: dict[str, Metric] = {}
-
-# Modules that register the built-in metrics; imported at the end of this file so METRICS is
-# complete once this module is (ood.py: BiDVL's out-of-distribution detection).
-METRIC_MODULES = ("likelihood", "divergence", "sample_grid", "sample_quality", "ood", "learning_signal")
+    def __call__(self, ctx: EvalContext) -> dict[str, float]:
+        return self.fn(ctx)
 
 
-def register_metric(name: str, *, all_ranks: bool = False) -> Callable[[MetricFn], MetricFn]:
-    """Decorator: make `fn(ctx) -> {"eval/...": float}` the metric `name` of eval.metrics."""
+def register_metric(name: str, *, all_ranks: bool = False) -> Callable[[MetricFn], Metric]:
+    """Decorator: make `fn` the Metric `name`; its line in registry/metrics.py points at the result."""
 
-    def add(fn: MetricFn) -> MetricFn:
-        if name in METRICS and METRICS[name].fn is not fn:
-            raise ValueError(f"metric {name!r} is registered twice ({METRICS[name].fn.__module__} and {fn.__module__})")
-        METRICS[name] = Metric(name, fn, all_ranks)
-        return fn
+    def declare(fn: MetricFn) -> Metric:
+        return Metric(name, fn, all_ranks)
 
-    return add
+    return declare
 
 
 def metric_names() -> tuple[str, ...]:
@@ -106,18 +109,23 @@ def check_metric_names(names: list[str], key: str = "eval.metrics") -> None:
             raise ValueError(f"{key}: unknown metric {name!r}; expected some of {', '.join(metric_names())}")
 
 
+def get_metric(name: str) -> Metric:
+    """The Metric registered as `name`, its module imported on first use."""
+    check_metric_names([name])
+    metric = resolve(METRICS[name])
+    if not isinstance(metric, Metric) or metric.name != name:
+        raise TypeError(f"registry/metrics.py: {name!r} points at {METRICS[name]}, which is not the metric {name!r}")
+    return metric
+
+
 def run_metrics(names: list[str], ctx: EvalContext) -> dict[str, float]:
     """Run the metrics `names` in order; {"eval/...": value} on rank 0, {} on the other ranks."""
     check_metric_names(names)
     values: dict[str, float] = {}
     for name in names:
-        metric = METRICS[name]
+        metric = get_metric(name)
         if metric.all_ranks or ctx.rank == 0:
             out = metric.fn(ctx)
             if ctx.rank == 0:
                 values.update(out)
     return values
-
-
-for _module in METRIC_MODULES:
-    importlib.import_module(f"distributed_bism.evaluation.{_module}")

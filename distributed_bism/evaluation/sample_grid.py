@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from distributed_bism.config import Config
 from distributed_bism.evaluation.figures import save_sample_figure, save_sample_strip
 from distributed_bism.evaluation.metrics import EvalContext, register_metric
-from distributed_bism.samplers import SAMPLERS, SampleResult, get_sampler
+from distributed_bism.samplers import SAMPLERS, SampleResult, get_sampler, sampler_class
 
 
 def sampler_settings(cfg: Config, name: str) -> dict[str, Any]:
     """eval.langevin_* as the schedule of a Langevin-based sampler (σ0 denoises); {} for the others."""
-    if "schedule" not in {f.name for f in dataclasses.fields(SAMPLERS[name])}:  # type: ignore[arg-type]
+    if "schedule" not in {f.name for f in dataclasses.fields(sampler_class(name))}:  # type: ignore[arg-type]
         return {}
     e = cfg.eval
     hot, anneal, cool = e.langevin_steps

@@ -9,7 +9,8 @@ models/bidvl.py: a marginal energy E_θ(v), an encoder Q_φ(h|v), a decoder P_ψ
 The encoder-decoder sits in the bi-level step's posterior slot, so `BilevelStep` runs these
 unchanged: N warm-up steps of the lower level persist; K unrolled steps make P(ĥ) in the upper
 level a differentiable function of θ through ψ_K(θ) (at K = 0, P(ĥ) is a constant, as in the
-reference). The data are not perturbed ("none"): ṽ = v.
+reference). The data are not perturbed ("none"): ṽ = v. `build` makes the bidvl objective of
+registry/objectives.py.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from torch import Tensor
 from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models.bidvl import BiDVLPasses
 from distributed_bism.models.posterior import PosteriorView
-from distributed_bism.objectives.noise import NoisyBatch, Perturbation
-from distributed_bism.objectives.score_matching import EnergyFn
+from distributed_bism.objectives.base import EnergyFn, Objective, perturbation_of
+from distributed_bism.objectives.noise import NoisyBatch
+from distributed_bism.registry.objectives import ObjectiveSpec
 
 
 def _sum_per_example(t: Tensor) -> Tensor:
@@ -92,8 +94,8 @@ class BiDVLLosses:
         return t["energy_gen"] + self.latent_weight * t["latent"] + self.lam * (t["recon"] + t["kl"])
 
 
-def bidvl_objective(cfg: ObjectiveConfig) -> tuple[Perturbation, BiDVLLosses]:
-    """The perturbation (none) and the two losses an ObjectiveConfig with name=bidvl describes."""
+def build(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Objective:
+    """The two levels an ObjectiveConfig with name=bidvl describes; the data are not perturbed."""
     losses = BiDVLLosses(lam=cfg.bidvl_lambda, latent_weight=cfg.bidvl_latent_weight, hinge=cfg.bidvl_hinge,
                          margin=cfg.bidvl_hinge_margin)
-    return Perturbation("none"), losses
+    return Objective(cfg.name, spec, perturbation_of(cfg, spec), losses.outer, inner=losses.inner)

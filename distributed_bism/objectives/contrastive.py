@@ -3,6 +3,8 @@
 Both use the surrogate  L = F(v) − F(v⁻),  v⁻ detached, whose θ-gradient is the CD estimate
 of the negative log-likelihood gradient E_data[∇F] − E_model[∇F]. v⁻ comes from k block-Gibbs
 sweeps started at the data (CD) or at persistent chains kept in this object's state (PCD).
+`build` makes the cd / pcd objectives of registry/objectives.py; the ContrastiveDivergence is
+their higher-level loss, and its chains are the objective's checkpointed state.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from distributed_bism.config import ObjectiveConfig
+from distributed_bism.models import unwrap
+from distributed_bism.models.posterior import PosteriorView
+from distributed_bism.objectives.base import Objective, perturbation_of
 from distributed_bism.objectives.noise import NoisyBatch
+from distributed_bism.registry.objectives import ObjectiveSpec
 
 
 class ContrastiveDivergence:
@@ -40,8 +47,18 @@ class ContrastiveDivergence:
         neg = self.negative_samples(core, batch.v)
         return energy(batch.v) - energy(neg)
 
+    def __call__(self, energy: Callable[..., Tensor], q: PosteriorView | None, batch: NoisyBatch) -> Tensor:
+        """The higher-level loss `outer(energy, q, batch)`: F(v) − F(v⁻), (B,); q is unused."""
+        return self.loss(energy, unwrap(energy), batch)  # type: ignore[arg-type]
+
     def state_dict(self) -> dict[str, Tensor]:
         return {} if self.chains is None else {"chains": self.chains.clone()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.chains = state.get("chains")
+
+
+def build(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Objective:
+    """cd / pcd (spec.persistent): objective.cd_steps Gibbs sweeps, no perturbation, no lower level."""
+    cd = ContrastiveDivergence(steps=cfg.cd_steps, persistent=spec.persistent)
+    return Objective(cfg.name, spec, perturbation_of(cfg, spec), cd)

@@ -9,15 +9,12 @@ lower level never differentiates in v.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from distributed_bism.models.posterior import PosteriorView
-from distributed_bism.objectives.score_matching import EnergyFn
+from distributed_bism.objectives.base import EnergyFn, LowerLevelFn
 
-LowerLevelFn = Callable[[EnergyFn, PosteriorView, Tensor], Tensor]
 LOWER_LEVEL_LOSSES = ("kl", "fisher")
 
 

@@ -1,8 +1,9 @@
 """Score-matching losses, written once over a score function s(x) ≈ ∇_x log p(x).
 
 The higher-level BiSM losses use the BiSM score s_w (`bism_score_fn`); the GRBM baselines use
-the exact score −∇F of the free energy (`free_energy_score_fn`). All losses are per example
-(shape (B,)), summed over every non-batch dimension:
+the exact score −∇F of the free energy (`free_energy_score_fn`); `build` makes both kinds of
+objective (registry/objectives.py). All losses are per example (shape (B,)), summed over every
+non-batch dimension:
 
     DSM:   ½ ‖ s(ṽ) + ε/σ ‖²
     MDSM:  ½ ‖ s(ṽ)/σ_i + ε/σ0² ‖²                      (Li et al. 2019, as in the reference)
@@ -16,11 +17,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models.posterior import PosteriorView
+from distributed_bism.objectives.base import EnergyFn, Objective, ScoreFn, perturbation_of
+from distributed_bism.objectives.lower_level import get_lower_level_loss_fn
 from distributed_bism.objectives.noise import NoisyBatch
-
-ScoreFn = Callable[[Tensor], Tensor]
-EnergyFn = Callable[[Tensor, Tensor], Tensor]
+from distributed_bism.registry.objectives import ObjectiveSpec
 
 
 def _sum_per_example(t: Tensor) -> Tensor:
@@ -86,3 +88,23 @@ def get_sm_loss_fn(kind: str, *, sigma0: float = 0.1) -> Callable[[ScoreFn, Nois
     if kind == "ssm":
         return ssm_loss
     raise ValueError(f"unknown score-matching loss {kind!r}; expected dsm, mdsm or ssm")
+
+
+def build(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Objective:
+    """bidsm / bimdsm / bissm (spec.bilevel: the loss on the BiSM score s_w, plus the lower level
+    objective.lower_level) and dsm / mdsm / ssm (the loss on the exact free energy's score)."""
+    assert spec.loss is not None, f"{cfg.name}: a score-matching spec names its loss"
+    sm_loss = get_sm_loss_fn(spec.loss, sigma0=cfg.sigma0)
+    perturbation = perturbation_of(cfg, spec)
+    if not spec.bilevel:
+        def free_energy_sm_loss(energy: EnergyFn, q: PosteriorView | None, batch: NoisyBatch) -> Tensor:
+            return sm_loss(free_energy_score_fn(energy), batch)  # type: ignore[arg-type]
+
+        return Objective(cfg.name, spec, perturbation, free_energy_sm_loss)
+
+    def bism_loss(energy: EnergyFn, q: PosteriorView | None, batch: NoisyBatch) -> Tensor:
+        assert q is not None, f"{cfg.name} needs a posterior"
+        return sm_loss(bism_score_fn(energy, q, num_particles=cfg.num_particles), batch)
+
+    return Objective(cfg.name, spec, perturbation, bism_loss,
+                     inner=get_lower_level_loss_fn(cfg.lower_level, num_particles=cfg.num_particles))

@@ -15,7 +15,8 @@ A score-matching loss ℓ(s) (DSM, MDSM, KSD: anything that depends on the score
 its v-derivatives) then gets the θ-gradient estimate Σ_b g_bᵀ VaGES(v_b) with g = ∂ℓ/∂s at
 s = VaES, from a third independent set. `VaGESLoss` returns a per-example tensor whose *value*
 is ℓ at the VaES and whose θ-gradient is that estimate, so it trains through BilevelStep like
-any higher-level loss (with unroll_steps = 0: φ is a constant at the higher level).
+any higher-level loss (with unroll_steps = 0: φ is a constant at the higher level). `build`
+makes the vages_* objectives of registry/objectives.py.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models import unwrap
 from distributed_bism.models.posterior import BernoulliPosterior, PosteriorView
+from distributed_bism.objectives.base import EnergyFn, Objective, ScoreFn, perturbation_of
+from distributed_bism.objectives.ksd import ksd_loss_fn
+from distributed_bism.objectives.lower_level import get_lower_level_loss_fn
 from distributed_bism.objectives.noise import NoisyBatch
-from distributed_bism.objectives.score_matching import EnergyFn, ScoreFn
+from distributed_bism.objectives.score_matching import get_sm_loss_fn
+from distributed_bism.registry.objectives import ObjectiveSpec
 
 ScoreLossFn = Callable[[ScoreFn, NoisyBatch], Tensor]
 
@@ -200,3 +206,15 @@ class VaGESLoss:
         # every element gets the same scalar, so the mean's θ-gradient is ∇θ(Σ S_b)/n ≈ ∇θ mean ℓ
         total = surrogate.sum() / value.numel()
         return value.detach() + (total - total.detach())
+
+
+def build(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Objective:
+    """vages_dsm / vages_mdsm / vages_ksd: ℓ = spec.loss at the VaES score with the VaGES
+    θ-gradient, and BiSM's lower level (objective.lower_level) for the posterior."""
+    assert spec.loss is not None, f"{cfg.name}: a VaGES spec names its score loss"
+    score_loss = (ksd_loss_fn(bandwidth=cfg.ksd_bandwidth) if spec.loss == "ksd"
+                  else get_sm_loss_fn(spec.loss, sigma0=cfg.sigma0))
+    vages = VaGESLoss(score_loss, num_particles=cfg.num_particles, biased_cov=cfg.biased_cov,
+                      sgld=SGLD(cfg.sgld_steps, cfg.sgld_step_size, cfg.sgld_noise) if cfg.sgld_steps else None)
+    return Objective(cfg.name, spec, perturbation_of(cfg, spec), vages,
+                     inner=get_lower_level_loss_fn(cfg.lower_level, num_particles=cfg.num_particles))

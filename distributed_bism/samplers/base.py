@@ -1,4 +1,7 @@
-"""The sampler interface and its registry: `get_sampler(name, **settings)`.
+"""The sampler interface and `get_sampler(name, **settings)`.
+
+The names and where each class lives are in distributed_bism/registry/samplers.py (a leaf, which
+config validation reads); `get_sampler` imports a sampler's module when it is first asked for.
 
 Every sampler returns a `SampleResult` whose `label` names the sampler and its settings, so that
 a figure or file made from it says how it was made (conditional samples are not model samples).
@@ -13,6 +16,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from distributed_bism.registry import resolve
+from distributed_bism.registry.samplers import SAMPLERS
 from distributed_bism.samplers.langevin import LangevinSchedule
 
 
@@ -39,28 +44,35 @@ class Sampler:
         raise NotImplementedError
 
 
-SAMPLERS: dict[str, type[Sampler]] = {}
 _SCHEDULE_KEYS = {f.name for f in dataclasses.fields(LangevinSchedule)}
 
 
 def register_sampler(name: str) -> Callable[[type[Sampler]], type[Sampler]]:
-    """Class decorator: make the sampler available to `get_sampler` under `name`."""
+    """Class decorator: the sampler's registry name, which its line in registry/samplers.py must
+    point at this class (`sampler_class` checks that)."""
 
     def add(cls: type[Sampler]) -> type[Sampler]:
         cls.name = name
-        SAMPLERS[name] = cls
         return cls
 
     return add
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    """The class registered as `name` (a ValueError for a name the registry does not hold)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+    cls = resolve(SAMPLERS[name])
+    if getattr(cls, "name", None) != name:
+        raise TypeError(f"registry/samplers.py: {name!r} points at {SAMPLERS[name]}, which is not the sampler {name!r}")
+    return cls
 
 
 def get_sampler(name: str, **settings: Any) -> Sampler:
     """The sampler `name` with `settings` (its dataclass fields). Samplers with a Langevin
     schedule also take the schedule's fields flat (step, t_max, hot, anneal, settle, cool, denoise_sigma);
     what is not given keeps the reference's default."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
-    cls = SAMPLERS[name]
+    cls = sampler_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     flat = {k: settings.pop(k) for k in list(settings) if k in _SCHEDULE_KEYS}
     if flat:

@@ -10,8 +10,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distributed_bism.tune.trials import SweepContext, SweepResult, trial_config
+
 if TYPE_CHECKING:
-    from distributed_bism.tune.runner import SweepContext, SweepResult
     from distributed_bism.tune.spec import SweepSpec
 
 
@@ -105,7 +106,6 @@ def write_results(spec: SweepSpec, sweep: str, sweep_dir: Path, grid: Any, ctx: 
                   *, parent_uri: str | None) -> SweepResult:
     """Table (Markdown + JSON), best_config.yaml, plot; printed, written and logged to the parent run."""
     from distributed_bism.tracking import RunLogger
-    from distributed_bism.tune.runner import SweepResult, trial_config
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     rows = _rows(spec, grid)

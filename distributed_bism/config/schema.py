@@ -1,7 +1,9 @@
-"""The config sections: one dataclass per component, composed into `Config`.
+"""The config sections: one dataclass per component, composed into `Config`: keys, types, ranges.
 
-Value checks live in each section's `__post_init__`, so a section that exists is valid; checks
-that span sections are in `Config.__post_init__`.
+A LEAF: nothing here imports the rest of the package (config.errors only) or torch, so a bare
+`Config()` is cheap. Checks of one section's values live in its `__post_init__`; checks against
+the name registries (data sets, samplers, metrics, objectives) and of how the model, posterior and
+objective fit together are in validate.py, which loading runs on every section it builds.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from distributed_bism.config.errors import check
 
 @dataclass
 class DataConfig:
-    name: str = "checkerboard"  # see distributed_bism.data.DATASETS
+    name: str = "checkerboard"  # see distributed_bism/registry/datasets.py
     root: str | None = None  # directory of file-based sets; None: the set's default location
     n_train: int | None = None  # None: the whole set (synthetic sets: 50 000 draws)
     n_test: int | None = None  # None: the whole test split (synthetic sets: 10 000 draws)
@@ -111,15 +113,9 @@ class PosteriorConfig:
         check(self.encoder in ("conv", "mlp"), "posterior.encoder", f"expected conv or mlp, got {self.encoder!r}")
 
 
-VAGES_OBJECTIVES = ("vages_dsm", "vages_mdsm", "vages_ksd")  # VaGES (Bao et al. 2021): no unrolling
-BILEVEL_OBJECTIVES = ("bidsm", "bimdsm", "bissm", "bidvl") + VAGES_OBJECTIVES
-SINGLE_LEVEL_OBJECTIVES = ("dsm", "mdsm", "ssm", "cd", "pcd")
-OBJECTIVES = BILEVEL_OBJECTIVES + SINGLE_LEVEL_OBJECTIVES
-
-
 @dataclass
 class ObjectiveConfig:
-    name: str = "bidsm"
+    name: str = "bidsm"  # see distributed_bism/registry/objectives.py
     sigma: float = 0.05  # (Bi)DSM noise level
     sigma_begin: float = 0.05  # (Bi)MDSM schedule
     sigma_end: float = 1.2
@@ -153,11 +149,6 @@ class ObjectiveConfig:
     sgld_noise: float | None = None  # σ; None: √α (Langevin)
 
     def __post_init__(self) -> None:
-        if self.name in VAGES_OBJECTIVES:
-            check(self.unroll_steps == 0, "objective.unroll_steps",
-                  f"{self.name} does not unroll (its lower-level steps are warmup_steps); must be 0, got {self.unroll_steps}")
-            check(self.biased_cov or self.num_particles >= 2, "objective.num_particles",
-                  f"the unbiased VaGES covariance needs L >= 2 particles, got {self.num_particles} (or set objective.biased_cov)")
         check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
         check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
         check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
@@ -165,7 +156,6 @@ class ObjectiveConfig:
         for key in ("bidvl_lambda", "bidvl_latent_weight"):
             check(getattr(self, key) >= 0, f"objective.{key}", f"must be >= 0, got {getattr(self, key)}")
         check(self.bidvl_hinge_margin > 0, "objective.bidvl_hinge_margin", f"must be > 0, got {self.bidvl_hinge_margin}")
-        check(self.name in OBJECTIVES, "objective.name", f"unknown objective {self.name!r}; expected one of {OBJECTIVES}")
         check(self.warmup_steps >= 0, "objective.warmup_steps", f"N must be >= 0, got {self.warmup_steps}")
         check(self.unroll_steps >= 0, "objective.unroll_steps", f"K must be >= 0, got {self.unroll_steps}")
         for key in ("sigma", "sigma_begin", "sigma_end", "sigma0"):
@@ -179,10 +169,6 @@ class ObjectiveConfig:
         check(self.unroll_lr is None or self.unroll_lr > 0, "objective.unroll_lr", f"must be > 0, got {self.unroll_lr}")
         check(self.num_particles >= 1, "objective.num_particles", f"must be >= 1, got {self.num_particles}")
         check(self.cd_steps >= 1, "objective.cd_steps", f"must be >= 1, got {self.cd_steps}")
-
-    @property
-    def bilevel(self) -> bool:
-        return self.name in BILEVEL_OBJECTIVES
 
 
 @dataclass
@@ -306,10 +292,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
-        from distributed_bism.data import DATASETS  # here: data imports this module
-
-        check(self.ood_dataset in ("uniform_noise", *DATASETS), "eval.ood_dataset",
-              f"unknown OOD set {self.ood_dataset!r}; expected uniform_noise or one of {', '.join(DATASETS)}")
         check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
         check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
               f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
@@ -319,19 +301,13 @@ class EvalConfig:
         check(self.fid_samples >= 2, "eval.fid_samples", f"must be >= 2, got {self.fid_samples}")
         check(self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
               "eval.inception_weights", f"no such file: {self.inception_weights}")
-        # the registries: a metric or sampler registered there is a legal value here
-        from distributed_bism.evaluation.metrics import METRICS
-        from distributed_bism.samplers import SAMPLERS
-
-        for key, names in (("eval.metrics", self.metrics), ("eval.final_metrics", self.final_metrics)):
-            for m in names:
-                check(m in METRICS, key, f"unknown metric {m!r}; expected some of {', '.join(sorted(METRICS))}")
-        for key, name in [("eval.sampler", self.sampler)] + [("eval.compare_samplers", s) for s in self.compare_samplers]:
-            check(name in SAMPLERS, key, f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
 
 
 @dataclass
 class Config:
+    """The whole run. How the sections fit together (model, posterior, objective) is checked in
+    validate.py, against the objective's spec."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
@@ -340,28 +316,6 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        # The single-level baselines need the exact free energy: a GRBM's, or a marginal energy E(v)
-        # (the plain EBM, which score matching trains; CD needs the GRBM's Gibbs sampler).
-        sm_baseline = self.objective.name in ("dsm", "mdsm", "ssm")
-        check(self.objective.bilevel or self.model.name == "grbm" or (sm_baseline and self.model.name in MARGINAL_MODELS),
-              "objective.name", f"{self.objective.name} needs the exact free energy of model.name=grbm"
-              + (" or a marginal energy (marginal_conv, marginal_mlp)" if sm_baseline else "")
-              + f", got model.name={self.model.name}")
-        # VaGES: SGLD moves h continuously, which binary latents (a Bernoulli posterior) do not allow.
-        check(self.objective.sgld_steps == 0 or self.posterior.name != "bernoulli", "objective.sgld_steps",
-              f"SGLD refinement needs continuous latents; posterior.name=bernoulli has binary h (got {self.objective.sgld_steps})")
-        # BiDVL's decoupled model: a marginal energy E(v) and an encoder-decoder, both or neither.
-        bidvl = self.objective.name == "bidvl"
-        check(not bidvl or self.model.name in MARGINAL_MODELS, "model.name",
-              f"objective.name=bidvl needs model.name in {MARGINAL_MODELS}, got model.name={self.model.name}")
-        check(bidvl or sm_baseline or self.model.name not in MARGINAL_MODELS, "model.name",
-              f"model.name={self.model.name} has no latent: train it with bidvl, dsm, mdsm or ssm, "
-              f"got objective.name={self.objective.name}")
-        check(bidvl == (self.posterior.name == "encoder_decoder"), "posterior.name",
-              f"objective.name=bidvl needs posterior.name=encoder_decoder, and that posterior needs bidvl; "
-              f"got objective.name={self.objective.name}, posterior.name={self.posterior.name}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
