@@ -191,3 +191,19 @@ def test_batch_larger_than_data(tmp_path: Path, config_file: Path, capsys: pytes
     line = bism_error(capsys, ["train", str(config_file), "data.n_train=64", "trainer.batch_size=100"])
     assert "trainer.batch_size" in line and "100" in line and "64" in line
     assert_nothing_trained(tmp_path)
+
+
+def test_config_built_in_python_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    """`train(Config(...))` skips from_dict's section checks: preflight runs them, so an unknown
+    objective (and an objective that needs another model) fails before any directory is made."""
+    from dataclasses import replace
+
+    from distributed_bism import train
+    from distributed_bism.config import Config, ConfigError, ObjectiveConfig, from_dict
+
+    good = from_dict(Config, {**TINY, "trainer": {**TINY["trainer"], "output_dir": str(tmp_path / "out")}})
+    with pytest.raises(ConfigError, match="objective.name"):
+        train(replace(good, objective=ObjectiveConfig(name="no-such-method")))
+    with pytest.raises(ConfigError, match="objective.name=bidvl needs model.name"):
+        train(replace(good, objective=replace(good.objective, name="bidvl")))
+    assert not (tmp_path / "out").exists()

@@ -79,3 +79,11 @@ def validate(section: Any) -> None:
         validate_eval(section)
     elif isinstance(section, Config):
         validate_config(section)
+
+
+def validate_all(cfg: Config) -> None:
+    """Every registry and cross-section check of a whole Config: what `from_dict` runs section by
+    section, for a Config built directly in Python (preflight calls it before anything starts)."""
+    validate_objective(cfg.objective)
+    validate_eval(cfg.eval)
+    validate_config(cfg)

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from distributed_bism.config import Config, ConfigError, check_writable_dir
+from distributed_bism.config.validate import validate_all
 from distributed_bism.data import check_dataset
 from distributed_bism.tracking import check_tracking_uri, tracking_uri
 from distributed_bism.training.checkpointing import LocalCheckpoints, is_uri
@@ -50,6 +51,7 @@ def local_run_dir(cfg: Config) -> Path | None:
 def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
     """Check everything cheap, the Ray address included; returns the config with its run name
     fixed, and whether it resumes. Nothing is written or opened before this passes."""
+    validate_all(cfg)  # a Config built in Python has not been through from_dict's checks
     check_dataset(cfg.data)
     check_batch(cfg)
     name = cfg.trainer.name or f"{cfg.data.name}-{cfg.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
