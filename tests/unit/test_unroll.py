@@ -12,7 +12,7 @@ from distributed_bism.config import ObjectiveConfig
 from distributed_bism.objectives import get_objective
 from distributed_bism.core.unroll import SGD, Adam, torch_optimizer_state, unroll
 
-from conftest import tiny_grbm
+from tests.helpers.tiny_models import tiny_grbm
 
 
 def quadratic_loss(target: torch.Tensor):

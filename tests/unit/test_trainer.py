@@ -20,7 +20,7 @@ from distributed_bism import train
 from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, load_state, save_state
 from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.training.loop import TrainLoop
-from local_runs import assert_same, checkpoint_dirs, run_dir, scratch_cwd, snapshot, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
+from tests.helpers.local_runs import assert_same, checkpoint_dirs, run_dir, scratch_cwd, snapshot, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
 
 # --------------------------------------------------------------------------- resume and relaunch

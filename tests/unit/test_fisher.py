@@ -9,8 +9,8 @@ from distributed_bism.data.synthetic import make_synthetic
 from distributed_bism.evaluation.fisher import exact_fisher_divergence, synthetic_score_fn, vaes_fisher_divergence
 from distributed_bism.models import GaussianRBM
 
-from conftest import tiny_grbm
-from test_grbm import exact_posterior
+from tests.helpers.tiny_models import tiny_grbm
+from tests.unit.test_grbm import exact_posterior
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 

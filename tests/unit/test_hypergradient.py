@@ -17,7 +17,7 @@ from distributed_bism.models import PosteriorView
 from distributed_bism.objectives import get_objective
 from distributed_bism.core.unroll import SGD, Adam
 
-from conftest import tiny_conv, tiny_grbm
+from tests.helpers.tiny_models import tiny_conv, tiny_grbm
 
 LR = 0.05
 SEED = 1234

@@ -26,7 +26,7 @@ import pytest
 import ray
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 RAY_UP = sorted(CLUSTER.glob("*.yaml"))
 RAY_UP = [p for p in RAY_UP if p.name != "runtime_env.yaml"]

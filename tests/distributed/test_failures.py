@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from processes import BismProcess
+from tests.helpers.processes import BismProcess
 
 STEPS, EVERY = 600, 100
 

@@ -60,7 +60,7 @@ def test_unknown_dataset_is_a_clear_error():
         load_dataset(cfg.data)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
     """Each experiment config in configs/ is valid as shipped (its keys, values and combinations)."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("local_cluster", REPO / "cluster" / "local_cluster.py")
 local_cluster = importlib.util.module_from_spec(_spec)
 sys.modules["local_cluster"] = local_cluster  # its dataclass looks itself up there

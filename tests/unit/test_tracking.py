@@ -15,7 +15,7 @@ from distributed_bism import train
 from distributed_bism.training.checkpointing import load_state
 from distributed_bism.config import Config
 from distributed_bism.api import TrainSummary
-from local_runs import checkpoint_dirs, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
+from tests.helpers.local_runs import checkpoint_dirs, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
 
 # --------------------------------------------------------------------------- MLflow

@@ -14,7 +14,8 @@ stop`), and the fixture checks that none of them is left.
     is SIGKILLed mid-run and a replacement node joins (what a cluster autoscaler does after a
     preemption): Ray restarts the worker group, it resumes from the last checkpoint, and the
     parameters end identical on both workers.
-Bad addresses and storage paths on the job/cluster paths fail fast, naming them (no cluster needed).
+Bad addresses and storage paths on the job/cluster paths, which need no cluster, are in
+tests/unit/test_cluster_bad_input.py.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ import pytest
 import torch
 import yaml
 
-from ray_nodes import REPO, RayCluster, free_port
-from test_bad_input import TINY as LOCAL_TINY
-from test_bad_input import bism_error, no_ray  # noqa: F401  (no_ray: autouse, nothing here may call ray.init)
-from test_tune import TINY
+from tests.helpers.ray_nodes import REPO, RayCluster
+from tests.unit.test_bad_input import no_ray  # noqa: F401  (no_ray: autouse, nothing here may call ray.init)
+from tests.distributed.test_tune import TINY
 
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 PROBE_STEPS, PROBE_EVERY = 600, 100
@@ -90,7 +90,7 @@ def test_train_job(cluster: RayCluster, tmp_path: Path) -> None:
 
     # The uploaded package: the code, not .venv, outputs or .git (gitignore and Ray's own excludes).
     pkgs = list(Path(cluster.temp_dir, "session_latest", "runtime_resources", "working_dir_files").glob("_ray_pkg_*"))
-    assert any((p / "distributed_bism" / "launch.py").is_file() and (p / "cluster" / "README.md").is_file() for p in pkgs)
+    assert any((p / "distributed_bism" / "launch" / "ray_backend.py").is_file() and (p / "cluster" / "README.md").is_file() for p in pkgs)
     for pkg in pkgs:
         assert not [p for p in (".venv", "outputs", ".git", "bench/results") if (pkg / p).exists()], pkg
         size = sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file())
@@ -133,7 +133,7 @@ def started(out: Path) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_two_nodes_one_worker_each_survive_losing_a_node(cluster: RayCluster, tmp_path: Path) -> None:
     shared, out = tmp_path / "shared", tmp_path / "probe"  # shared: both nodes' storage_path, as NFS would be
-    submit(cluster, "probe", "python", "tests/cluster_probe.py", str(probe_config(tmp_path, "probe", shared)), str(out))
+    submit(cluster, "probe", "python", "-m", "tests.helpers.cluster_probe", str(probe_config(tmp_path, "probe", shared)), str(out))
     first = shared / "probe" / f"checkpoint_{PROBE_EVERY:08d}"
     deadline = time.monotonic() + 240
     while not all((first / f).exists() for f in ("state.pt", "optim_rank0.pt", "optim_rank1.pt")):
@@ -161,64 +161,3 @@ def test_two_nodes_one_worker_each_survive_losing_a_node(cluster: RayCluster, tm
         assert torch.equal(p, ranks[1]["params"][n]), f"{n} differs between the workers on the two nodes"
     last = shared / "probe" / f"checkpoint_{PROBE_STEPS:08d}"
     assert {p.name for p in last.iterdir()} >= {"state.pt", "optim_rank0.pt", "optim_rank1.pt"}
-
-
-# --------------------------------------------------------------------------- bad input, no cluster
-@pytest.fixture
-def config_file(tmp_path: Path) -> Path:
-    data = {**LOCAL_TINY, "trainer": {**LOCAL_TINY["trainer"], "strategy": "ddp", "output_dir": str(tmp_path / "out")}}
-    return write_yaml(tmp_path / "tiny.yaml", data)
-
-
-@pytest.fixture
-def sweep_file(tmp_path: Path, config_file: Path) -> Path:
-    return write_yaml(tmp_path / "sweep.yaml", {
-        "base": str(config_file), "search": {"optim.lr": {"grid": [1e-2]}}, "metric": "eval/test_loglik",
-        "mode": "max", "scheduler": {"name": "fifo"}, "num_samples": 1})
-
-
-def dead_address() -> str:
-    return f"127.0.0.1:{free_port()}"  # bound and released at once: nothing listens there
-
-
-@pytest.mark.parametrize("form", ["host:port", "ray://host:port", "RAY_ADDRESS"])
-def test_train_against_no_cluster(form: str, config_file: Path, capsys: pytest.CaptureFixture[str],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A job's driver gets the cluster from $RAY_ADDRESS; by hand it is --address, maybe ray://."""
-    address = dead_address()
-    argv = ["train", str(config_file)]
-    if form == "RAY_ADDRESS":
-        monkeypatch.setenv("RAY_ADDRESS", address)
-    else:
-        address = address if form == "host:port" else f"ray://{address}"
-        argv += ["--address", address]
-    line = bism_error(capsys, argv)
-    assert address in line and "no Ray cluster answers" in line
-
-
-def test_dashboard_url_is_not_a_cluster_address(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The dashboard's http:// address is what `ray job submit` takes, not `bism --address`."""
-    line = bism_error(capsys, ["train", str(config_file), "--address", "http://127.0.0.1:8265"])
-    assert "http://127.0.0.1:8265" in line and "not a Ray cluster address" in line
-
-
-def test_tune_against_no_cluster(sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    address = dead_address()
-    line = bism_error(capsys, ["tune", str(sweep_file), "--address", address, "--output-dir", str(tmp_path / "o")])
-    assert address in line and "no Ray cluster answers" in line
-    assert not (tmp_path / "o" / "mlflow.db").exists()
-
-
-def test_tune_storage_path_not_writable(sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "a_file").write_text("")
-    bad = str(tmp_path / "a_file" / "ckpts")
-    spec = yaml.safe_load(sweep_file.read_text())
-    spec["overrides"] = {"trainer.storage_path": bad}
-    line = bism_error(capsys, ["tune", str(write_yaml(sweep_file, spec)), "--output-dir", str(tmp_path / "o")])
-    assert "trainer.storage_path" in line and bad in line
-
-
-def test_tune_output_dir_not_writable(sweep_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "a_file").write_text("")
-    line = bism_error(capsys, ["tune", str(sweep_file), "--output-dir", str(tmp_path / "a_file" / "o")])
-    assert "trainer.output_dir" in line and str(tmp_path / "a_file") in line

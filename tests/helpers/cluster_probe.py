@@ -1,5 +1,6 @@
 """A training run whose workers say where they ran: the driver of the multi-node test, submitted
-as a Ray job (`python tests/cluster_probe.py CONFIG.yaml OUT_DIR`).
+as a Ray job from the repo root (`python -m tests.helpers.cluster_probe CONFIG.yaml OUT_DIR`:
+`-m` puts the working directory, the uploaded checkout, on sys.path, so `tests.helpers` imports).
 
 It trains through the package's own path (`run_on_ray`, `worker_loop`, `run_loop`: the loop,
 its checkpoints and its resume), tracking off. Each worker writes OUT_DIR/start_rank{r}_{pid}.json
@@ -17,12 +18,12 @@ from typing import Any
 import torch
 from ray import cloudpickle
 
-import dist_workers
+from tests.helpers import dist_workers
 from distributed_bism.config import load_config
 from distributed_bism.launch.ray_backend import preflight, run_on_ray
 from distributed_bism.api import run_loop, worker_loop
 
-cloudpickle.register_pickle_by_value(dist_workers)  # workers cannot import tests/
+cloudpickle.register_pickle_by_value(dist_workers)  # sent by value: workers need not import tests/
 
 
 def probe_worker(conf: dict[str, Any]) -> None:

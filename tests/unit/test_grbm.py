@@ -11,7 +11,7 @@ from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models import BernoulliPosterior, GaussianRBM, PosteriorView
 from distributed_bism.objectives import get_objective
 
-from conftest import tiny_grbm
+from tests.helpers.tiny_models import tiny_grbm
 
 
 def _trapezoid_log_integral(log_f: torch.Tensor, dx: float, dims: int) -> float:

@@ -20,8 +20,8 @@ import pytest
 import torch
 from ray import cloudpickle
 
-import dist_workers
-from dist_workers import first_step_config
+from tests.helpers import dist_workers
+from tests.helpers.dist_workers import first_step_config
 from distributed_bism.config import Config, from_dict
 from distributed_bism.launch.ray_backend import run_on_ray
 from distributed_bism.training.loop import TrainLoop

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from distributed_bism.samplers import LangevinSchedule, get_sampler
 from distributed_bism.samplers.mmd import mmd2_rbf
 
-from conftest import tiny_conv, tiny_grbm
-from test_grbm import exact_posterior
+from tests.helpers.tiny_models import tiny_conv, tiny_grbm
+from tests.unit.test_grbm import exact_posterior
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_conv, tiny_grbm
-from local_runs import scratch_cwd, tiny  # noqa: F401  (scratch_cwd: autouse, keeps the checkout clean)
+from tests.helpers.tiny_models import tiny_conv, tiny_grbm
+from tests.helpers.local_runs import scratch_cwd, tiny  # noqa: F401  (scratch_cwd: autouse, keeps the checkout clean)
 
 from distributed_bism.config import ObjectiveConfig
 from distributed_bism.core.diagnostics import exact_reference_gradient, gradient_bias

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from processes import BismProcess, run_bism
+from tests.helpers.processes import BismProcess, run_bism
 
 TINY = {
     "data": {"name": "checkerboard", "n_train": 512, "n_test": 256},
