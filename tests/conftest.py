@@ -1,11 +1,42 @@
-"""Shared fixtures: tiny float64 models for the exactness tests."""
+"""The suite's layers and the fixtures every layer may use.
+
+Each test file lives in one layer, and gets that layer's marker from its directory, so that
+`pytest -m unit` (or `pytest tests/unit`) runs one layer:
+
+  unit/         no Ray, no subprocess clusters, no MLflow server: the fast layer (`make test-fast`)
+  distributed/  Ray Train worker groups (DDP, DeepSpeed), a killed worker, Ray Tune sweeps
+  cluster/      cluster configs, `ray job submit` to a multi-node Ray on this machine
+  e2e/          learning to a threshold, bench scripts run whole
+"""
 
 from __future__ import annotations
+
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from distributed_bism.models import BernoulliPosterior, ConvEBLVM, GaussianPosterior, GaussianRBM
+LAYERS = ("unit", "distributed", "cluster", "e2e")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its layer, the first directory of its path under tests/. A test file
+    outside every layer gets no marker (so `-m unit` would skip it): warned about, by name."""
+    outside: set[str] = set()
+    for item in items:
+        try:
+            layer = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # not under tests/
+            continue
+        if layer in LAYERS:
+            item.add_marker(layer)
+        else:
+            outside.add(str(item.path.relative_to(TESTS.parent)))
+    if outside:
+        warnings.warn(f"test files in no layer (move them under tests/{{{','.join(LAYERS)}}}/): "
+                      f"{', '.join(sorted(outside))}", pytest.PytestWarning, stacklevel=1)
 
 
 @pytest.fixture
@@ -26,38 +57,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def tiny_grbm(v_dim: int = 2, h_dim: int = 3, seed: int = 0) -> tuple[GaussianRBM, BernoulliPosterior]:
-    """A GRBM with non-trivial parameters and a linear Bernoulli posterior (τ = 0.5)."""
-    torch.manual_seed(seed)
-    grbm = GaussianRBM(v_dim, h_dim, init_std=0.5)
-    with torch.no_grad():
-        grbm.b.normal_(0, 0.3)
-        grbm.c.normal_(0, 0.3)
-        grbm.log_sigma.normal_(0, 0.2)
-    return grbm, BernoulliPosterior(v_dim, h_dim, temperature=0.5)
-
-
-def tiny_conv(seed: int = 0) -> tuple[ConvEBLVM, GaussianPosterior]:
-    """A conv EBLVM on 1×8×8 with 2 base channels and a small conv Gaussian posterior."""
-    torch.manual_seed(seed)
-    energy = ConvEBLVM((1, 8, 8), h_dim=3, ch=2, blocks_per_stage=0)
-    q = GaussianPosterior((1, 8, 8), 3, encoder="conv", channels=(4, 4, 4))
-    return energy, q
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local 2-CPU Ray for one test module, started and shut down by this process (never
-    `ray stop`); per module, so it is gone before other modules start clusters of their own."""
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()

@@ -1,0 +1,260 @@
+"""The cluster files in cluster/ are checked, not just written.
+
+* `ray up` YAMLs (AWS, GCP): valid against the cluster-config JSON schema the installed ray ships
+  (and Ray's own validate_config); every path a setup or start command uses under the synced
+  checkout exists here, every `make` target exists in the Makefile.
+* KubeRay manifests: they parse; the Ray CRDs are ray.io/v1 with the installed Ray version; every
+  container runs the image the Dockerfile builds, tagged with this project's version; every
+  volumeMount names a volume of its pod and every claim a PersistentVolumeClaim declared here;
+  the shared volume is ReadWriteMany and mounted wherever checkpoints are written; GPU workers
+  ask for GPUs; the RayJobs select the RayCluster; their entrypoints are `bism train|tune` on
+  files of this repo with overrides that load, writing under the shared mount.
+* runtime_env.yaml: the keys Ray accepts, and it excludes what is not code.
+* The local cluster script starts and stops nothing but its own nodes (checked in test_cluster_jobs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+RAY_UP = sorted(CLUSTER.glob("*.yaml"))
+RAY_UP = [p for p in RAY_UP if p.name != "runtime_env.yaml"]
+MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+SYNCED = "~/distributed_bism"  # where file_mounts puts this checkout on every node
+IMAGE_ROOT = "/home/ray/distributed_bism"  # WORKDIR of cluster/Dockerfile
+RAY_FILES = {"~/ray_bootstrap_config.yaml"}  # written by `ray up` itself
+
+
+def project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_the_files_exist() -> None:
+    assert {p.name for p in RAY_UP} == {"aws.yaml", "gcp.yaml"}
+    assert {p.name for p in MANIFESTS} == {"raycluster.yaml", "rayjob.yaml", "mlflow.yaml"}
+
+
+# --------------------------------------------------------------------------- ray up
+@pytest.mark.parametrize("path", RAY_UP, ids=lambda p: p.name)
+def test_ray_up_config_matches_rays_schema(path: Path) -> None:
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema_file = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    config = yaml.safe_load(path.read_text())
+    jsonschema.validate(config, json.loads(schema_file.read_text()))
+    # as `ray up` does: the provider's defaults filled in, then the schema again plus Ray's own checks
+    validate_config(prepare_config(config))
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert any(t.get("max_workers", 0) > 0 for t in workers)
+    spot = [t for t in workers if "InstanceMarketOptions" in t["node_config"]
+            or t["node_config"].get("scheduling", {}).get("preemptible")]
+    assert spot, f"{path.name}: no spot/preemptible worker type"
+    assert config["file_mounts"][SYNCED] == "."
+
+
+@pytest.mark.parametrize("path", RAY_UP, ids=lambda p: p.name)
+def test_ray_up_commands_refer_to_this_repo(path: Path) -> None:
+    """Paths under the synced checkout exist here (.venv/bin/* as `make setup` builds it, which
+    is the same recipe here), and `make` targets exist in the Makefile."""
+    config = yaml.safe_load(path.read_text())
+    commands = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                              "head_start_ray_commands", "worker_start_ray_commands") for c in config.get(key, [])]
+    assert any("make -C " + SYNCED in c for c in config["setup_commands"]), "setup_commands do not install the project"
+    makefile = (REPO / "Makefile").read_text()
+    checked = 0
+    for command in commands:
+        for rel in re.findall(re.escape(SYNCED) + r"/([^\s'\";:)]+)", command):
+            assert (REPO / rel).exists(), f"{path.name}: {command!r} uses {rel}, which is not in this repo"
+            checked += 1
+        for target in re.findall(r"make -C \S+ (\w+)", command):
+            assert re.search(rf"^{target}:", makefile, re.M), f"{path.name}: no make target {target!r}"
+            checked += 1
+        for home_file in re.findall(r"~/[\w.]+\.yaml", command):
+            assert home_file in RAY_FILES, f"{path.name}: {command!r} uses {home_file}"
+    assert checked >= 4
+    for remote, local in config["file_mounts"].items():
+        assert remote == SYNCED or local == remote, f"{path.name}: file_mount {remote}: {local}"
+
+
+# --------------------------------------------------------------------------- KubeRay
+def documents() -> list[dict[str, Any]]:
+    return [d for p in MANIFESTS for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc["spec"]
+    if doc["kind"] == "RayCluster":
+        return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    if doc["kind"] == "Deployment":
+        return [spec["template"]["spec"]]
+    return []
+
+
+def test_manifests_parse_and_name_ray_crds() -> None:
+    docs = documents()
+    for d in docs:
+        assert {"apiVersion", "kind", "metadata", "spec"} <= set(d), d.get("metadata")
+    ray_docs = [d for d in docs if d["kind"] in ("RayCluster", "RayJob")]
+    assert {d["kind"] for d in ray_docs} == {"RayCluster", "RayJob"}
+    assert all(d["apiVersion"] == "ray.io/v1" for d in ray_docs)
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    assert cluster["spec"]["rayVersion"] == ray.__version__
+
+
+def test_images_are_the_dockerfiles_build_of_this_version() -> None:
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu", base
+    assert f"WORKDIR {IMAGE_ROOT}" in dockerfile
+    tag = re.search(r"docker build -f cluster/Dockerfile -t (\S+) \.", dockerfile).group(1)
+    assert tag.endswith(f":{project_version()}")
+    images = {c["image"] for d in documents() for pod in pod_specs(d) for c in pod["containers"]}
+    assert images == {tag}, images
+    ignored = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
+    assert {".venv", "outputs", ".git"} <= set(ignored)
+
+
+def test_volumes_and_claims_resolve() -> None:
+    docs = documents()
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    assert claims["bism-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    pods = [pod for d in docs for pod in pod_specs(d)]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod["containers"]:
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes, f"{c['name']} mounts {m['name']!r}, not a volume of its pod"
+        for v in volumes.values():
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims, v
+    # every Ray pod mounts the shared volume at /shared: workers on any node write the same storage_path
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    for pod in pod_specs(cluster):
+        shared = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "bism-shared"}
+        assert any(m["name"] in shared and m["mountPath"] == "/shared" for m in pod["containers"][0]["volumeMounts"])
+
+
+def test_gpu_workers_and_mlflow_service() -> None:
+    docs = documents()
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    groups = cluster["spec"]["workerGroupSpecs"]
+    assert groups and all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for g in groups)
+    assert any("nodeSelector" in g["template"]["spec"] for g in groups), "no spot worker group"
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for pod in pod_specs(cluster):
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        host, port = re.fullmatch(r"http://([\w-]+):(\d+)", env["MLFLOW_TRACKING_URI"]).groups()
+        assert host in services and int(port) in [p["port"] for p in services[host]["spec"]["ports"]]
+
+
+def test_rayjob_entrypoints_load() -> None:
+    """Each RayJob targets the RayCluster and runs `bism train|tune` on a file of this repo whose
+    overrides load, with its outputs on the shared volume."""
+    from distributed_bism.config import load_config
+    from distributed_bism.tune.spec import load_spec
+
+    docs = documents()
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    jobs = [d for d in docs if d["kind"] == "RayJob"]
+    commands = set()
+    for job in jobs:
+        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+        argv = shlex.split(job["spec"]["entrypoint"])
+        assert argv[0] == "bism" and argv[2].startswith(IMAGE_ROOT + "/"), argv
+        commands.add(argv[1])
+        local = REPO / argv[2].removeprefix(IMAGE_ROOT + "/")
+        overrides = [a for a in argv[3:] if "=" in a and not a.startswith("--")]
+        if argv[1] == "train":
+            cfg = load_config(local, overrides)
+            assert cfg.trainer.storage_path.startswith("/shared/") and cfg.trainer.output_dir.startswith("/shared/")
+        else:
+            load_spec(local, overrides)
+            assert argv[argv.index("--output-dir") + 1].startswith("/shared/")
+    assert commands == {"train", "tune"}
+
+
+# --------------------------------------------------------------------------- runtime_env
+def test_runtime_env_example() -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    raw = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    env = RuntimeEnv(**raw)  # unknown keys or wrong types raise
+    assert env["working_dir"] == "." and all(isinstance(v, str) for v in raw["env_vars"].values())
+    assert "bench/results/" in raw["excludes"]
+
+
+# --------------------------------------------------------------------------- placement on clusters
+def placement_config(**trainer: Any) -> Any:
+    from distributed_bism.config import Config, from_dict
+
+    return from_dict(Config, {"trainer": {"num_workers": 2, **trainer}})
+
+
+@pytest.mark.parametrize("trainer, key", [
+    ({"placement_strategy": "RANDOM"}, "trainer.placement_strategy"),
+    ({"resources_per_worker": {"CPU": 2}}, "trainer.resources_per_worker.CPU"),
+    ({"resources_per_worker": {"bism_slot": 0}}, "trainer.resources_per_worker.bism_slot"),
+    ({"resources_per_worker": {"bism_slot": "one"}}, "trainer.resources_per_worker.bism_slot"),
+    ({"resources_per_worker": ["bism_slot"]}, "trainer.resources_per_worker"),
+])
+def test_bad_placement_keys_are_named(trainer: dict[str, Any], key: str) -> None:
+    from distributed_bism.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: "):
+        placement_config(**trainer)
+
+
+def test_scaling_config_carries_placement_and_resources() -> None:
+    from distributed_bism.config import load_config
+    from distributed_bism.launch.ray_backend import scaling_config
+
+    cfg = load_config(None, ["trainer.num_workers=2", "trainer.placement_strategy=SPREAD",
+                             "trainer.resources_per_worker.bism_slot=1", "trainer.cpus_per_worker=0.5"])
+    cpu = scaling_config(cfg, use_gpu=False)
+    assert cpu.placement_strategy == "SPREAD" and cpu.num_workers == 2
+    assert cpu._resources_per_worker_not_none == {"CPU": 0.5, "bism_slot": 1.0}
+    assert scaling_config(cfg, use_gpu=True)._resources_per_worker_not_none == {"bism_slot": 1.0, "GPU": 1}
+    assert scaling_config(placement_config(), use_gpu=True)._resources_per_worker_not_none == {"GPU": 1}
+
+
+class FakeRay:
+    """ray.cluster_resources() and ray.nodes() of a cluster that is not started."""
+
+    def __init__(self, resources: dict[str, float], nodes: int):
+        self.resources, self.n = resources, nodes
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [{"Alive": True}] * self.n + [{"Alive": False}]
+
+
+def test_check_resources_names_what_the_cluster_lacks() -> None:
+    from distributed_bism.config import ConfigError
+    from distributed_bism.launch.ray_backend import check_resources
+
+    ray_2_nodes = FakeRay({"CPU": 4, "bism_slot": 2}, nodes=2)
+    check_resources(placement_config(resources_per_worker={"bism_slot": 1}, placement_strategy="STRICT_SPREAD",
+                                     use_gpu=False), ray_2_nodes)
+    with pytest.raises(ConfigError, match=r"^trainer.resources_per_worker.bism_slot: 2 workers × 1.5 need 3, the cluster has 2"):
+        check_resources(placement_config(resources_per_worker={"bism_slot": 1.5}, use_gpu=False), ray_2_nodes)
+    with pytest.raises(ConfigError, match=r"^trainer.resources_per_worker.other: .* the cluster has 0"):
+        check_resources(placement_config(resources_per_worker={"other": 1}, use_gpu=False), ray_2_nodes)
+    with pytest.raises(ConfigError, match=r"^trainer.placement_strategy: STRICT_SPREAD .* 3 workers .* 2 node"):
+        check_resources(placement_config(num_workers=3, placement_strategy="STRICT_SPREAD", cpus_per_worker=1.0,
+                                         use_gpu=False), FakeRay({"CPU": 4}, nodes=2))

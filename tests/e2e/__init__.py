@@ -1,0 +1,2 @@
+"""End-to-end layer: learning to a measured threshold (checkerboard, digits) and bench scripts
+run whole."""
