@@ -2,7 +2,7 @@
 """Wall time and peak memory of ONE bi-level training iteration against the unroll depth K.
 
 One iteration = N = 5 warm-up steps on φ + K unrolled (differentiable) steps + the higher-level
-loss + its backward + the θ optimiser step (METHODS.md §1). It is measured for
+loss + its backward + the θ optimiser step (docs/methods.md §1). It is measured for
 
     ours          distributed_bism.core.bilevel.step_from_config (functional Adam unroll on dicts)
     ours_shared   the same with share_inner_noise=True. NOT the same estimator: one noise draw

@@ -10,7 +10,7 @@ log-likelihood (enumeration of h) along the way:
     bidsm_k0/k5    BiDSM, N = 5 warm-up steps, K = 0 / 5 unrolled Adam steps, KL lower level
     bissm_k0/k5    BiSSM, N = 5, K = 0 / 5, KL lower level
 
-on two data sets (METHODS.md §2 hyperparameters, `experiments.checkerboard_grbm`: the reference
+on two data sets (docs/methods.md §2 hyperparameters, `experiments.checkerboard_grbm`: the reference
 initialisation, Adam 1e-3 with betas (0.9, 0.95) for θ and φ, batch 100, linear Bernoulli posterior
 with τ = 0.1):
 

@@ -45,7 +45,7 @@ def build_setup(model: str, batch: int, seed: int) -> Setup:
 
     torch.manual_seed(seed)
     if model == "grbm":
-        # Checkerboard GRBM (METHODS.md §2): Adam 1e-3 with the reference's betas (0.9, 0.95),
+        # Checkerboard GRBM (docs/methods.md §2): Adam 1e-3 with the reference's betas (0.9, 0.95),
         # BiDSM σ = 0.05, KL lower level.
         energy, posterior = GaussianRBM(2, 4), BernoulliPosterior(2, 4, temperature=0.1)
         v = torch.rand(batch, 2)

@@ -1,4 +1,4 @@
-"""Exact test log-likelihood curves of GRBM learners on the checkerboard (METHODS.md §2).
+"""Exact test log-likelihood curves of GRBM learners on the checkerboard (docs/methods.md §2).
 
 Trains BiDSM (N=5, K=0 and K=5), DSM on the exact free energy (σ=0.05), CD-1 and PCD-1 in the
 reference set-up (`experiments.checkerboard_grbm`: its initialisation, Adam 1e-3 with betas

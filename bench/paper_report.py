@@ -89,7 +89,7 @@ def markdown(summary: dict[str, Any], machine: dict[str, Any], command: str) -> 
         "",
         '"BiSM is comparable to CD and SM when they are applicable" (Bao et al., 2020), checked with '
         "`bench/bench_paper_loglik.py`. Budget, equal for every learner: the same number of iterations "
-        "and batch size (100), Adam 1e-3 for θ (and φ), the reference set-up of METHODS.md §2. "
+        "and batch size (100), Adam 1e-3 for θ (and φ), the reference set-up of docs/methods.md §2. "
         "Wall time is reported per learner: the bi-level learners do N = 5 posterior steps (+ K unrolled) "
         "per iteration, so equal iterations are not equal compute. Digits are dequantised (`data.dequantize`: each "
         "pixel uniform within its intensity level), which bounds the log-likelihood; without it, pixels that "

@@ -1,6 +1,6 @@
 """Reference experiment set-ups shared by the demo, the tests and the benchmarks.
 
-`checkerboard_grbm` is the reference's checkerboard GRBM (METHODS.md §2: v=2, H=4, its
+`checkerboard_grbm` is the reference's checkerboard GRBM (docs/methods.md §2: v=2, H=4, its
 initialisation (`model.init=reference`), Adam 1e-3 with betas (0.9, 0.95) for θ and φ, batch 100,
 σ=0.05, N=5, KL lower level, 60 000 training points: the reference's train + validation) for each
 learner in `CHECKERBOARD_METHODS`. It returns a plain dict, so callers can apply dotted overrides

@@ -1,4 +1,4 @@
-"""One training iteration of bi-level score matching (METHODS.md §1), with no distributed code.
+"""One training iteration of bi-level score matching (docs/methods.md §1), with no distributed code.
 
     1. N warm-up steps: ordinary optimiser steps on φ minimising G(θ, φ), θ frozen. They persist.
     2. K unrolled steps: φ_{k+1} = step(φ_k, ∇_φ G(θ, φ_k)) with create_graph, on parameter
@@ -10,7 +10,7 @@ Single-level objectives (DSM, SSM, CD ...) skip 1, 2 and 4. The caller steps θ'
 
 `energy` and `posterior` may be DDP / DeepSpeed wrappers: the higher-level loss calls the
 energy's *wrapper* forward and the warm-up calls the posterior's wrapper forward, because a
-wrapper whose forward is never called does not average gradients (STACK.md). Inner losses use
+wrapper whose forward is never called does not average gradients (docs/stack.md). Inner losses use
 the unwrapped modules.
 """
 

@@ -52,7 +52,7 @@ from distributed_bism.distributed import gather_rows, rank_and_world
 from distributed_bism.evaluation.metrics import EvalContext, register_metric
 from distributed_bism.models.grbm import MAX_ENUMERABLE_H, GaussianRBM
 
-# METHODS.md: the reference evaluates with 2000 chains and 2000 linearly spaced β.
+# docs/methods.md: the reference evaluates with 2000 chains and 2000 linearly spaced β.
 DEFAULT_NUM_CHAINS = 2000
 DEFAULT_NUM_BETAS = 2000
 

@@ -1,4 +1,4 @@
-"""BiDVL's decoupled EBLVM (Kan et al. 2022; METHODS.md §4): a marginal energy E_θ(v), an
+"""BiDVL's decoupled EBLVM (Kan et al. 2022; docs/methods.md §4): a marginal energy E_θ(v), an
 encoder Q_φ(h|v) and a decoder P_ψ(v|h) with prior h ~ N(0, I).
 
     E_θ(v)       `MarginalEnergy`: a network v → scalar, (B, ...) → (B,)

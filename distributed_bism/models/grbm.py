@@ -1,4 +1,4 @@
-"""Gaussian-Bernoulli RBM in the reference parametrisation (METHODS.md §2).
+"""Gaussian-Bernoulli RBM in the reference parametrisation (docs/methods.md §2).
 
     E(v, h) = ½ Σ_i (v_i − b_i)² / σ_i² − cᵀh − vᵀWh,        h ∈ {0, 1}^H
     F(v)    = ½ Σ_i (v_i − b_i)² / σ_i² − Σ_j softplus(c_j + (Wᵀv)_j)

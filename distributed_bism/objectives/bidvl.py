@@ -1,4 +1,4 @@
-"""BiDVL's two levels (Kan et al. 2022; METHODS.md §4), per example, on the decoupled model of
+"""BiDVL's two levels (Kan et al. 2022; docs/methods.md §4), per example, on the decoupled model of
 models/bidvl.py: a marginal energy E_θ(v), an encoder Q_φ(h|v), a decoder P_ψ(v|h), ĥ ~ N(0, I).
 
     upper (θ):      E(v) − E(P(ĥ))                                   (decoder samples for MCMC)

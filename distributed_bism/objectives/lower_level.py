@@ -1,4 +1,4 @@
-"""Lower-level (posterior) losses G(θ, φ), per example, on a perturbed batch ṽ (METHODS.md §1).
+"""Lower-level (posterior) losses G(θ, φ), per example, on a perturbed batch ṽ (docs/methods.md §1).
 
     "kl":     E_q[ log q_φ(h|ṽ) + E_θ(ṽ, h) ]          (= KL(q ‖ p(h|ṽ)) + const in φ)
     "fisher": ½ ‖ ∇_h( −E_θ(ṽ, h) − log q_φ(h|ṽ) ) ‖²   at h ~ q_φ(h|ṽ)

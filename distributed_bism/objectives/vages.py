@@ -1,4 +1,4 @@
-"""Variational estimates of the score (VaES) and of its θ-gradient (VaGES); METHODS.md §3.
+"""Variational estimates of the score (VaES) and of its θ-gradient (VaGES); docs/methods.md §3.
 
 With particles h_l ~ q(h|v), held fixed (not reparameterised in v) and log p̃(v, h) = −E(v, h):
 

@@ -1,4 +1,4 @@
-"""The reference's *conditional* sampler (METHODS.md §2), used for the sample grids during training.
+"""The reference's *conditional* sampler (docs/methods.md §2), used for the sample grids during training.
 
     h* = E_q[h | v_data]                       (the posterior mean at real data)
     v ~ p(v | h*)                              GRBM: exactly, N(b + σ² W h*, σ² I)

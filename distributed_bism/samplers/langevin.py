@@ -1,4 +1,4 @@
-"""Annealed Langevin dynamics on an energy (the reference's sampler schedule, METHODS.md §2).
+"""Annealed Langevin dynamics on an energy (the reference's sampler schedule, docs/methods.md §2).
 
     x ← x − ½α ∇ₓE(x) + √T √α ξ,   ξ ~ N(0, I),   √α = `step`
 

@@ -36,7 +36,7 @@ class LRSchedule:
 
 
 def adam(params: Iterable[Tensor], lr: float, betas: Iterable[float]) -> torch.optim.Adam:
-    """The reference optimiser for both levels (METHODS.md §2)."""
+    """The reference optimiser for both levels (docs/methods.md §2)."""
     b1, b2 = betas
     return torch.optim.Adam(params, lr=lr, betas=(b1, b2))
 

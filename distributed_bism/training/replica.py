@@ -5,7 +5,7 @@
     deepspeed  one DeepSpeed engine per module, ZeRO stage 0/1/2, a client torch Adam (no compile)
 
 All three return a `Replica`, and the training loop runs the same `BilevelStep` on it. What
-the step calls matters under DDP (STACK.md): the higher-level loss calls `replica.energy`
+the step calls matters under DDP (docs/stack.md): the higher-level loss calls `replica.energy`
 (the wrapper, so its reducer averages dJ/dθ), the warm-up calls `replica.posterior` (so dG/dφ
 is averaged), and every inner loss calls the unwrapped modules, whose gradients are either
 not accumulated (torch.autograd.grad) or flow into θ through the one outer backward.

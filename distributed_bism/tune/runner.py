@@ -1,6 +1,6 @@
 """`bism tune SPEC.yaml`: a Ray Tune sweep whose trials are ordinary training runs.
 
-The pattern that works on Ray 2.60 (STACK.md): each trial is a tiny driver function (0.01 CPU)
+The pattern that works on Ray 2.60 (docs/stack.md): each trial is a tiny driver function (0.01 CPU)
 that builds the trial's Config and fits a TorchTrainer through the same `run_on_ray` and
 `worker_main` as `bism train`, with `TuneReportCallback` forwarding the workers' reports (one
 per evaluation and per checkpoint) to Tune, so ASHA can stop a trial early.

@@ -1,6 +1,6 @@
 """Correctness across workers, on a real Ray TorchTrainer with 2 CPU workers (gloo).
 
-The silent trap (STACK.md): a wrapper whose forward is never called does not average
+The silent trap (docs/stack.md): a wrapper whose forward is never called does not average
 gradients, and nothing raises; ranks drift apart. Each test here fails in that case:
   * the gradient each rank applies after one step must equal the mean over shards of the
     single-process hypergradient on each shard (and the shards' own gradients are checked

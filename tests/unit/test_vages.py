@@ -1,4 +1,4 @@
-"""VaES / VaGES (METHODS.md §3) on tiny float64 Gaussian RBMs.
+"""VaES / VaGES (docs/methods.md §3) on tiny float64 Gaussian RBMs.
 
 The oracle is the exact posterior p(h|v) = Bern(sigmoid(c + Wᵀv)) with the expectation over h
 taken by enumerating {0, 1}^H (weighted particles), where the estimators must be exact:
