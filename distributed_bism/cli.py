@@ -66,9 +66,10 @@ def _train(cfg: Config, address: str | None) -> int:
 @_one_line_errors()
 def _tune(args: argparse.Namespace) -> int:
     from distributed_bism.tune.runner import run_sweep
-    from distributed_bism.tune.spec import load_spec
+    from distributed_bism.tune.spec import checked_sweep_name, load_spec
 
-    run_sweep(load_spec(args.spec, args.overrides), name=args.name, output_dir=args.output_dir, address=args.address)
+    spec = load_spec(args.spec, args.overrides)
+    run_sweep(spec, name=checked_sweep_name(spec, args.name), output_dir=args.output_dir, address=args.address)
     return 0
 
 
@@ -111,6 +112,20 @@ def _sample(args: argparse.Namespace) -> int:
                               force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
     print("wrote " + " and ".join(str(p) for p in paths))
     return 0
+
+
+def parse(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser],
+          argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with a command's options allowed anywhere among its positionals
+    (`bism train C.yaml --address X k=v`): plain parse_args stops filling the overrides at the
+    first option and calls what follows it unrecognized. argparse's intermixed parsing does not
+    support subparsers, so the command's own parser reads everything after the command's name."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, or a missing or unknown command: argparse's own message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--tracking-uri", help="MLflow store, to resolve a run id")
     p_sample.add_argument("--ema", action="store_true", help="sample from the EMA weights of θ")
-    args = parser.parse_args(argv)
+    args = parse(parser, {p.prog.split()[-1]: p for p in (p_train, p_tune, p_demo, p_diag, p_eval, p_sample)}, argv)
     if args.command == "eval":
         return _eval(args)
     if args.command == "sample":
