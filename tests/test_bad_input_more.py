@@ -107,11 +107,12 @@ def _spec(tmp_path: Path, config_file: Path, name: str = "sweep") -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["..", "a/b", "-x"])
+@pytest.mark.parametrize("name", ["..", "a/b", "-x", "s" * 100])
 def test_sweep_name_is_checked(tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str],
                                name: str) -> None:
     """`bism tune SPEC --name ..` would make <output_dir>/sweeps/.. (the output directory itself) the
-    sweep's directory: refused, naming --name, before Ray starts."""
+    sweep's directory: refused, naming --name, before Ray starts. 100 bytes is too long: every
+    trial's run name is <sweep>-<trial id>, which must fit trainer.name's 128 bytes."""
     line = bism_error(capsys, ["tune", str(_spec(tmp_path, config_file)), f"--name={name}",
                                "--output-dir", str(tmp_path / "out")])
     assert "--name" in line

@@ -34,8 +34,9 @@ NAME_MARKS = "._-+=@"
 MAX_NAME_BYTES = 128
 
 
-def check_path_name(name: str, key: str) -> None:
-    """A ConfigError naming `key` unless `name` is safe as one path component (see NAME_MARKS)."""
+def check_path_name(name: str, key: str, *, limit: int = MAX_NAME_BYTES) -> None:
+    """A ConfigError naming `key` unless `name` is safe as one path component (see NAME_MARKS), of
+    at most `limit` bytes in UTF-8."""
     bad = sorted({c for c in name if not (c.isalnum() or c in NAME_MARKS)})
     check(name != "", key, "must not be empty")
     check(name not in (".", ".."), key, f"{name!r} names a directory itself ('.' is this one, '..' the one above), "
@@ -45,7 +46,7 @@ def check_path_name(name: str, key: str) -> None:
     check(name[0] not in ".-", key, f"{name!r} starts with {name[0]!r}: a name becomes a directory, so it must "
           "start with a letter, a digit or one of _ + = @")
     size = len(name.encode())
-    check(size <= MAX_NAME_BYTES, key, f"is {size} bytes long; the most is {MAX_NAME_BYTES}")
+    check(size <= limit, key, f"is {size} bytes long; the most is {limit}")
 
 
 def check_label(label: str, key: str, *, limit: int = 256) -> None:

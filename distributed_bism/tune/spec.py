@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 
 from distributed_bism.config import Config, ConfigError, check, coerce, from_dict
-from distributed_bism.config.errors import check_path_name
+from distributed_bism.config.errors import MAX_NAME_BYTES, check_path_name
 from distributed_bism.config.loading import parse_yaml, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -322,11 +322,16 @@ def _read_yaml(path: Path, key: str) -> dict[str, Any]:
     return read_yaml_file(path, key, **({"if_empty": "it defines no sweep"} if key == "spec" else {}))
 
 
+TRIAL_SUFFIX_BYTES = 32  # "-" and Ray's trial id (e.g. 3a4b5_00012), or "-check"
+
+
 def checked_sweep_name(spec: SweepSpec, name: str | None) -> str:
     """The sweep's name (--name, else the spec file's stem), checked as one path component: it
-    names <output_dir>/sweeps/<name>/ and prefixes every trial's run name."""
+    names <output_dir>/sweeps/<name>/ and prefixes every trial's run name, <name>-<trial id>,
+    which must fit trainer.name's bytes too."""
     check_path_name(name if name is not None else spec.name,
-                    "--name" if name is not None else "sweep name (the spec file's stem; give another with --name)")
+                    "--name" if name is not None else "sweep name (the spec file's stem; give another with --name)",
+                    limit=MAX_NAME_BYTES - TRIAL_SUFFIX_BYTES)
     return name if name is not None else spec.name
 
 
