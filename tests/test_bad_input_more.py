@@ -235,6 +235,18 @@ def test_duplicate_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert key in line and lines in line and str(path) in line
 
 
+def test_yaml_that_stays_valid(tmp_path: Path) -> None:
+    """The strict reading keeps what YAML allows: merge keys that override a merged key, a
+    byte-order mark, and `{}` for all defaults."""
+    path = tmp_path / "merge.yaml"
+    path.write_bytes("\ufefftrainer: &t {steps: 3, batch_size: 8}\neval:\n  <<: {every: 5, num_samples: 4}\n"
+                     "  every: 7\n".encode())
+    cfg = load_config(path)
+    assert (cfg.trainer.steps, cfg.eval.every, cfg.eval.num_samples) == (3, 7, 4)
+    path.write_text("{}\n")
+    assert load_config(path) == Config()
+
+
 @pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "---\n"])
 def test_empty_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> None:
     """An empty file trained a full default run (2000 steps, DDP): refused, saying so; `{}` still

@@ -95,6 +95,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
             line = key_node.start_mark.line + 1
             if isinstance(key, typing.Hashable) and key in seen:
@@ -137,7 +139,7 @@ def read_yaml_file(path: str | Path, key: str, *, if_empty: str = EMPTY_CONFIG) 
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {p} ({e.strerror or e})") from e
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is fine
     except UnicodeDecodeError as e:
         raise ConfigError(f"{key}: {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
                           "save it as UTF-8") from e
