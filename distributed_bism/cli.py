@@ -11,8 +11,8 @@
     bism sample CHECKPOINT [-n 64] [--sampler NAME] -o grid.png|samples.npz|samples.pt [--force]
                                    a sample figure titled with the sampler, or the samples themselves
 
-Bad input (config, data set, paths, tracking store, cluster) is one line on stderr and exit 2,
-before any worker starts.
+Options may stand anywhere among a command's overrides. Bad input (config, data set, paths,
+tracking store, cluster) is one line on stderr and exit 2, before any worker starts.
 """
 
 from __future__ import annotations
