@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_bism.config import Config, ConfigError, load_config
+from distributed_bism.config.schema import MAX_EXAMPLES, MAX_INNER_STEPS
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 Command = Callable[..., int]
@@ -55,6 +56,13 @@ def _one_line_errors(*extra: type[Exception]) -> Callable[[Command], Command]:
     return wrap
 
 
+def _at_most(value: int, cap: int, option: str, what: str) -> None:
+    """A ValueError (one line, exit 2) for a count past what any machine does: it would hang or
+    exhaust memory instead of failing (schema.py's caps, for options outside a config)."""
+    if value > cap:
+        raise ValueError(f"{option}: {value} is more than the {cap} allowed ({what})")
+
+
 @_one_line_errors()
 def _train(cfg: Config, address: str | None) -> int:
     from distributed_bism.api import train
@@ -81,6 +89,9 @@ def _diagnose(args: argparse.Namespace) -> int:
         ks = [int(k) for k in args.k.split(",")]
     except ValueError:
         raise ValueError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    _at_most(max(ks, default=0), MAX_INNER_STEPS, "--k", "unrolled steps, all kept in memory")
+    _at_most(args.reference_steps, MAX_INNER_STEPS, "--reference-steps", "unrolled steps, all kept in memory")
+    _at_most(args.batches, MAX_INNER_STEPS, "--batches", "training batches, each differentiated at every K")
     out = diagnose(args.checkpoint, ks=ks, num_batches=args.batches, reference=args.reference,
                    reference_steps=args.reference_steps, seed=args.seed, tracking_uri=args.tracking_uri,
                    output_dir=args.output_dir, log=not args.no_log)
@@ -108,6 +119,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from distributed_bism.commands.evaluate import sample_checkpoint
 
+    _at_most(args.n, MAX_EXAMPLES, "-n", "samples, held in memory at once")
     paths = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
                               force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
     print("wrote " + " and ".join(str(p) for p in paths))

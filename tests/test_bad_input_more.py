@@ -149,6 +149,19 @@ def test_counts_past_any_machine_are_refused(tmp_path: Path, config_file: Path, 
     assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize("argv", [
+    ["sample", "CKPT", "-n", "1000000000", "-o", "x.png"],
+    ["diagnose", "CKPT", "--k", "0,1000000000"],
+    ["diagnose", "CKPT", "--reference-steps", "1000000000"],
+    ["diagnose", "CKPT", "--batches", "1000000000"],
+])
+def test_counts_of_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """The same caps for counts given as options, checked before the checkpoint is even read."""
+    argv = [str(tmp_path / "nope") if a == "CKPT" else a for a in argv]
+    line = bism_error(capsys, argv)
+    assert "1000000000" in line and "allowed" in line
+
+
 def test_memory_floor_past_this_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config_file: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """Within the caps but past this machine's memory (here stubbed to 1 MiB): K=10000 unrolled
