@@ -99,6 +99,20 @@ def test_control_characters_in_names(tmp_path: Path) -> None:
             from_dict(Config, {section: {field: value}})
 
 
+@pytest.mark.parametrize("key", ["trainer.output_dir", "trainer.storage_path", "data.root", "tracking.tracking_uri",
+                                 "eval.classifier_dir"])
+def test_nul_in_a_path(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str) -> None:
+    """A NUL in a path (a YAML "\\0") was a ValueError traceback from pathlib: one line naming the key."""
+    section, field = key.split(".")
+    data = {**TINY, "trainer": {**TINY["trainer"], "output_dir": str(tmp_path / "out")}}
+    data[section] = {**data.get(section, {}), field: "a\x00b"}
+    path = tmp_path / "nul.yaml"
+    path.write_text(yaml.safe_dump(data))
+    line = bism_error(capsys, ["train", str(path)])
+    assert key in line and "NUL" in line
+    assert_nothing_written(tmp_path)
+
+
 def _spec(tmp_path: Path, config_file: Path, name: str = "sweep") -> Path:
     spec = {"base": str(config_file), "search": {"optim.lr": {"choice": [0.001, 0.002]}},
             "metric": "train/loss", "mode": "min", "scheduler": {"name": "fifo"}}

@@ -7,7 +7,8 @@ cross-section fit in validate.py, which `from_dict` runs on every section; so a 
 loading returns is valid.
 
     errors.py     ConfigError, check, check_writable_dir; check_path_name (a name that becomes a
-                  directory), check_label (an MLflow name), check_finite (every float of a section)
+                  directory), check_label (an MLflow name), check_values (every float
+                  of a section finite, no NUL in its strings)
     schema.py     DataConfig ... EvalConfig, Config: keys, types, ranges (a leaf: no torch, nothing
                   else from the package)
     validate.py   names against the registries (distributed_bism/registry) and how model,

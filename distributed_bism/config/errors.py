@@ -58,9 +58,11 @@ def check_label(label: str, key: str, *, limit: int = 256) -> None:
     check(len(label) <= limit, key, f"is {len(label)} characters long; the most is {limit}")
 
 
-def check_finite(section: object, prefix: str) -> None:
-    """Every float of a config section (and of its lists and mappings) is finite: an inf or nan
-    learning rate, noise level or β passes `> 0`-style range checks (inf) or poisons training (nan)."""
+def check_values(section: object, prefix: str) -> None:
+    """Every float of a config section (and of its lists and mappings) is finite, and no string
+    holds a NUL byte: an inf or nan learning rate, noise level or β passes `> 0`-style range
+    checks (inf) or poisons training (nan); a NUL in a path is a ValueError traceback deep in
+    pathlib or MLflow."""
     import dataclasses
     import math
 
@@ -68,6 +70,8 @@ def check_finite(section: object, prefix: str) -> None:
         value = getattr(section, f.name)
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
         for sub, x in items:
+            where = f"{prefix}{f.name}" + ("" if sub is None else f".{sub}" if isinstance(value, dict) else f"[{sub}]")
             if isinstance(x, float) and not math.isfinite(x):
-                where = f"{prefix}{f.name}" + ("" if sub is None else f".{sub}" if isinstance(value, dict) else f"[{sub}]")
                 raise ConfigError(f"{where}: must be a finite number, got {x}")
+            if isinstance(x, str) and "\x00" in x:
+                raise ConfigError(f"{where}: {x!r} holds a NUL character")

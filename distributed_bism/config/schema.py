@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from distributed_bism.config.errors import check, check_finite, check_label, check_path_name
+from distributed_bism.config.errors import check, check_label, check_path_name, check_values
 
 # Caps on counts, whatever the machine: a value past them is a typo or a unit slip (1e9 for 1e3),
 # which would hang inside the first step instead of failing. preflight.check_memory judges what
@@ -50,6 +50,7 @@ class DataConfig:
     pad: int = 0
 
     def __post_init__(self) -> None:
+        check_values(self, "data.")
         check(self.pad >= 0, "data.pad", f"must be >= 0, got {self.pad}")
         for key in ("n_train", "n_test"):
             n = getattr(self, key)
@@ -84,7 +85,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 256])
 
     def __post_init__(self) -> None:
-        check_finite(self, "model.")
+        check_values(self, "model.")
         check(self.name in MODELS, "model.name", f"unknown model {self.name!r}; expected one of {MODELS}")
         check(all(w > 0 for w in self.hidden), "model.hidden", f"widths must be > 0, got {self.hidden}")
         check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
@@ -122,7 +123,7 @@ class PosteriorConfig:
     decoder_output: str = "sigmoid"  # sigmoid | tanh | none
 
     def __post_init__(self) -> None:
-        check_finite(self, "posterior.")
+        check_values(self, "posterior.")
         check(self.name in POSTERIORS, "posterior.name", f"unknown posterior {self.name!r}; expected one of {POSTERIORS}")
         check(self.decoder_output in ("sigmoid", "tanh", "none"), "posterior.decoder_output",
               f"expected sigmoid, tanh or none, got {self.decoder_output!r}")
@@ -168,7 +169,7 @@ class ObjectiveConfig:
     sgld_noise: float | None = None  # σ; None: √α (Langevin)
 
     def __post_init__(self) -> None:
-        check_finite(self, "objective.")
+        check_values(self, "objective.")
         check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
         check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
         check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
@@ -210,7 +211,7 @@ class OptimConfig:
     warmup_steps: int = 0  # both lrs rise linearly from lr/W to lr over the first W steps; 0: none (the reference)
 
     def __post_init__(self) -> None:
-        check_finite(self, "optim.")
+        check_values(self, "optim.")
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         check(self.posterior_lr > 0, "optim.posterior_lr", f"must be > 0, got {self.posterior_lr}")
         for key in ("betas", "posterior_betas"):
@@ -257,7 +258,7 @@ class TrainerConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_finite(self, "trainer.")
+        check_values(self, "trainer.")
         for key in ("num_workers", "steps", "batch_size", "log_every", "checkpoint_every", "num_to_keep"):
             check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
         for key in ("max_failures", "max_bad_steps"):
@@ -293,6 +294,7 @@ class TrackingConfig:
     run_name: str | None = None  # None: trainer.name
 
     def __post_init__(self) -> None:
+        check_values(self, "tracking.")
         # MLflow names, never paths (artifacts go under <output_dir>/mlartifacts/<experiment id>)
         check_label(self.experiment, "tracking.experiment")
         if self.run_name is not None:
@@ -330,7 +332,7 @@ class EvalConfig:
     ood_dataset: str = "uniform_noise"
 
     def __post_init__(self) -> None:
-        check_finite(self, "eval.")
+        check_values(self, "eval.")
         check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
         check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
         check(self.langevin_step_size > 0, "eval.langevin_step_size", f"must be > 0, got {self.langevin_step_size}")
