@@ -111,7 +111,7 @@ def parse_yaml(text: str, where: str) -> Any:
     """`text` as YAML (duplicate keys refused); a one-line ConfigError naming `where` and the
     position of a syntax error."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except _DuplicateKey as e:
         raise ConfigError(f"{where}: {e}") from None
     except yaml.MarkedYAMLError as e:

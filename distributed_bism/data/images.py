@@ -14,8 +14,8 @@ All return float32 (N, 1, H, W) in [0, 1]:
 from __future__ import annotations
 
 import gzip
-import math
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np

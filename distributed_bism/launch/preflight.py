@@ -234,10 +234,10 @@ def memory_floor(cfg: Config) -> list[tuple[str, int, str]]:
               f"{workers} worker(s) × {n} examples × {values} values × {f32} bytes for the data set")]
     if o.unroll_steps and not gpu:
         per = o.unroll_steps * t.batch_size * o.num_particles * values * f32 * 2
-        terms.append(("objective.unroll_steps", workers * per,
-                      f"{workers} worker(s) × K={o.unroll_steps} unrolled steps × batch {t.batch_size} × "
-                      f"{o.num_particles} particle(s) × {values} values × {f32} bytes × 2 (input and gradient) "
-                      "for the unroll's graph"))
+        how = (f"{workers} worker(s) × K={o.unroll_steps} unrolled steps × batch {t.batch_size} × "
+               f"{o.num_particles} particle(s) × {values} values × {f32} bytes × 2 (input and gradient) "
+               "for the unroll's graph")
+        terms.append(("objective.unroll_steps", workers * per, how))
     key, count = max((("eval.num_samples", e.num_samples), ("eval.fid_samples", e.fid_samples),
                       ("eval.ais_chains", e.ais_chains + e.raise_chains)), key=lambda kv: kv[1])
     terms.append((key, count * values * f32, f"{count} samples × {values} values × {f32} bytes for an evaluation"))
