@@ -285,6 +285,18 @@ def test_empty_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert not (tmp_path / "outputs").exists()
 
 
+def test_unreadable_run_record(tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An earlier launch's bism_config.yaml that was cut off (not YAML) or emptied was a traceback
+    (or, empty, compared as "all None"): one line naming the file and the run."""
+    record = tmp_path / "out" / "ray_results" / "bad-input" / "bism_config.yaml"
+    record.parent.mkdir(parents=True)
+    for text in ("data: {name: checker", ""):
+        record.write_text(text)
+        line = bism_error(capsys, ["train", str(config_file)])
+        assert str(record) in line and "'bad-input'" in line
+    assert not (tmp_path / "out" / "ray_results" / "bad-input" / "checkpoint_00000002").exists()
+
+
 def test_config_path_is_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A directory was reported as "not found"."""
     line = bism_error(capsys, ["train", str(tmp_path)])

@@ -17,9 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distributed_bism.config import Config, ConfigError, check_writable_dir
+from distributed_bism.config.loading import read_yaml_file
 from distributed_bism.config.validate import validate_all
 from distributed_bism.data import check_dataset
 from distributed_bism.tracking import check_tracking_uri, tracking_uri
@@ -106,7 +105,11 @@ def check_resume(cfg: Config, run_dir: Path) -> bool:
     saved_file = run_dir / RUN_CONFIG_FILE
     if not saved_file.is_file():
         return False
-    saved = _math_of(yaml.safe_load(saved_file.read_text()) or {})
+    try:
+        saved = _math_of(read_yaml_file(saved_file, "trainer.name"))
+    except ConfigError as e:  # cut off or edited by hand: say whose record it is
+        raise ConfigError(f"{e}; it records run {cfg.trainer.name!r}'s set-up: restore it, or choose a new "
+                          "trainer.name") from e
     now = _math_of(cfg.to_dict())
     for section, values in now.items():
         for key, value in values.items():
