@@ -11,8 +11,8 @@
     bism sample CHECKPOINT [-n 64] [--sampler NAME] -o grid.png|samples.npz|samples.pt [--force]
                                    a sample figure titled with the sampler, or the samples themselves
 
-Bad input (config, data set, paths, tracking store, cluster) is one line on stderr and exit 2,
-before any worker starts.
+Options may stand anywhere among a command's overrides. Bad input (config, data set, paths,
+tracking store, cluster) is one line on stderr and exit 2, before any worker starts.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_bism.config import Config, ConfigError, load_config
+from distributed_bism.config.schema import MAX_EXAMPLES, MAX_INNER_STEPS
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 Command = Callable[..., int]
@@ -55,6 +56,13 @@ def _one_line_errors(*extra: type[Exception]) -> Callable[[Command], Command]:
     return wrap
 
 
+def _at_most(value: int, cap: int, option: str, what: str) -> None:
+    """A ValueError (one line, exit 2) for a count past what any machine does: it would hang or
+    exhaust memory instead of failing (schema.py's caps, for options outside a config)."""
+    if value > cap:
+        raise ValueError(f"{option}: {value} is more than the {cap} allowed ({what})")
+
+
 @_one_line_errors()
 def _train(cfg: Config, address: str | None) -> int:
     from distributed_bism.api import train
@@ -66,9 +74,10 @@ def _train(cfg: Config, address: str | None) -> int:
 @_one_line_errors()
 def _tune(args: argparse.Namespace) -> int:
     from distributed_bism.tune.runner import run_sweep
-    from distributed_bism.tune.spec import load_spec
+    from distributed_bism.tune.spec import checked_sweep_name, load_spec
 
-    run_sweep(load_spec(args.spec, args.overrides), name=args.name, output_dir=args.output_dir, address=args.address)
+    spec = load_spec(args.spec, args.overrides)
+    run_sweep(spec, name=checked_sweep_name(spec, args.name), output_dir=args.output_dir, address=args.address)
     return 0
 
 
@@ -80,6 +89,9 @@ def _diagnose(args: argparse.Namespace) -> int:
         ks = [int(k) for k in args.k.split(",")]
     except ValueError:
         raise ValueError(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    _at_most(max(ks, default=0), MAX_INNER_STEPS, "--k", "unrolled steps, all kept in memory")
+    _at_most(args.reference_steps, MAX_INNER_STEPS, "--reference-steps", "unrolled steps, all kept in memory")
+    _at_most(args.batches, MAX_INNER_STEPS, "--batches", "training batches, each differentiated at every K")
     out = diagnose(args.checkpoint, ks=ks, num_batches=args.batches, reference=args.reference,
                    reference_steps=args.reference_steps, seed=args.seed, tracking_uri=args.tracking_uri,
                    output_dir=args.output_dir, log=not args.no_log)
@@ -107,10 +119,25 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from distributed_bism.commands.evaluate import sample_checkpoint
 
+    _at_most(args.n, MAX_EXAMPLES, "-n", "samples, held in memory at once")
     paths = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
                               force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
     print("wrote " + " and ".join(str(p) for p in paths))
     return 0
+
+
+def parse(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser],
+          argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with a command's options allowed anywhere among its positionals
+    (`bism train C.yaml --address X k=v`): plain parse_args stops filling the overrides at the
+    first option and calls what follows it unrecognized. argparse's intermixed parsing does not
+    support subparsers, so the command's own parser reads everything after the command's name."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, or a missing or unknown command: argparse's own message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--tracking-uri", help="MLflow store, to resolve a run id")
     p_sample.add_argument("--ema", action="store_true", help="sample from the EMA weights of θ")
-    args = parser.parse_args(argv)
+    args = parse(parser, {p.prog.split()[-1]: p for p in (p_train, p_tune, p_demo, p_diag, p_eval, p_sample)}, argv)
     if args.command == "eval":
         return _eval(args)
     if args.command == "sample":

@@ -1,16 +1,20 @@
 """Typed configuration: one dataclass per component, composed into `Config`.
 
 Configs load from YAML or dicts and take dotted overrides (`objective.unroll_steps=5`). Unknown
-keys, wrong types and bad values raise `ConfigError` naming the offending key: ranges in each
-section's `__post_init__`, names and cross-section fit in validate.py, which `from_dict` runs on
-every section; so a `Config` that loading returns is valid.
+keys, wrong types, non-finite numbers, counts past schema.py's caps and bad values raise
+`ConfigError` naming the offending key: ranges in each section's `__post_init__`, names and
+cross-section fit in validate.py, which `from_dict` runs on every section; so a `Config` that
+loading returns is valid.
 
-    errors.py     ConfigError, check, check_writable_dir
+    errors.py     ConfigError, check, check_writable_dir; check_path_name (a name that becomes a
+                  directory), check_label (an MLflow name), check_values (every float
+                  of a section finite, no NUL in its strings)
     schema.py     DataConfig ... EvalConfig, Config: keys, types, ranges (a leaf: no torch, nothing
                   else from the package)
     validate.py   names against the registries (distributed_bism/registry) and how model,
                   posterior and objective fit, as the objective's spec says
-    loading.py    coerce, from_dict (runs both checks), apply_overrides, load_config
+    loading.py    coerce, from_dict (runs both checks), apply_overrides, load_config; read_yaml_file
+                  and parse_yaml: YAML read strictly (UTF-8, no duplicate keys, no empty file)
 """
 
 from distributed_bism.config.errors import ConfigError, check, check_writable_dir

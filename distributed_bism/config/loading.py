@@ -84,6 +84,72 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     return section
 
 
+class _DuplicateKey(ConfigError):
+    """Raised inside the loader; parse_yaml names where the text came from."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a second `trainer:` section would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                                    "keep one")
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`text` as YAML (duplicate keys refused); a one-line ConfigError naming `where` and the
+    position of a syntax error."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _DuplicateKey as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML{at} ({e.problem or e.__class__.__name__})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e.__class__.__name__})") from e
+
+
+EMPTY_CONFIG = "it sets nothing, so a full default run would start; write the settings, or `{}` to mean the defaults"
+
+
+def read_yaml_file(path: str | Path, key: str, *, if_empty: str = EMPTY_CONFIG) -> dict[str, Any]:
+    """A YAML mapping from the file `path`; one-line ConfigErrors naming `key` and the path for a
+    file that is missing, a directory, unreadable, not UTF-8, not YAML, empty (`if_empty` says
+    why that is refused) or not a mapping."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{key}: {p} is a directory, not a YAML file")
+    if not p.exists():
+        raise ConfigError(f"{key} file not found: {p}")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {p} ({e.strerror or e})") from e
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is fine
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from e
+    data = parse_yaml(text, f"{key} {p}")
+    if data is None:
+        raise ConfigError(f"{key}: {p} is empty ({if_empty})")
+    check(isinstance(data, dict), key, f"{p}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=value` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -96,20 +162,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw, f"override {item!r}")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__})") from e
+    data = read_yaml_file(path, "config") if path is not None else {}
     apply_overrides(data, overrides or [])
     return from_dict(Config, data)

@@ -15,7 +15,23 @@ from typing import Any
 
 import yaml
 
-from distributed_bism.config.errors import check
+from distributed_bism.config.errors import check, check_label, check_path_name, check_values
+
+# Caps on counts, whatever the machine: a value past them is a typo or a unit slip (1e9 for 1e3),
+# which would hang inside the first step instead of failing. preflight.check_memory judges what
+# fits this machine's memory. trainer.steps: 33× the longest reference run (CIFAR-10, 300k).
+MAX_STEPS = 10_000_000
+# Lower-level steps inside ONE training step (K, N, Gibbs sweeps, SGLD steps): each is a forward
+# and backward pass of the model, and K's are all kept in memory for the hypergradient.
+MAX_INNER_STEPS = 10_000
+MAX_EXAMPLES = 10_000_000  # data.n_train / n_test (synthetic draws), eval sample counts, AIS chains
+MAX_SAMPLER_STEPS = 1_000_000  # Langevin steps per phase, AIS temperatures
+MAX_GRID = 10_000  # eval.num_samples: the images of one sample grid (100 × 100)
+
+
+def check_count(value: int, key: str, cap: int, what: str) -> None:
+    """`value` (already checked >= 0 or > 0) is at most `cap`; `what` says what one unit costs."""
+    check(value <= cap, key, f"{value} is more than the {cap} allowed ({what})")
 
 
 @dataclass
@@ -34,10 +50,12 @@ class DataConfig:
     pad: int = 0
 
     def __post_init__(self) -> None:
+        check_values(self, "data.")
         check(self.pad >= 0, "data.pad", f"must be >= 0, got {self.pad}")
         for key in ("n_train", "n_test"):
             n = getattr(self, key)
             check(n is None or n > 0, f"data.{key}", f"must be > 0, got {n}")
+            check_count(n or 0, f"data.{key}", MAX_EXAMPLES, "examples held in memory by every worker")
 
 
 MARGINAL_MODELS = ("marginal_conv", "marginal_mlp")  # BiDVL's E_θ(v), no latent
@@ -67,6 +85,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 256])
 
     def __post_init__(self) -> None:
+        check_values(self, "model.")
         check(self.name in MODELS, "model.name", f"unknown model {self.name!r}; expected one of {MODELS}")
         check(all(w > 0 for w in self.hidden), "model.hidden", f"widths must be > 0, got {self.hidden}")
         check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
@@ -104,6 +123,7 @@ class PosteriorConfig:
     decoder_output: str = "sigmoid"  # sigmoid | tanh | none
 
     def __post_init__(self) -> None:
+        check_values(self, "posterior.")
         check(self.name in POSTERIORS, "posterior.name", f"unknown posterior {self.name!r}; expected one of {POSTERIORS}")
         check(self.decoder_output in ("sigmoid", "tanh", "none"), "posterior.decoder_output",
               f"expected sigmoid, tanh or none, got {self.decoder_output!r}")
@@ -149,6 +169,7 @@ class ObjectiveConfig:
     sgld_noise: float | None = None  # σ; None: √α (Langevin)
 
     def __post_init__(self) -> None:
+        check_values(self, "objective.")
         check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
         check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
         check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
@@ -169,6 +190,14 @@ class ObjectiveConfig:
         check(self.unroll_lr is None or self.unroll_lr > 0, "objective.unroll_lr", f"must be > 0, got {self.unroll_lr}")
         check(self.num_particles >= 1, "objective.num_particles", f"must be >= 1, got {self.num_particles}")
         check(self.cd_steps >= 1, "objective.cd_steps", f"must be >= 1, got {self.cd_steps}")
+        per_step = "per training step, each a forward and backward pass of the model"
+        check_count(self.unroll_steps, "objective.unroll_steps", MAX_INNER_STEPS,
+                    f"K unrolled lower-level steps {per_step}, all kept in memory for the hypergradient")
+        check_count(self.warmup_steps, "objective.warmup_steps", MAX_INNER_STEPS, f"N lower-level steps {per_step}")
+        check_count(self.cd_steps, "objective.cd_steps", MAX_INNER_STEPS, f"Gibbs sweeps {per_step}")
+        check_count(self.sgld_steps, "objective.sgld_steps", MAX_INNER_STEPS, f"SGLD steps {per_step}")
+        check_count(self.num_particles, "objective.num_particles", MAX_INNER_STEPS,
+                    "posterior particles per example, each held in memory")
 
 
 @dataclass
@@ -182,12 +211,14 @@ class OptimConfig:
     warmup_steps: int = 0  # both lrs rise linearly from lr/W to lr over the first W steps; 0: none (the reference)
 
     def __post_init__(self) -> None:
+        check_values(self, "optim.")
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         check(self.posterior_lr > 0, "optim.posterior_lr", f"must be > 0, got {self.posterior_lr}")
         for key in ("betas", "posterior_betas"):
             b = getattr(self, key)
             check(len(b) == 2 and all(0 <= x < 1 for x in b), f"optim.{key}", f"need two values in [0, 1), got {b}")
         check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {self.min_lr}")
         check(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
 
 
@@ -227,10 +258,13 @@ class TrainerConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_values(self, "trainer.")
         for key in ("num_workers", "steps", "batch_size", "log_every", "checkpoint_every", "num_to_keep"):
             check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
         for key in ("max_failures", "max_bad_steps"):
             check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
+        check_count(self.steps, "trainer.steps", MAX_STEPS, "training steps")
+        check_count(self.batch_size, "trainer.batch_size", MAX_EXAMPLES, "examples per worker per step")
         check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         check(self.strategy in STRATEGIES, "trainer.strategy", f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
         check(self.strategy != "local" or self.num_workers == 1, "trainer.num_workers",
@@ -242,8 +276,8 @@ class TrainerConfig:
         check(self.precision == "fp32" or self.strategy == "deepspeed", "trainer.precision",
               f"{self.precision} is offered by strategy deepspeed only")
         check(0 <= self.ema_decay < 1, "trainer.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        check(self.name is None or (self.name.strip() != "" and "/" not in self.name), "trainer.name",
-              f"must be a non-empty name without '/', got {self.name!r}")
+        if self.name is not None:
+            check_path_name(self.name, "trainer.name")
         check(self.placement_strategy in PLACEMENT_STRATEGIES, "trainer.placement_strategy",
               f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         for res, amount in self.resources_per_worker.items():
@@ -258,6 +292,13 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
     experiment: str = "distributed_bism"
     run_name: str | None = None  # None: trainer.name
+
+    def __post_init__(self) -> None:
+        check_values(self, "tracking.")
+        # MLflow names, never paths (artifacts go under <output_dir>/mlartifacts/<experiment id>)
+        check_label(self.experiment, "tracking.experiment")
+        if self.run_name is not None:
+            check_label(self.run_name, "tracking.run_name")
 
 
 @dataclass
@@ -291,14 +332,24 @@ class EvalConfig:
     ood_dataset: str = "uniform_noise"
 
     def __post_init__(self) -> None:
+        check_values(self, "eval.")
         check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
         check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
+        check(self.langevin_step_size > 0, "eval.langevin_step_size", f"must be > 0, got {self.langevin_step_size}")
+        check(self.langevin_t_max >= 1, "eval.langevin_t_max",
+              f"must be >= 1 (annealed from it down to T=1), got {self.langevin_t_max}")
         check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
               f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
         check(self.ais_chains >= 2, "eval.ais_chains", f"must be >= 2, got {self.ais_chains}")
         check(self.ais_betas >= 2, "eval.ais_betas", f"must be >= 2 (β = 0 and 1), got {self.ais_betas}")
         check(self.raise_chains >= 0, "eval.raise_chains", f"must be >= 0, got {self.raise_chains}")
         check(self.fid_samples >= 2, "eval.fid_samples", f"must be >= 2, got {self.fid_samples}")
+        check_count(self.num_samples, "eval.num_samples", MAX_GRID, "images in one sample grid")
+        for key in ("ais_chains", "raise_chains", "fid_samples"):
+            check_count(getattr(self, key), f"eval.{key}", MAX_EXAMPLES, "samples, held in memory at once")
+        check_count(self.ais_betas, "eval.ais_betas", MAX_SAMPLER_STEPS, "AIS temperatures, a model pass each")
+        for i, n in enumerate(self.langevin_steps):
+            check_count(n, f"eval.langevin_steps[{i}]", MAX_SAMPLER_STEPS, "Langevin steps, a model pass each")
         check(self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
               "eval.inception_weights", f"no such file: {self.inception_weights}")
 

@@ -34,7 +34,7 @@ from distributed_bism.data.torchvision_sets import check_torchvision_set
 from distributed_bism.registry import resolve
 from distributed_bism.registry.datasets import DATASETS as _LOADERS
 
-__all__ = ["DATASETS", "LEVELS", "DataError", "check_dataset", "data_range", "dequantize", "load_dataset", "log_density",
+__all__ = ["DATASETS", "LEVELS", "SHAPES", "DataError", "check_dataset", "data_range", "dequantize", "example_values", "load_dataset", "log_density",
            "make_synthetic", "score"]
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
@@ -50,6 +50,19 @@ SPLIT_SIZES: dict[str, tuple[int, int]] = {
     "digits": (1_500, 297), "mnist5k": (4_000, 1_000), "fashion_mnist": (60_000, 10_000),
     "mnist": (60_000, 10_000), "cifar10": (50_000, 10_000), "celeba": (162_770, 19_962),
 }
+
+# Shape of one example (C, H, W) of the image sets, before data.pad; the 2-D sets are (2,).
+SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8), "mnist5k": (1, 28, 28), "fashion_mnist": (1, 28, 28),
+                                      "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "celeba": (3, 64, 64)}
+
+
+def example_values(cfg: DataConfig) -> int:
+    """Numbers in one example of `cfg`'s set as training sees it (padding included)."""
+    if cfg.name not in SHAPES:
+        return 2
+    c, h, w = SHAPES[cfg.name]
+    return c * (h + 2 * cfg.pad) * (w + 2 * cfg.pad)
+
 
 # Intensity levels of the image sets: digits are 0..16, the others 8-bit.
 LEVELS: dict[str, int] = {"digits": 17, "mnist5k": 256, "fashion_mnist": 256, "mnist": 256, "cifar10": 256,

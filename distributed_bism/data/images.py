@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,38 @@ def read_idx_images(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(dims)
 
 
+def check_idx_header(path: Path, image_shape: tuple[int, int], name: str) -> None:
+    """A cheap look at an idx3-ubyte image file (its 16-byte header and its size, no full read), so
+    a truncated or foreign file fails in the pre-flight, naming it, instead of in every worker after
+    the run started. `image_shape` is the (H, W) of the set's images. Raw files: magic, dims and
+    file size. .gz files: the first 16 decompressed bytes and the trailer's uncompressed size
+    (ISIZE, the size mod 2**32), which a cut-off download gets wrong."""
+    fix = f"replace it with the original {name} file (or set data.root to a directory holding good ones)"
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                header = f.read(16)
+            with path.open("rb") as f:
+                f.seek(-4, 2)
+                size, modulus = int.from_bytes(f.read(4), "little"), 2**32
+        else:
+            with path.open("rb") as f:
+                header = f.read(16)
+            size, modulus = path.stat().st_size, None
+    except (OSError, EOFError) as e:  # a bad gzip header is an OSError (BadGzipFile); a cut-off one EOFError
+        raise DataError(f"{name}: cannot read {path} ({e}); {fix}") from e
+    if len(header) < 16 or header[:4] != b"\x00\x00\x08\x03":
+        raise DataError(f"{name}: {path} is not an idx3-ubyte image file (magic number {header[:4].hex() or 'none'}, "
+                        f"expected 00000803); {fix}")
+    dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4", count=3, offset=4))
+    expected = 16 + math.prod(dims)  # Python ints: a garbage header must not overflow
+    if size != (expected % modulus if modulus else expected):
+        raise DataError(f"{name}: {path} is truncated or corrupt: its header says {dims} = {expected} bytes, "
+                        f"{'its gzip trailer says ' if modulus else 'it has '}{size}; {fix}")
+    if dims[1:] != image_shape:
+        raise DataError(f"{name}: {path} holds {dims[1]}×{dims[2]} images, expected {image_shape[0]}×{image_shape[1]}; {fix}")
+
+
 def find_idx(directory: Path, stem: str) -> Path | None:
     """directory/stem or directory/stem.gz, whichever exists (the raw file first)."""
     for candidate in (directory / stem, directory / f"{stem}.gz"):
@@ -86,7 +119,8 @@ def fashion_mnist_dir(cfg: DataConfig) -> Path:
 
 
 def check_fashion_mnist(cfg: DataConfig) -> None:
-    """DataError naming the directory and the missing files, unless both image files exist."""
+    """DataError naming the directory and the missing files, unless both image files exist and
+    their headers and sizes are right (check_idx_header)."""
     directory = fashion_mnist_dir(cfg)
     missing = [stem for stem in IDX_IMAGES.values() if find_idx(directory, stem) is None]
     if missing:
@@ -94,6 +128,8 @@ def check_fashion_mnist(cfg: DataConfig) -> None:
         raise DataError(f"fashion_mnist: directory {directory} {where}; it needs {IDX_IMAGES['train']}[.gz] and "
                         f"{IDX_IMAGES['test']}[.gz]: run `apt-get install dataset-fashion-mnist` (installs them in "
                         f"{FASHION_MNIST_DEFAULT_ROOT}) or set data.root=DIR to a directory holding them")
+    for stem in IDX_IMAGES.values():
+        check_idx_header(find_idx(directory, stem), (28, 28), "fashion_mnist")  # type: ignore[arg-type]
 
 
 def load_fashion_mnist(cfg: DataConfig) -> tuple[Tensor, Tensor]:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from distributed_bism.config import DataConfig
 from distributed_bism.data.common import DataError, data_root, subset_index, take, uint8_to_float
-from distributed_bism.data.images import find_idx, read_idx_images
+from distributed_bism.data.images import check_idx_header, find_idx, read_idx_images
 
 MNIST_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")  # the label files are not needed
 CIFAR_DIR = "cifar-10-batches-py"
@@ -79,10 +79,16 @@ def _missing_error(name: str, root: Path, why: str) -> DataError:
 
 
 def check_torchvision_set(cfg: DataConfig) -> None:
-    """DataError if files are missing and data.download is False (with download=True: a later attempt)."""
+    """DataError if files are missing and data.download is False (with download=True: a later
+    attempt), or if mnist's idx files are there but cut off or foreign (their headers and sizes)."""
     root = data_root(cfg.root, cfg.name)
-    if not cfg.download and missing_files(cfg.name, root):
+    missing = missing_files(cfg.name, root)
+    if not cfg.download and missing:
         raise _missing_error(cfg.name, root, f"data.download=False and files are missing under {root}")
+    if cfg.name == "mnist" and not missing:
+        directory, _ = expected_files("mnist", root)
+        for stem in MNIST_FILES:
+            check_idx_header(find_idx(directory, stem), (28, 28), "mnist")  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager

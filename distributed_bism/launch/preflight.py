@@ -17,9 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distributed_bism.config import Config, ConfigError, check_writable_dir
+from distributed_bism.config.loading import read_yaml_file
 from distributed_bism.config.validate import validate_all
 from distributed_bism.data import check_dataset
 from distributed_bism.tracking import check_tracking_uri, tracking_uri
@@ -73,6 +72,8 @@ def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
         if address and address not in ("auto", "local"):
             check_address(address)
         check_local_cpus(cfg, address)
+        check_local_gpus(cfg, address)
+    check_memory(cfg, address)
     return cfg, resumed
 
 
@@ -104,7 +105,11 @@ def check_resume(cfg: Config, run_dir: Path) -> bool:
     saved_file = run_dir / RUN_CONFIG_FILE
     if not saved_file.is_file():
         return False
-    saved = _math_of(yaml.safe_load(saved_file.read_text()) or {})
+    try:
+        saved = _math_of(read_yaml_file(saved_file, "trainer.name"))
+    except ConfigError as e:  # cut off or edited by hand: say whose record it is
+        raise ConfigError(f"{e}; it records run {cfg.trainer.name!r}'s set-up: restore it, or choose a new "
+                          "trainer.name") from e
     now = _math_of(cfg.to_dict())
     for section, values in now.items():
         for key, value in values.items():
@@ -145,6 +150,16 @@ def _ray_running_here() -> bool:
         return False
 
 
+def _new_local_cluster(address: str | None) -> bool:
+    """Whether Ray would start a new cluster on this machine: the address "local", or none given
+    ($RAY_ADDRESS unset) and no cluster running here. Only then can this machine's CPUs, GPUs and
+    memory judge the workers before Ray starts."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        return False
+    return address == "local" or not _ray_running_here()
+
+
 def check_local_cpus(cfg: Config, address: str | None) -> None:
     """Before any ray.init: when no address is given ($RAY_ADDRESS unset) and no cluster runs here,
     Ray would start a new local cluster with at most os.cpu_count() CPUs, so CPU workers that need
@@ -159,9 +174,94 @@ def check_local_cpus(cfg: Config, address: str | None) -> None:
     if t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()):
         return
     need, have = t.num_workers * t.cpus_per_worker, os.cpu_count() or 1
-    if need > have and (address == "local" or not _ray_running_here()):
+    if need > have and _new_local_cluster(address):
         raise ConfigError(f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
                           f"CPUs, this machine has {have} (no Ray cluster running here and no address given)")
+
+
+def check_local_gpus(cfg: Config, address: str | None) -> None:
+    """A new local cluster on a machine without GPUs: trainer.use_gpu=true would wait for GPUs
+    forever, and bf16/fp16 (DeepSpeed on CUDA only) would fail in every worker, both after the
+    MLflow run was opened; refuse them now. Clusters found by address are checked once connected
+    (ray_backend.check_resources)."""
+    import torch
+
+    t = cfg.trainer
+    if not (t.use_gpu or t.precision != "fp32") or not _new_local_cluster(address) or torch.cuda.device_count() > 0:
+        return
+    where = "this machine has no GPUs, and a new local Ray cluster would start here (no address given, none running)"
+    if t.use_gpu:
+        raise ConfigError(f"trainer.use_gpu: true, but {where}; set it false, or give trainer.address of a GPU cluster")
+    raise ConfigError(f"trainer.precision: {t.precision} needs GPUs, but {where}; use fp32, or give trainer.address "
+                      "of a GPU cluster")
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory processes here may use: the physical memory, or the cgroup's limit when
+    lower (a container); None when neither can be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def memory_floor(cfg: Config) -> list[tuple[str, int, str]]:
+    """Lower bounds of what a run holds in this machine's memory at once, as (key, bytes, how):
+    the data set in every worker; for CPU workers the K-step unroll's graph, which keeps at least
+    a noisy copy of the batch and its gradient for each of the K steps (the model's activations
+    come on top); and the largest set of samples an evaluation draws."""
+    import torch
+
+    from distributed_bism.data import SPLIT_SIZES, example_values
+    from distributed_bism.data.synthetic import N_TEST_DEFAULT, N_TRAIN_DEFAULT
+
+    d, t, o, e = cfg.data, cfg.trainer, cfg.objective, cfg.eval
+    values, f32 = example_values(d), 4
+    full = SPLIT_SIZES.get(d.name, (N_TRAIN_DEFAULT, N_TEST_DEFAULT))
+    n = (d.n_train or full[0]) + (d.n_test or full[1])
+    workers = 1 if t.strategy == "local" else t.num_workers
+    gpu = t.strategy != "local" and (t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()))
+    terms = [("data.n_train", workers * n * values * f32,
+              f"{workers} worker(s) × {n} examples × {values} values × {f32} bytes for the data set")]
+    if o.unroll_steps and not gpu:
+        per = o.unroll_steps * t.batch_size * o.num_particles * values * f32 * 2
+        how = (f"{workers} worker(s) × K={o.unroll_steps} unrolled steps × batch {t.batch_size} × "
+               f"{o.num_particles} particle(s) × {values} values × {f32} bytes × 2 (input and gradient) "
+               "for the unroll's graph")
+        terms.append(("objective.unroll_steps", workers * per, how))
+    key, count = max((("eval.num_samples", e.num_samples), ("eval.fid_samples", e.fid_samples),
+                      ("eval.ais_chains", e.ais_chains + e.raise_chains)), key=lambda kv: kv[1])
+    terms.append((key, count * values * f32, f"{count} samples × {values} values × {f32} bytes for an evaluation"))
+    return terms
+
+
+def check_memory(cfg: Config, address: str | None) -> None:
+    """Refuse a run on this machine whose memory floor (memory_floor) exceeds its memory, naming
+    the key of the largest part: past it the run would swap, be killed, or hang in its first step
+    while its MLflow run stays RUNNING. Workers on a cluster elsewhere are not judged here."""
+    if cfg.trainer.strategy != "local" and not _new_local_cluster(address):
+        return
+    have = machine_memory()
+    if have is None:
+        return
+    terms = memory_floor(cfg)
+    need = sum(b for _, b, _ in terms)
+    if need > have:
+        key, size, how = max(terms, key=lambda term: term[1])
+        raise ConfigError(f"{key}: the run needs at least {_gib(need)} of memory, this machine has {_gib(have)}; the "
+                          f"largest part is {how}: {_gib(size)}. Lower {key}")
 
 
 # --------------------------------------------------------------------------- after the checks

@@ -31,6 +31,8 @@ import numpy as np
 import yaml
 
 from distributed_bism.config import Config, ConfigError, check, coerce, from_dict
+from distributed_bism.config.errors import MAX_NAME_BYTES, check_path_name
+from distributed_bism.config.loading import parse_yaml, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARITY = {"choice": None, "grid": None, "randint": 2, "uniform": 2, "loguniform": 2, "quniform": 3}
@@ -276,7 +278,7 @@ def _apply_cli(raw: dict[str, Any], item: str) -> None:
     if not sep or (rest and len(rest) not in nested.get(head, ())):
         raise ConfigError(f"override {item!r}: expected KEY=VALUE with KEY a spec key, "
                           "scheduler|searcher|resources.FIELD, overrides.SECTION.FIELD or search.SECTION.FIELD[.KIND]")
-    value = yaml.safe_load(text)
+    value = parse_yaml(text, f"override {item!r}")
     if not rest:
         raw[head] = value
         return
@@ -316,13 +318,21 @@ def _check_metric(metric: str, cfg: Config) -> None:
 
 
 def _read_yaml(path: Path, key: str) -> dict[str, Any]:
-    check(path.is_file(), key, f"file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: {path} is not valid YAML ({e.__class__.__name__})") from e
-    check(isinstance(data, dict), key, f"{path}: expected a mapping")
-    return data
+    check(path.exists(), key, f"file not found: {path}")
+    return read_yaml_file(path, key, **({"if_empty": "it defines no sweep"} if key == "spec" else {}))
+
+
+TRIAL_SUFFIX_BYTES = 32  # "-" and Ray's trial id (e.g. 3a4b5_00012), or "-check"
+
+
+def checked_sweep_name(spec: SweepSpec, name: str | None) -> str:
+    """The sweep's name (--name, else the spec file's stem), checked as one path component: it
+    names <output_dir>/sweeps/<name>/ and prefixes every trial's run name, <name>-<trial id>,
+    which must fit trainer.name's bytes too."""
+    check_path_name(name if name is not None else spec.name,
+                    "--name" if name is not None else "sweep name (the spec file's stem; give another with --name)",
+                    limit=MAX_NAME_BYTES - TRIAL_SUFFIX_BYTES)
+    return name if name is not None else spec.name
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None, root: str | Path | None = None) -> SweepSpec:
