@@ -20,7 +20,7 @@ from distributed_bism.cli import main
 from distributed_bism.config import Config, ConfigError, OptimConfig, from_dict, load_config
 from distributed_bism.launch import preflight as launch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = {
     "data": {"name": "checkerboard", "n_train": 64, "n_test": 32},
     "model": {"name": "grbm", "h_dim": 4},
