@@ -15,6 +15,7 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from torch import Tensor
 from distributed_bism.training.checkpointing import CheckpointError, load_state
 from distributed_bism.core.diagnostics import BiasReport, gradient_bias
 from distributed_bism.data.prepare import prepare_data
-from distributed_bism.models import BernoulliPosterior, GaussianRBM
+from distributed_bism.models import BernoulliPosterior, GaussianRBM, Posterior
 from distributed_bism.commands.trained import TrainedModel, load_trained
 from distributed_bism.core.unroll import torch_optimizer_state
 from distributed_bism.registry.objectives import objective_spec
@@ -50,14 +51,20 @@ def training_batches(trained: TrainedModel, num_batches: int, *, seed: int) -> l
     return [train[order[i * bs:(i + 1) * bs]] for i in range(num_batches)]
 
 
+def _posterior_betas(trained: TrainedModel) -> tuple[float, float]:
+    """The run's posterior Adam (β1, β2); the config has checked that there are two."""
+    beta1, beta2 = trained.cfg.optim.posterior_betas
+    return beta1, beta2
+
+
 def posterior_optimizer_state(trained: TrainedModel) -> dict[str, dict] | None:
     """The checkpoint's posterior Adam state by parameter name (the unroll continues from it, as in
     training); None when the checkpoint has none (ZeRO-sharded, or a single-level objective)."""
     saved = load_state(trained.checkpoint).get("posterior_optimizer")
     if not saved or trained.posterior is None:
         return None
-    o = trained.cfg.optim
-    opt = torch.optim.Adam(trained.posterior.parameters(), lr=o.posterior_lr, betas=tuple(o.posterior_betas))
+    opt = torch.optim.Adam(trained.posterior.parameters(), lr=trained.cfg.optim.posterior_lr,
+                           betas=_posterior_betas(trained))
     opt.load_state_dict(saved)
     return torch_optimizer_state(opt, dict(trained.posterior.named_parameters()))
 
@@ -110,8 +117,9 @@ def diagnose(ref: str, *, ks: list[int] | tuple[int, ...] = DEFAULT_KS, num_batc
     if reference == "exact" and default_reference(trained) != "exact":
         raise ValueError("--reference exact needs a Gaussian RBM with a Bernoulli posterior; use --reference unroll")
     torch.manual_seed(seed)
-    report = gradient_bias(trained.energy, trained.posterior, cfg.objective, training_batches(trained, num_batches, seed=seed),
-                           ks, posterior_lr=cfg.optim.posterior_lr, posterior_betas=tuple(cfg.optim.posterior_betas),
+    posterior = cast(Posterior, trained.posterior)  # any q(h|v) module with Posterior's interface
+    report = gradient_bias(trained.energy, posterior, cfg.objective, training_batches(trained, num_batches, seed=seed),
+                           ks, posterior_lr=cfg.optim.posterior_lr, posterior_betas=_posterior_betas(trained),
                            reference=reference, reference_steps=reference_steps,
                            optimizer_state=posterior_optimizer_state(trained))
     return _publish(report, trained, tracking_uri=tracking_uri, output_dir=output_dir, log=log)

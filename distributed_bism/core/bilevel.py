@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +54,14 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+class _FeatureEnergy(Protocol):
+    """An energy that splits E(v, h) into visible features f(v) and E(f, h) (the conv EBLVM)."""
+
+    def visible_features(self, v: Tensor) -> Tensor: ...
+
+    def energy_from_features(self, f: Tensor, h: Tensor) -> Tensor: ...
+
+
 def inner_energy_fn(energy: nn.Module, x: Tensor, *, frozen: bool) -> EnergyFn:
     """E(·, h) at the fixed inner-loop input x, for lower-level losses.
 
@@ -63,9 +72,10 @@ def inner_energy_fn(energy: nn.Module, x: Tensor, *, frozen: bool) -> EnergyFn:
     """
     if not hasattr(energy, "visible_features"):
         return energy
+    featured = cast(_FeatureEnergy, energy)
     with torch.no_grad() if frozen else nullcontext():
-        feats = energy.visible_features(x.detach())
-    return lambda _x, h: energy.energy_from_features(feats, h)
+        feats = featured.visible_features(x.detach())
+    return lambda _x, h: featured.energy_from_features(feats, h)
 
 
 @dataclass
@@ -172,7 +182,7 @@ class BilevelStep:
         shared = self.objective.perturbation(v) if self.share_inner_noise else None
         inner = self.warmup(energy, posterior, v, posterior_optimizer, shared)
         core_q: Posterior = unwrap(posterior)  # type: ignore[assignment]
-        phi = dict(core_q.named_parameters())
+        phi: ParamDict = dict(core_q.named_parameters())
         # Only the unroll reads the optimiser state; at K = 0 skip collecting it.
         warm_state = posterior_optimizer.optimizer_state(phi) if self.unroll_steps else None
         out = self.hypergradient(energy, core_q, phi, v, warm_state, shared, energy_updater)

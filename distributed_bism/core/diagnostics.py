@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from distributed_bism.core.bilevel import BilevelStep, step_from_config
+from distributed_bism.core.unroll import ParamDict
 from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models.grbm import GaussianRBM
 from distributed_bism.models.posterior import BernoulliPosterior, Posterior, PosteriorView
@@ -73,7 +74,7 @@ def hypergradient(step: BilevelStep, energy: nn.Module, posterior: Posterior, v:
     inner noise (one shared draw when share_inner_noise, as in training)."""
     _zero_grad(energy)
     shared = step.objective.perturbation(v) if share_inner_noise else None
-    phi = dict(posterior.named_parameters())
+    phi: ParamDict = dict(posterior.named_parameters())
     step.hypergradient(energy, posterior, phi, v, dict(optimizer_state or {}), shared, outer_batch=batch)
     grads = _grads(energy)
     _zero_grad(energy)

@@ -160,13 +160,17 @@ def default_cache_dir() -> Path:
     return cache / "distributed_bism" / "classifiers"
 
 
+def _stdout_line(s: str) -> None:
+    sys.stdout.write(s + "\n")
+
+
 def feature_classifier(dataset: str, *, root: str | None = None, cache_dir: str | Path | None = None, seed: int = 0,
                        log: Callable[[str], None] | None = None) -> FeatureClassifier:
     """The cached classifier of `dataset` (split seed `seed`), trained and cached first if missing.
     Cache file: <cache_dir>/<dataset>-seed<seed>-v<ARCH_VERSION>.pt with weights and test accuracy."""
     if dataset not in CLASSIFIER_SETS:
         raise DataError(f"classifier-FID needs a labelled image set ({', '.join(CLASSIFIER_SETS)}), got {dataset!r}")
-    log = log or (lambda s: sys.stdout.write(s + "\n"))
+    log = log or _stdout_line
     cache = Path(cache_dir or default_cache_dir()) / f"{dataset}-seed{seed}-v{ARCH_VERSION}.pt"
     if cache.is_file():
         saved = torch.load(cache, map_location="cpu", weights_only=True)

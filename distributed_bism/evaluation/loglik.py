@@ -137,15 +137,15 @@ def _sweep(grbm: GaussianRBM, v: Tensor, beta: float, generator: torch.Generator
 def ais_log_weights(grbm: GaussianRBM, betas: Tensor, num_chains: int,
                     generator: torch.Generator | None = None) -> Tensor:
     """Forward AIS log-weights of `num_chains` independent chains, (num_chains,): log w with E[w] = Z/Z_0."""
-    betas = _check_betas(betas).tolist()
+    beta_values: list[float] = _check_betas(betas).tolist()
     sigma = torch.exp(grbm.log_sigma)
     noise = torch.randn((num_chains, grbm.v_dim), generator=generator, dtype=sigma.dtype, device=sigma.device)
     v = grbm.b + sigma * noise  # exact draws of the base
     log_w = torch.zeros(num_chains, dtype=sigma.dtype, device=sigma.device)
-    for k in range(1, len(betas)):
-        log_w += _log_f_delta(grbm, v, betas[k], betas[k - 1])
-        if k < len(betas) - 1:  # the state after the last β is never weighed
-            v = _sweep(grbm, v, betas[k], generator)
+    for k in range(1, len(beta_values)):
+        log_w += _log_f_delta(grbm, v, beta_values[k], beta_values[k - 1])
+        if k < len(beta_values) - 1:  # the state after the last β is never weighed
+            v = _sweep(grbm, v, beta_values[k], generator)
     return log_w
 
 
@@ -153,12 +153,12 @@ def ais_log_weights(grbm: GaussianRBM, betas: Tensor, num_chains: int,
 def raise_log_weights(grbm: GaussianRBM, data: Tensor, betas: Tensor, num_chains: int,
                       generator: torch.Generator | None = None) -> Tensor:
     """RAISE log-weights, (num_chains, N): log p̂(v_n) per chain, with E[p̂(v)] = p_ann(v) (module docstring)."""
-    betas = _check_betas(betas).tolist()
+    beta_values: list[float] = _check_betas(betas).tolist()
     v = grbm._check_v(data).unsqueeze(0).expand(num_chains, *data.shape).reshape(-1, grbm.v_dim)
     log_w = -grbm.free_energy(v) - base_log_partition(grbm)
-    for k in range(len(betas) - 1, 0, -1):  # v_k → v_{k−1} by the sweep at β_k, weighed at β_{k−1}
-        v = _sweep(grbm, v, betas[k], generator)
-        log_w += _log_f_delta(grbm, v, betas[k - 1], betas[k])
+    for k in range(len(beta_values) - 1, 0, -1):  # v_k → v_{k−1} by the sweep at β_k, weighed at β_{k−1}
+        v = _sweep(grbm, v, beta_values[k], generator)
+        log_w += _log_f_delta(grbm, v, beta_values[k - 1], beta_values[k])
     return log_w.view(num_chains, len(data))
 
 

@@ -23,7 +23,8 @@ def logged_history(ctx: EvalContext, key: str) -> dict[int, float]:
 def log_loglik_curve(ctx: EvalContext, history: Mapping[int, float]) -> Path:
     """plots/<run>/test_loglik.png: this launch's `history` (step → nats) over what MLflow already
     holds, logged as the artifact plots/test_loglik.png (redrawn, so it always shows the whole run)."""
-    points = {**logged_history(ctx, LOGLIK_KEY), **history}
+    points: dict[int | float, float] = dict(logged_history(ctx, LOGLIK_KEY).items())
+    points.update(history.items())  # this launch's values over the logged ones
     how = "exact" if ctx.cfg.model.h_dim <= 20 else "AIS"
     path = ctx.output_dir / "plots" / ctx.run_name / "test_loglik.png"
     save_curve(points, path, xlabel="training step", ylabel="test log-likelihood (nats)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 from torch import nn
 
@@ -25,7 +26,7 @@ __all__ = ["ConvEBLVM", "GaussianRBM", "MarginalEnergy", "EncoderDecoder", "Bern
 
 def unwrap(module: object) -> nn.Module:
     """The model inside a DDP / DeepSpeed wrapper, or the model itself."""
-    return getattr(module, "module", module)  # type: ignore[return-value]
+    return cast(nn.Module, getattr(module, "module", module))
 
 
 def build_energy(cfg: ModelConfig, data_shape: Sequence[int]) -> nn.Module:

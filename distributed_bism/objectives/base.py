@@ -52,7 +52,10 @@ class Objective:
         """G(θ, φ) per example at batch.x (detached), divided by σ_i when the spec says so; (B,)."""
         assert self.inner is not None, f"{self.name} has no lower level"
         loss = self.inner(energy, q, batch.x.detach())
-        return loss / batch.sigma if self.spec.divide_inner_by_sigma else loss
+        if not self.spec.divide_inner_by_sigma:
+            return loss
+        assert batch.sigma is not None, f"{self.name} divides by σ but its perturbation drew none"
+        return loss / batch.sigma
 
     def state_dict(self) -> dict[str, Tensor]:
         """The state checkpoints carry: a contrastive method's Gibbs chains (kept by its outer loss)."""

@@ -10,6 +10,7 @@ their higher-level loss, and its chains are the objective's checkpointed state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -20,6 +21,12 @@ from distributed_bism.models.posterior import PosteriorView
 from distributed_bism.objectives.base import Objective, perturbation_of
 from distributed_bism.objectives.noise import NoisyBatch
 from distributed_bism.registry.objectives import ObjectiveSpec
+
+
+class _GibbsSampler(Protocol):
+    """A model with one block-Gibbs sweep v → v⁻ (the Gaussian RBM)."""
+
+    def gibbs_step(self, v: Tensor) -> Tensor: ...
 
 
 class ContrastiveDivergence:
@@ -37,7 +44,7 @@ class ContrastiveDivergence:
         with torch.no_grad():
             x = start.detach()
             for _ in range(self.steps):
-                x = model.gibbs_step(x)
+                x = cast(_GibbsSampler, model).gibbs_step(x)
         if self.persistent:
             self.chains = x
         return x

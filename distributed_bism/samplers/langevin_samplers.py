@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from distributed_bism.models import GaussianRBM, unwrap
-from distributed_bism.models.posterior import PosteriorView
+from distributed_bism.models.posterior import Posterior, PosteriorView
 from distributed_bism.objectives.vages import vaes_score_fn
 from distributed_bism.samplers.base import SampleResult, Sampler, describe_schedule, register_sampler
 from distributed_bism.samplers.langevin import (LangevinSchedule, annealed_langevin, energy_grad_fn,
@@ -34,7 +35,9 @@ def model_score_fn(energy: nn.Module, posterior: nn.Module | None, *, num_partic
     `num_particles` when there is a posterior, the exact score of a Gaussian RBM, −∇ₓE of a marginal
     energy E(v). `energy` and `posterior` unwrapped."""
     if posterior is not None:
-        vaes = vaes_score_fn(energy, PosteriorView(posterior), num_particles=num_particles, create_graph=False)
+        # Any q(h|v) module with Posterior's interface (rsample, log_prob), not only a subclass.
+        q = PosteriorView(cast(Posterior, posterior))
+        vaes = vaes_score_fn(energy, q, num_particles=num_particles, create_graph=False)
         return (lambda x: vaes(x).detach()), f"VaES score, L={num_particles}"
     if isinstance(energy, GaussianRBM):
         return (lambda x: energy.score(x).detach()), "exact score"
@@ -98,7 +101,8 @@ class JointLangevinSampler(Sampler):
         gen = torch.Generator(device=ref.device).manual_seed(seed)
         d = math.prod(data_shape)
         v0 = _start(self.init, num_samples, data_shape, v_data, ref, gen, self.name).reshape(num_samples, d)
-        h0 = torch.randn((num_samples, core.h_dim), generator=gen, dtype=ref.dtype, device=ref.device)
+        h_dim = cast(int, core.h_dim)  # a latent-variable energy's int attribute; nn.Module's stub says Tensor | Module
+        h0 = torch.randn((num_samples, h_dim), generator=gen, dtype=ref.dtype, device=ref.device)
 
         def joint_energy(x: Tensor) -> Tensor:
             return core(x[:, :d].reshape(num_samples, *data_shape), x[:, d:])

@@ -94,9 +94,9 @@ def loglik_vs_unroll(spec: SweepSpec, grid: Any, path: Path) -> Path | None:
             by_k.setdefault(int(k), []).append(values[-1])
     if not by_k:
         return None
-    means = {k: sum(v) / len(v) for k, v in by_k.items()}
-    sds = {k: (sum((x - means[k]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
-           for k, v in by_k.items()}
+    means: dict[int | float, float] = {k: sum(v) / len(v) for k, v in by_k.items()}
+    sds: dict[int | float, float] = {k: (sum((x - means[k]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1
+                                     else 0.0 for k, v in by_k.items()}
     trials = sum(len(v) for v in by_k.values())
     return save_curve(means, path, xlabel="unrolled steps K", ylabel="last test log-likelihood (nats)", spread=sds,
                       title=f"sweep {spec.name}: test log-likelihood against K ({trials} trials; mean ± sd over trials)")

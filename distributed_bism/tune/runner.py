@@ -106,7 +106,8 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, output_dir: str = "ou
                                                             failure_config=ray.tune.FailureConfig(max_failures=0)))
             grid = tuner.fit()
         if parent:
-            errored = [Path(r.path).name for r in grid if r.error and r.path]
+            # ResultGrid iterates through __getitem__/__len__ (the sequence protocol); Ray declares no __iter__.
+            errored = [Path(r.path).name for r in grid if r.error and r.path]  # type: ignore[attr-defined]
             close_children(base, parent, lambda run_name: any(run_name.removeprefix(f"{sweep}-") in d for d in errored))
         result = write_results(spec, sweep, sweep_dir, grid, ctx, parent_uri=uri)
         failed = False
