@@ -28,7 +28,8 @@ processes with one torch thread each. Writes bench/results/paper_loglik.{json,md
 
     nice .venv/bin/python bench/bench_paper_loglik.py --jobs 1          # the measurement: 39 min on one core
     nice .venv/bin/python bench/bench_paper_loglik.py --jobs 1 --datasets checkerboard --seeds 0 \
-        --steps 100000 --tag 100k --methods cd1 pcd1 dsm ssm bidsm_k0 bissm_k0 bissm_k5   # the 100k subset
+        --steps 100000 --tag 100k --methods cd1 pcd1 dsm ssm bidsm_k0 bidsm_k5 bissm_k0 bissm_k5 \
+        --reuse bench/results/paper_loglik_100k.json                       # the 100k subset
     .venv/bin/python bench/bench_paper_loglik.py --quick --out /tmp/b   # smoke run, seconds
 
 `--reuse A.json B.json` takes the runs already in earlier results (same data set, learner, seed,
