@@ -73,7 +73,8 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
     for name, value in data.items():
         tp = hints[name]
         key = f"{prefix}{name}"
-        kwargs[name] = from_dict(tp, value, f"{key}.") if dataclasses.is_dataclass(tp) else coerce(value, tp, key)
+        is_section = isinstance(tp, type) and dataclasses.is_dataclass(tp)
+        kwargs[name] = from_dict(tp, value, f"{key}.") if is_section else coerce(value, tp, key)
     try:
         section = cls(**kwargs)
     except ConfigError:

@@ -8,9 +8,11 @@ drawn, a resumed run sees exactly the batches the uninterrupted run would have s
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 
 class ShardedBatches:
@@ -22,8 +24,10 @@ class ShardedBatches:
             raise ValueError(f"trainer.batch_size={batch_size} is larger than the {per_rank} training examples "
                              f"each of the {world_size} workers gets (data has {len(data)})")
         self.data, self.batch_size = data, batch_size
-        self.sampler = DistributedSampler(range(len(data)), num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=seed, drop_last=True)
+        # the sampler only needs len(); a range of row indices stands in for the data set
+        indices = cast("Dataset[int]", range(len(data)))
+        self.sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=world_size, rank=rank,
+                                                                   shuffle=True, seed=seed, drop_last=True)
         self.per_epoch = per_rank // batch_size
         self._epoch: int | None = None
         self._batches: list[Tensor] = []

@@ -182,12 +182,12 @@ def celeba_image(path: Path) -> np.ndarray:
     """uint8 (64, 64, 3): centre crop 140×140 (offsets rounded as torchvision does), resize to 64×64."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    with Image.open(path) as source:
+        img = source.convert("RGB")
         w, h = img.size
         left, top = int(round((w - CELEBA_CROP) / 2.0)), int(round((h - CELEBA_CROP) / 2.0))
         img = img.crop((left, top, left + CELEBA_CROP, top + CELEBA_CROP))
-        return np.asarray(img.resize((CELEBA_SIZE, CELEBA_SIZE), Image.BILINEAR))
+        return np.asarray(img.resize((CELEBA_SIZE, CELEBA_SIZE), Image.Resampling.BILINEAR))
 
 
 def _decode_celeba(directory: Path, files: list[str]) -> np.ndarray:
