@@ -3,8 +3,9 @@
 The driver opens the run before any worker starts (`open_run`): it checks the store, creates
 or finds the experiment, and creates the run, or finds the run of the same `trainer.name` to
 continue it. It closes the run as FINISHED or FAILED whatever the workers did (`close_run`),
-so a run is never left RUNNING by a crashed worker. Rank 0 logs metrics and artifacts to that
-run id through a `RunLogger`; the other ranks log nothing.
+so a run is never left RUNNING by a crashed worker; and as KILLED when SIGTERM or Ctrl-C stops
+the driver. Rank 0 logs metrics and artifacts to that run id through a `RunLogger`; the other
+ranks log nothing.
 
 Default store: sqlite:///<output_dir>/mlflow.db, with artifacts under <output_dir>/mlartifacts
 (with sqlite, MLflow would otherwise put them in ./mlruns of whatever directory it runs in).
@@ -25,6 +26,7 @@ from typing import Any
 from distributed_bism.config import Config, ConfigError
 
 RUN_TAG = "bism.run"  # trainer.name, to find the run again on resume
+ENDED_BY_TAG = "bism.ended_by"  # the signal that stopped the driver (run KILLED); removed on resume
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -220,6 +222,8 @@ def open_run(cfg: Config, run_name: str, *, parent_run_id: str | None = None,
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        if ENDED_BY_TAG in found[0].data.tags:  # it runs again: no longer ended by that signal
+            client.delete_tag(run_id, ENDED_BY_TAG)
         return run_id, True
     tags = {RUN_TAG: run_name} | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
     run = client.create_run(exp_id, run_name=cfg.tracking.run_name or run_name, tags=tags)
@@ -233,11 +237,17 @@ def open_run(cfg: Config, run_name: str, *, parent_run_id: str | None = None,
     return run_id, False
 
 
-def close_run(cfg: Config, run_id: str, *, failed: bool, checkpoint: str | None = None) -> None:
-    """End the run as FINISHED or FAILED, tagging where its last checkpoint is."""
+def close_run(cfg: Config, run_id: str, *, failed: bool, checkpoint: str | None = None,
+              ended_by: str | None = None) -> None:
+    """End the run as FINISHED or FAILED, tagging where its last checkpoint is; or, when a signal
+    `ended_by` (e.g. "SIGTERM") stopped the driver, as KILLED with tag bism.ended_by saying so."""
     client = _client(tracking_uri(cfg))
     if checkpoint:
         client.set_tag(run_id, "checkpoint_path", checkpoint)
+    if ended_by:
+        client.set_tag(run_id, ENDED_BY_TAG, ended_by)
+        client.set_terminated(run_id, status="KILLED")
+        return
     client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
