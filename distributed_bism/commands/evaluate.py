@@ -22,6 +22,7 @@ from distributed_bism.evaluation.metrics import EvalContext, check_metric_names,
 from distributed_bism.evaluation.sample_grid import draw_samples
 from distributed_bism.samplers import SAMPLERS
 from distributed_bism.commands.trained import load_trained
+from distributed_bism.training.checkpointing import STATE_FILE
 
 
 @dataclass
@@ -82,6 +83,30 @@ def sample_outputs(out: Path) -> list[Path]:
     return [out] if out.suffix == ".png" else [out, out.with_suffix(".png")]
 
 
+def check_sample_outputs(out: Path, *, force: bool) -> list[Path]:
+    """The files `-o out` will write, refused before any work: an unknown suffix, a directory, a
+    checkpoint directory (even with --force: samples must never replace a model), an existing
+    file without `force`, or a directory where no file can be created (else the error would come
+    after sampling, as a traceback)."""
+    import tempfile
+
+    outputs = sample_outputs(out)
+    if any(p.is_dir() for p in outputs):
+        raise FileExistsError(f"{next(p for p in outputs if p.is_dir())} is a directory; -o names a file")
+    if (out.parent / STATE_FILE).exists():
+        raise FileExistsError(f"-o {out}: {out.parent} is a checkpoint directory; write samples elsewhere")
+    existing = [p for p in outputs if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{existing[0]} exists; choose another -o or pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".bism-probe-"):
+            pass
+    except OSError as e:
+        raise FileExistsError(f"-o {out}: cannot write in {out.parent} ({e.strerror or e})") from e
+    return outputs
+
+
 def write_samples(path: Path, samples: Tensor, *, label: str, step: int, value_range: tuple[float, float] | None) -> None:
     """The samples as arrays: `samples` (n, *shape) clipped to the data's range (images: [0, 1]),
     `raw` as the sampler left them, and `sampler`, `step`, `range`. .npz (numpy) or .pt (torch)."""
@@ -103,12 +128,7 @@ def sample_checkpoint(ref: str | Path, out: Path, *, n: int = 64, sampler: str =
     Existing files are refused unless `force`, and bad arguments too, before any work."""
     from distributed_bism.data import data_range
 
-    outputs = sample_outputs(out)
-    existing = [p for p in outputs if p.exists()]
-    if existing and not force:
-        raise FileExistsError(f"{existing[0]} exists; choose another -o or pass --force to replace it")
-    if any(p.is_dir() for p in outputs):
-        raise FileExistsError(f"{next(p for p in outputs if p.is_dir())} is a directory; -o names a file")
+    outputs = check_sample_outputs(out, force=force)
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler: unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
     if n < 1:
