@@ -60,6 +60,13 @@ def test_sample_refuses_an_output_it_cannot_write_as_named(checkpoint: Path, tmp
     assert snapshot(where) == before and sorted(p.name for p in where.iterdir()) == ["adir", "adir.png", "afile"]
 
 
+def test_sample_creates_no_directory_for_refused_arguments(checkpoint: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`-o new/dir/grid.png` with a bad --sampler: refused, and new/ not created."""
+    err = _error(capsys, ["sample", str(checkpoint), "--sampler", "nope", "-o", str(tmp_path / "new" / "dir" / "g.png")])
+    assert "--sampler: unknown sampler 'nope'" in err and not (tmp_path / "new").exists()
+
+
 def test_sample_never_writes_into_a_checkpoint(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`-o <checkpoint>/state.pt --force` would replace the model with samples: refused, the
     checkpoint kept byte for byte."""

@@ -98,9 +98,13 @@ def check_sample_outputs(out: Path, *, force: bool) -> list[Path]:
     existing = [p for p in outputs if p.exists()]
     if existing and not force:
         raise FileExistsError(f"{existing[0]} exists; choose another -o or pass --force to replace it")
+    # Probe the nearest directory that exists: creating out.parent now would write before the
+    # other arguments are checked (save_sample_figure creates it).
+    there = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p == Path(p.anchor or "."))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".bism-probe-"):
+        if not there.is_dir():
+            raise NotADirectoryError(20, f"{there} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=there, prefix=".bism-probe-"):
             pass
     except OSError as e:
         raise FileExistsError(f"-o {out}: cannot write in {out.parent} ({e.strerror or e})") from e
