@@ -25,7 +25,7 @@ from distributed_bism.config import Config, from_dict, load_config
 from distributed_bism.launch.local import print_line, train_local
 from distributed_bism.launch.preflight import completed_checkpoint, local_run_dir, preflight, record_run, storage_path
 from distributed_bism.launch.ray_backend import train_on_ray
-from distributed_bism.launch.signals import Interrupted, deferred, stop_on_signals
+from distributed_bism.launch.signals import Interrupted, deferred, stop_by_request, stop_on_signals
 from distributed_bism.tracking import close_run, open_run, tracking_uri
 from distributed_bism.training.checkpointing import LocalCheckpoints, load_state
 
@@ -73,7 +73,8 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
             if t.strategy == "local":
                 out, checkpoint = train_local(cfg, run_id, uri)
             else:
-                out, checkpoint = train_on_ray(cfg, run_id, uri, address=address)
+                with stop_by_request():  # a signal aborts Ray Train's controller, then stops the driver
+                    out, checkpoint = train_on_ray(cfg, run_id, uri, address=address)
         except Interrupted as stop:  # the workers are stopped by now (launch/signals.py)
             if run_id:
                 close_run(cfg, run_id, failed=True, ended_by=stop.name)
