@@ -70,3 +70,40 @@ def test_a_file_store_is_used_when_mlflow_allows_it(tmp_path: Path, monkeypatch:
     runs = MlflowClient(str(scratch_cwd / "fstore")).search_runs(
         [e.experiment_id for e in MlflowClient(str(scratch_cwd / "fstore")).search_experiments()])
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+@pytest.fixture(scope="module")
+def tracked_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last checkpoint of a tiny tracked run (default sqlite store)."""
+    import contextlib
+    import io
+
+    from distributed_bism import train
+    from local_runs import checkpoint_dirs
+
+    out = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cfg = tiny(out, **{"tracking.enabled": True, "trainer.steps": 4})
+        train(cfg)
+    return checkpoint_dirs(cfg)[-1]
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--tracking-uri", "garbage://xx"], None, "--tracking-uri: 'garbage://xx' has the scheme garbage://"),
+    ([], "foo://bar", "$MLFLOW_TRACKING_URI: 'foo://bar' has the scheme foo://"),
+])
+def test_eval_checks_the_store_it_logs_to(tracked_checkpoint: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch, args: list[str], env: str | None,
+                                          message: str) -> None:
+    """`bism eval` of a tracked checkpoint logs to a store: a bad one is one line and exit 2,
+    before any metric runs (no eval/ folder written)."""
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    evals = tracked_checkpoint.parents[2] / "evals"
+    assert main(["eval", str(tracked_checkpoint), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bism: error: ") and err.count("\n") == 1 and message in err, err
+    assert not evals.exists()

@@ -50,7 +50,7 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
                         log: bool = True, output_dir: Path | None = None, use_ema: bool = False) -> EvalReport:
     """Run `metrics` (default: the run's eval.metrics) on checkpoint `ref` in this process and log
     them to the checkpoint's MLflow run at its step. Bad metric names and refs raise before any work."""
-    from distributed_bism.tracking import RunLogger, artifact_stamp
+    from distributed_bism.tracking import RunLogger, artifact_stamp, check_tracking_uri, tracking_uri_key
     from distributed_bism.tracking import tracking_uri as default_uri
 
     if metrics:
@@ -61,7 +61,10 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
     stamp = artifact_stamp(trained.step)
     out = output_dir or Path(cfg.trainer.output_dir) / "evals" / str(cfg.trainer.name) / stamp
     run_id = trained.run_id if log else None
-    logger = RunLogger(tracking_uri or default_uri(cfg), run_id) if run_id else None
+    uri = tracking_uri or default_uri(cfg)
+    if run_id:  # the store is checked before any work, as `bism train` checks it
+        check_tracking_uri(uri, key="--tracking-uri" if tracking_uri else tracking_uri_key(cfg))
+    logger = RunLogger(uri, run_id) if run_id else None
     data = prepare_data(cfg)
     ctx = EvalContext(cfg=cfg, energy=trained.energy, posterior=trained.posterior, train_data=data.train,
                       test_data=data.test, image_shape=data.image_shape, step=trained.step, device=torch.device("cpu"),
