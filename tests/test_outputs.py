@@ -63,7 +63,8 @@ def test_sample_refuses_an_output_it_cannot_write_as_named(checkpoint: Path, tmp
 def test_sample_creates_no_directory_for_refused_arguments(checkpoint: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """`-o new/dir/grid.png` with a bad --sampler: refused, and new/ not created."""
-    err = _error(capsys, ["sample", str(checkpoint), "--sampler", "nope", "-o", str(tmp_path / "new" / "dir" / "g.png")])
+    out = tmp_path / "new" / "dir" / "g.png"
+    err = _error(capsys, ["sample", str(checkpoint), "--sampler", "nope", "-o", str(out)])
     assert "--sampler: unknown sampler 'nope'" in err and not (tmp_path / "new").exists()
 
 
@@ -124,7 +125,8 @@ def test_a_state_that_is_not_a_checkpoint_is_named_without_unsafe_advice(tmp_pat
     """One line naming the file and saying it is corrupt or not a checkpoint; never torch's advice
     to load it with weights_only=False (which would let the file run code)."""
     _not_a_checkpoint(kind, tmp_path / "ckpt")
-    argv = [command, str(tmp_path / "ckpt")] + (["-o", str(tmp_path / "x.png")] if command == "sample" else ["--no-log"])
+    extra = ["-o", str(tmp_path / "x.png")] if command == "sample" else ["--no-log"]
+    argv = [command, str(tmp_path / "ckpt"), *extra]
     err = _error(capsys, argv)
     assert f"{tmp_path / 'ckpt' / 'state.pt'}" in err and "corrupt or not a checkpoint" in err, err
     assert "weights_only" not in err and "False" not in err, err

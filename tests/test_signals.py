@@ -119,7 +119,7 @@ def _env(tmp_path: Path, *, block_at: int | None, extra: dict[str, str] | None =
     return env
 
 
-def _run(uri: str, name: str):  # noqa: ANN202 (an mlflow Run)
+def _run(uri: str, name: str):  # an mlflow Run
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -239,20 +239,17 @@ def test_a_signal_waits_for_what_must_not_be_cut() -> None:
 
     before = signal.getsignal(signal.SIGTERM)
     done = []
-    with pytest.raises(Interrupted) as stopped:
-        with stop_on_signals():
-            with deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.2)  # the handler runs in here, and must not raise
-                done.append("checkpoint kept")
+    with pytest.raises(Interrupted) as stopped, stop_on_signals(), deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs in here, and must not raise
+        done.append("checkpoint kept")
     assert done == ["checkpoint kept"] and stopped.value.code == 143 and stopped.value.name == "SIGTERM"
-    with pytest.raises(Interrupted):
-        with stop_on_signals():
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.2)
-            finally:  # cleaning up: a second signal does not cut it
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.2)
-                done.append("run closed")
+    with pytest.raises(Interrupted), stop_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        finally:  # cleaning up: a second signal does not cut it
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            done.append("run closed")
     assert done[-1] == "run closed" and signal.getsignal(signal.SIGTERM) is before

@@ -35,8 +35,8 @@ def _config(tmp_path: Path) -> tuple[Path, Path]:
     ("postgresql+nosuchdriver://u@localhost/x", None, "is not a valid postgresql URI"),
 ])
 def test_bad_tracking_uri_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                 monkeypatch: pytest.MonkeyPatch, scratch_cwd: Path,
-                                                 uri: str | None, env: str | None, message: str) -> None:
+                                                 monkeypatch: pytest.MonkeyPatch, uri: str | None, env: str | None,
+                                                 message: str) -> None:
     """One `bism: error:` line naming the key and the URI; no run directory, no mlflow.db, no
     ./mlruns: preflight failed before any run opened or worker started."""
     (tmp_path / "afile").write_text("a file, not a directory")
@@ -53,11 +53,10 @@ def test_bad_tracking_uri_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.
     assert err.startswith("bism: error: ") and err.count("\n") == 1, err
     assert message.format(tmp=tmp_path) in err and "Traceback" not in err, err
     assert not (run_dir(tiny(out)) / "bism_config.yaml").exists()
-    assert not (out / "mlflow.db").exists() and list(scratch_cwd.iterdir()) == []
+    assert not (out / "mlflow.db").exists() and list(Path.cwd().iterdir()) == []  # the scratch cwd: no ./mlruns
 
 
-def test_a_file_store_is_used_when_mlflow_allows_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    scratch_cwd: Path) -> None:
+def test_a_file_store_is_used_when_mlflow_allows_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow's own opt-in, MLFLOW_ALLOW_FILE_STORE=true, is kept: a bare path (relative to the
     working directory, as MLflow reads it) is then a file store the run is logged to."""
     from mlflow import MlflowClient
@@ -65,10 +64,11 @@ def test_a_file_store_is_used_when_mlflow_allows_it(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path, _ = _config(tmp_path)
+    cwd = Path.cwd()  # the autouse scratch_cwd fixture's
     assert main(["train", str(path), "tracking.tracking_uri=fstore"]) == 0
-    assert (scratch_cwd / "fstore").is_dir()
-    runs = MlflowClient(str(scratch_cwd / "fstore")).search_runs(
-        [e.experiment_id for e in MlflowClient(str(scratch_cwd / "fstore")).search_experiments()])
+    assert (cwd / "fstore").is_dir()
+    runs = MlflowClient(str(cwd / "fstore")).search_runs(
+        [e.experiment_id for e in MlflowClient(str(cwd / "fstore")).search_experiments()])
     assert [r.info.status for r in runs] == ["FINISHED"]
 
 
@@ -78,8 +78,9 @@ def tracked_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import contextlib
     import io
 
-    from distributed_bism import train
     from local_runs import checkpoint_dirs
+
+    from distributed_bism import train
 
     out = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):

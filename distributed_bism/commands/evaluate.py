@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distributed_bism.commands.trained import load_trained
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.evaluation.figures import save_sample_figure
 from distributed_bism.evaluation.metrics import EvalContext, check_metric_names, run_metrics
 from distributed_bism.evaluation.sample_grid import draw_samples
 from distributed_bism.samplers import SAMPLERS
-from distributed_bism.commands.trained import load_trained
 from distributed_bism.training.checkpointing import STATE_FILE
 
 

@@ -99,8 +99,8 @@ def stop_on_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        for signum, h in previous.items():
+            signal.signal(signum, h)
         _State.active, _State.stopping, _State.pending = False, False, None
 
 
