@@ -147,7 +147,10 @@ def _interrupt_then_resume(tmp_path: Path, sig: signal.Signals, env: dict[str, s
     try:
         driver.wait_for(tmp_path / "blocked", timeout=600)
         started = [(p, " ".join(_cmdline(p))) for p in psutil.Process(driver.proc.pid).children(recursive=True)]
-        driver.proc.send_signal(sig)
+        if sig == signal.SIGINT:  # Ctrl-C in a terminal: to the whole process group (the driver leads its own)
+            os.killpg(driver.proc.pid, sig)
+        else:  # kill, a scheduler: to the driver alone
+            driver.proc.send_signal(sig)
         status = driver.proc.wait(timeout=300)
     finally:
         driver.stop()
