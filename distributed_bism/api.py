@@ -25,7 +25,7 @@ from distributed_bism.config import Config, from_dict, load_config
 from distributed_bism.launch.local import print_line, train_local
 from distributed_bism.launch.preflight import completed_checkpoint, local_run_dir, preflight, record_run, storage_path
 from distributed_bism.launch.ray_backend import train_on_ray
-from distributed_bism.launch.signals import Interrupted, deferred, stop_by_request, stop_on_signals
+from distributed_bism.launch.signals import Interrupted, deferred, stop_by_request, stop_on_signals, unwinding
 from distributed_bism.tracking import close_run, open_run, tracking_uri
 from distributed_bism.training.checkpointing import LocalCheckpoints, load_state
 
@@ -81,6 +81,7 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
             sys.stderr.write(f"bism: {resume_hint(cfg, stop, run_id)}\n")
             raise
         except BaseException:
+            unwinding()
             if run_id:
                 close_run(cfg, run_id, failed=True)
             raise

@@ -256,3 +256,21 @@ def test_a_signal_waits_for_what_must_not_be_cut() -> None:
             time.sleep(0.2)
             done.append("run closed")
     assert done[-1] == "run closed" and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_while_closing_a_failed_run_hides_nothing() -> None:
+    """After an error the driver is unwinding: a signal then neither cuts the closing of the run
+    nor replaces the error with an exit status."""
+    from distributed_bism.launch.signals import stop_on_signals, unwinding
+
+    closed = []
+    with pytest.raises(ZeroDivisionError), stop_on_signals():
+        try:
+            1 / 0  # noqa: B018 (the training's error)
+        except BaseException:
+            unwinding()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            closed.append("FAILED")
+            raise
+    assert closed == ["FAILED"]

@@ -71,6 +71,12 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+def unwinding() -> None:
+    """The driver is unwinding from an error: from now on a signal is only acknowledged, so it
+    cannot cut the closing of the run nor hide the error behind an exit status 128 + signum."""
+    _State.stopping = True
+
+
 def handling() -> bool:
     """Whether the driver's handlers are in charge (inside `stop_on_signals`)."""
     return _State.active
