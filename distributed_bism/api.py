@@ -8,7 +8,8 @@ Top to bottom, as `train` reads:
     open the run    MLflow, on the driver; continued when the name resumes
     train           strategy=local: one TrainLoop here (launch/local.py);
                     ddp / deepspeed: one per Ray Train worker (launch/ray_backend.py)
-    close the run   FINISHED, or FAILED if training raised
+    close the run   FINISHED, or FAILED if training raised, or KILLED on SIGTERM / Ctrl-C (then the
+                    driver exits 128 + the signal number, saying how to resume: launch/signals.py)
     summary         a TrainSummary, also printed
 """
 
@@ -22,10 +23,11 @@ from typing import Any
 
 from distributed_bism.config import Config, from_dict, load_config
 from distributed_bism.launch.local import print_line, train_local
-from distributed_bism.launch.preflight import completed_checkpoint, preflight, record_run
+from distributed_bism.launch.preflight import completed_checkpoint, local_run_dir, preflight, record_run, storage_path
 from distributed_bism.launch.ray_backend import train_on_ray
+from distributed_bism.launch.signals import Interrupted, deferred, stop_by_request, stop_on_signals, unwinding
 from distributed_bism.tracking import close_run, open_run, tracking_uri
-from distributed_bism.training.checkpointing import load_state
+from distributed_bism.training.checkpointing import LocalCheckpoints, load_state
 
 
 @dataclass
@@ -60,27 +62,54 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
 
     print_line(f"run {t.name!r}: " + ("continuing from its latest checkpoint" if resumed else "new run"))
     run_id = None
-    if uri:
-        run_id, continued = open_run(cfg, str(t.name))
-        print_line(f"MLflow run {run_id} ({'continued' if continued else 'new'}) in {uri}")
-    record_run(cfg)
-    start = time.perf_counter()
-    failed, checkpoint = True, None
-    try:
-        if t.strategy == "local":
-            out, checkpoint = train_local(cfg, run_id, uri)
-        else:
-            out, checkpoint = train_on_ray(cfg, run_id, uri, address=address)
-        failed = False
-    finally:
+    with stop_on_signals():  # SIGTERM / Ctrl-C: Interrupted, and the run is closed as KILLED
+        try:
+            if uri:
+                with deferred():  # a run created is a run closed
+                    run_id, continued = open_run(cfg, str(t.name))
+                print_line(f"MLflow run {run_id} ({'continued' if continued else 'new'}) in {uri}")
+            record_run(cfg)
+            start = time.perf_counter()
+            if t.strategy == "local":
+                out, checkpoint = train_local(cfg, run_id, uri)
+            else:
+                with stop_by_request():  # a signal aborts Ray Train's controller, then stops the driver
+                    out, checkpoint = train_on_ray(cfg, run_id, uri, address=address)
+        except Interrupted as stop:  # the workers are stopped by now (launch/signals.py)
+            if run_id:
+                close_run(cfg, run_id, failed=True, ended_by=stop.name)
+            sys.stderr.write(f"bism: {resume_hint(cfg, stop, run_id)}\n")
+            raise
+        except BaseException:
+            unwinding()
+            if run_id:
+                close_run(cfg, run_id, failed=True)
+            raise
         if run_id:
-            close_run(cfg, run_id, failed=failed, checkpoint=checkpoint if not failed else None)
+            with deferred():
+                close_run(cfg, run_id, failed=False, checkpoint=checkpoint)
 
     summary = TrainSummary(name=str(t.name), step=int(out.get("step", t.steps)), seconds=time.perf_counter() - start,
                            run_id=run_id, tracking_uri=uri, checkpoint=checkpoint,
                            samples=out.get("samples_path"), metrics=out)
     print_line(describe(summary))
     return summary
+
+
+def resume_hint(cfg: Config, stop: Interrupted, run_id: str | None) -> str:
+    """One line for a run stopped by a signal: what was closed, and that the same command resumes
+    it from its latest checkpoint (named, when the storage is local)."""
+    name = str(cfg.trainer.name)
+    closed = f"MLflow run {run_id} closed as KILLED; " if run_id else ""
+    run_dir = local_run_dir(cfg)
+    if run_dir is None:
+        where = f"continues from its latest checkpoint in {storage_path(cfg)}"
+    else:
+        latest = LocalCheckpoints(run_dir, cfg.trainer.num_to_keep).latest()
+        where = (f"continues from its latest checkpoint, {latest} (step {int(latest.name.rsplit('_', 1)[1])})"
+                 if latest else "starts again from step 0 (no checkpoint was saved yet)")
+    return (f"stopped by {stop.name}: {closed}to resume, run the same command again (with "
+            f"trainer.name={name} if it does not set it): it {where}")
 
 
 def _already_complete(cfg: Config, checkpoint: Path, uri: str | None) -> TrainSummary:

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distributed_bism.commands.trained import load_trained
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.evaluation.figures import save_sample_figure
 from distributed_bism.evaluation.metrics import EvalContext, check_metric_names, run_metrics
 from distributed_bism.evaluation.sample_grid import draw_samples
 from distributed_bism.samplers import SAMPLERS
-from distributed_bism.commands.trained import load_trained
+from distributed_bism.training.checkpointing import STATE_FILE
 
 
 @dataclass
@@ -49,7 +50,7 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
                         log: bool = True, output_dir: Path | None = None, use_ema: bool = False) -> EvalReport:
     """Run `metrics` (default: the run's eval.metrics) on checkpoint `ref` in this process and log
     them to the checkpoint's MLflow run at its step. Bad metric names and refs raise before any work."""
-    from distributed_bism.tracking import RunLogger, artifact_stamp
+    from distributed_bism.tracking import RunLogger, artifact_stamp, check_tracking_uri, tracking_uri_key
     from distributed_bism.tracking import tracking_uri as default_uri
 
     if metrics:
@@ -60,7 +61,10 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
     stamp = artifact_stamp(trained.step)
     out = output_dir or Path(cfg.trainer.output_dir) / "evals" / str(cfg.trainer.name) / stamp
     run_id = trained.run_id if log else None
-    logger = RunLogger(tracking_uri or default_uri(cfg), run_id) if run_id else None
+    uri = tracking_uri or default_uri(cfg)
+    if run_id:  # the store is checked before any work, as `bism train` checks it
+        check_tracking_uri(uri, key="--tracking-uri" if tracking_uri else tracking_uri_key(cfg))
+    logger = RunLogger(uri, run_id) if run_id else None
     data = prepare_data(cfg)
     ctx = EvalContext(cfg=cfg, energy=trained.energy, posterior=trained.posterior, train_data=data.train,
                       test_data=data.test, image_shape=data.image_shape, step=trained.step, device=torch.device("cpu"),
@@ -80,6 +84,34 @@ def sample_outputs(out: Path) -> list[Path]:
         raise ValueError(f"-o {out}: the file name must end in {', '.join(SAMPLE_SUFFIXES)} "
                          "(a figure, or the samples as numpy or torch arrays with a figure beside them)")
     return [out] if out.suffix == ".png" else [out, out.with_suffix(".png")]
+
+
+def check_sample_outputs(out: Path, *, force: bool) -> list[Path]:
+    """The files `-o out` will write, refused before any work: an unknown suffix, a directory, a
+    checkpoint directory (even with --force: samples must never replace a model), an existing
+    file without `force`, or a directory where no file can be created (else the error would come
+    after sampling, as a traceback)."""
+    import tempfile
+
+    outputs = sample_outputs(out)
+    if any(p.is_dir() for p in outputs):
+        raise FileExistsError(f"{next(p for p in outputs if p.is_dir())} is a directory; -o names a file")
+    if (out.parent / STATE_FILE).exists():
+        raise FileExistsError(f"-o {out}: {out.parent} is a checkpoint directory; write samples elsewhere")
+    existing = [p for p in outputs if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{existing[0]} exists; choose another -o or pass --force to replace it")
+    # Probe the nearest directory that exists: creating out.parent now would write before the
+    # other arguments are checked (save_sample_figure creates it).
+    there = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p == Path(p.anchor or "."))
+    try:
+        if not there.is_dir():
+            raise NotADirectoryError(20, f"{there} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=there, prefix=".bism-probe-"):
+            pass
+    except OSError as e:
+        raise FileExistsError(f"-o {out}: cannot write in {out.parent} ({e.strerror or e})") from e
+    return outputs
 
 
 def write_samples(path: Path, samples: Tensor, *, label: str, step: int, value_range: tuple[float, float] | None) -> None:
@@ -103,12 +135,7 @@ def sample_checkpoint(ref: str | Path, out: Path, *, n: int = 64, sampler: str =
     Existing files are refused unless `force`, and bad arguments too, before any work."""
     from distributed_bism.data import data_range
 
-    outputs = sample_outputs(out)
-    existing = [p for p in outputs if p.exists()]
-    if existing and not force:
-        raise FileExistsError(f"{existing[0]} exists; choose another -o or pass --force to replace it")
-    if any(p.is_dir() for p in outputs):
-        raise FileExistsError(f"{next(p for p in outputs if p.is_dir())} is a directory; -o names a file")
+    outputs = check_sample_outputs(out, force=force)
     if sampler not in SAMPLERS:
         raise ValueError(f"--sampler: unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
     if n < 1:

@@ -11,8 +11,9 @@ import torch
 
 from distributed_bism.config import Config
 from distributed_bism.launch.preflight import storage_path
+from distributed_bism.launch.signals import deferred
 from distributed_bism.tracking import RunLogger
-from distributed_bism.training.checkpointing import LocalSink
+from distributed_bism.training.checkpointing import CheckpointSink, LocalSink
 from distributed_bism.training.loop import TrainLoop
 
 
@@ -29,13 +30,30 @@ def worker_threads(cfg: Config) -> int:
     return max(1, int(cfg.trainer.cpus_per_worker))
 
 
+class WholeCheckpoints:
+    """A sink whose checkpoints a SIGTERM or Ctrl-C cannot cut in half: the signal waits until
+    the checkpoint directory is complete (launch/signals.py)."""
+
+    def __init__(self, sink: CheckpointSink) -> None:
+        self.sink = sink
+
+    def candidates(self) -> list[Path]:
+        return self.sink.candidates()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        with deferred():
+            self.sink.report(metrics, checkpoint_dir, step)
+
+
 def train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[str, Any], str | None]:
     """Fit one TrainLoop here, its checkpoints kept by a LocalSink under the run directory, with
     trainer.cpus_per_worker torch threads (as a Ray worker would; the caller's setting is restored
-    after). Returns what `TrainLoop.fit` returns (plus the test log-likelihood curve, step → value,
-    when one was measured) and the newest checkpoint."""
+    after). A SIGTERM or Ctrl-C (`Interrupted`) stops the loop where it is, never inside a
+    checkpoint being kept. Returns what `TrainLoop.fit` returns (plus the test log-likelihood
+    curve, step → value, when one was measured) and the newest checkpoint."""
     sink = LocalSink(Path(storage_path(cfg)) / str(cfg.trainer.name), cfg.trainer.num_to_keep)
-    loop = TrainLoop.from_config(cfg, sink=sink, logger=RunLogger(uri, run_id), run_id=run_id, log=print_line)
+    loop = TrainLoop.from_config(cfg, sink=WholeCheckpoints(sink), logger=RunLogger(uri, run_id), run_id=run_id,
+                                 log=print_line)
     threads = torch.get_num_threads()
     torch.set_num_threads(worker_threads(cfg))
     try:

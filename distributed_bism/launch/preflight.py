@@ -21,7 +21,7 @@ from distributed_bism.config import Config, ConfigError, check_writable_dir
 from distributed_bism.config.loading import read_yaml_file
 from distributed_bism.config.validate import validate_all
 from distributed_bism.data import check_dataset
-from distributed_bism.tracking import check_tracking_uri, tracking_uri
+from distributed_bism.tracking import check_tracking
 from distributed_bism.training.checkpointing import LocalCheckpoints, is_uri
 
 RUN_CONFIG_FILE = "bism_config.yaml"
@@ -64,7 +64,7 @@ def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
         check_writable_dir(run_dir.parent, "trainer.storage_path")
         resumed = check_resume(cfg, run_dir)
     if cfg.tracking.enabled:
-        check_tracking_uri(tracking_uri(cfg))
+        check_tracking(cfg)
     if cfg.trainer.precision != "fp32" and cfg.trainer.use_gpu is False:
         raise ConfigError(f"trainer.precision: {cfg.trainer.precision} needs GPUs, but trainer.use_gpu is false")
     if cfg.trainer.strategy != "local":

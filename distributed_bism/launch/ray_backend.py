@@ -20,6 +20,7 @@ import torch
 from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.launch.local import print_line, worker_threads
 from distributed_bism.launch.preflight import check_address, check_local_cpus, local_run_dir, storage_path
+from distributed_bism.launch.signals import handling, on_stop, reinstall
 from distributed_bism.tracking import RunLogger
 from distributed_bism.training.checkpointing import LocalCheckpoints, checkpoint_dir_name
 from distributed_bism.training.loop import TrainLoop
@@ -59,6 +60,7 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
             ray.init(address="auto", logging_level="WARNING")
         except ConnectionError:
             ray.init(**local)
+    reinstall()  # ray.init set SIGTERM to sys.exit(15); the driver's handler closes the run as KILLED
     try:
         yield ray
     finally:
@@ -119,6 +121,8 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_co
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
                                  logging_config=LoggingConfig(log_level="WARNING")))
+        if handling():  # not Ray Train's Ctrl-C handler (it exits 0): the driver's aborts the same way
+            trainer._register_sigint_handler = lambda controller: on_stop(controller.abort.remote)
         return trainer.fit()
 
 

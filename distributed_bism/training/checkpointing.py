@@ -88,8 +88,9 @@ def load_file(path: str | Path, *, safe_globals: list[Any] | None = None) -> dic
         with torch.serialization.safe_globals(safe_globals or []):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # a bad zip, a bad pickle
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from e
+        # Not torch's text: it advises weights_only=False, which would let the file run code.
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the file is corrupt or not a checkpoint"
+        raise CheckpointError(f"cannot read checkpoint {path}: {why} ({type(e).__name__})") from e
 
 
 def load_state(directory: str | Path) -> dict[str, Any]:
