@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from distributed_bism.tracking import ENDED_BY_TAG, RUN_TAG
-from local_runs import checkpoint_dirs, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
+from tests.helpers.local_runs import checkpoint_dirs, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
 HOOK = '''
 import importlib.abc, os, sys, time

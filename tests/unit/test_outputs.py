@@ -16,7 +16,7 @@ import torch
 
 from distributed_bism import train
 from distributed_bism.cli import main
-from local_runs import checkpoint_dirs, scratch_cwd, snapshot, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
+from tests.helpers.local_runs import checkpoint_dirs, scratch_cwd, snapshot, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from distributed_bism.cli import main
-from local_runs import run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
+from tests.helpers.local_runs import run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
 
 def _config(tmp_path: Path) -> tuple[Path, Path]:
@@ -78,7 +78,7 @@ def tracked_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import contextlib
     import io
 
-    from local_runs import checkpoint_dirs
+    from tests.helpers.local_runs import checkpoint_dirs
 
     from distributed_bism import train
 
