@@ -21,7 +21,8 @@ from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.launch.local import print_line, worker_threads
 from distributed_bism.launch.preflight import check_address, check_local_cpus, local_run_dir, storage_path
 from distributed_bism.tracking import RunLogger
-from distributed_bism.training.checkpointing import LocalCheckpoints, checkpoint_dir_name
+from distributed_bism.training.checkpointing import (CheckpointWriteError, LocalCheckpoints, Retention,
+                                                    checkpoint_dir_name, write_error)
 from distributed_bism.training.loop import TrainLoop
 
 
@@ -31,7 +32,13 @@ def train_on_ray(cfg: Config, run_id: str | None, uri: str | None,
     `TrainLoop.fit` returns) and the newest checkpoint's path."""
     result = run_on_ray(cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
                         address=address)
+    returned = result.return_value if isinstance(result.return_value, dict) else {}
+    if returned.get(WRITE_ERROR):  # every rank stopped together; see worker_main
+        raise CheckpointWriteError(returned[WRITE_ERROR])
     return dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None
+
+
+WRITE_ERROR = "checkpoint_write_error"  # the key of worker_main's return value when a write failed
 
 
 # --------------------------------------------------------------------------- the driver
@@ -109,6 +116,9 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_co
 
     t = cfg.trainer
     check_local_cpus(cfg, address or t.address)
+    run_dir = local_run_dir(cfg)
+    if run_dir is not None:
+        forget_ray_checkpoints(run_dir)
     with ray_session(address or t.address) as ray:
         use_gpu = check_resources(cfg, ray)
         trainer = TorchTrainer(
@@ -117,15 +127,39 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_co
             scaling_config=scaling_config(cfg, use_gpu),
             run_config=RunConfig(name=t.name, storage_path=storage_path(cfg), callbacks=callbacks,
                                  failure_config=FailureConfig(max_failures=t.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+                                 # local storage: Ray keeps every checkpoint, `Retention` prunes (RaySink)
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None if run_dir else t.num_to_keep),
                                  logging_config=LoggingConfig(log_level="WARNING")))
         return trainer.fit()
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train 2.60's list of the checkpoints it was reported
+
+
+def forget_ray_checkpoints(run_dir: Path) -> None:
+    """Remove Ray's own list of the run's checkpoints before a launch (local storage only).
+
+    The run's checkpoints are what is on disk: `TrainLoop.resume` moves unreadable ones aside and
+    `Retention` prunes, neither of which Ray hears of. Ray would otherwise reload a list naming
+    directories that are gone, and refuse to start (CheckpointManagerInitializationError) or,
+    with its own num_to_keep, delete by that list: a freshly rewritten checkpoint of the same
+    name, or a path no longer there (FileNotFoundError at the end of a run). Without the list,
+    Ray starts empty and `RaySink.candidates` finds the checkpoints on disk."""
+    (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- in each worker
-def worker_main(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: build the loop for this rank and fit it."""
-    worker_loop(loop_config).fit()
+def worker_main(loop_config: dict[str, Any]) -> dict[str, str] | None:
+    """One Ray Train worker: build the loop for this rank and fit it. A checkpoint that cannot be
+    written stops every rank at the same step (TrainLoop.checkpoint); they return the error
+    instead of raising it, so Ray does not restart the group to fail the same way again, and the
+    driver raises it (train_on_ray)."""
+    try:
+        worker_loop(loop_config).fit()
+    except CheckpointWriteError as e:
+        print_line(f"stopping: {e}")
+        return {WRITE_ERROR: str(e)}
+    return None
 
 
 def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
@@ -141,9 +175,10 @@ def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(worker_threads(cfg))  # 1 worker = its own cores, no oversubscription
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    run_dir = local_run_dir(cfg)
+    sink = RaySink(run_dir, Retention(run_dir, cfg.trainer.num_to_keep) if run_dir and rank == 0 else None)
     return TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
-                                 sink=RaySink(local_run_dir(cfg)), logger=logger, run_id=loop_config["run_id"],
-                                 log=print_line)
+                                 sink=sink, logger=logger, run_id=loop_config["run_id"], log=print_line)
 
 
 class RaySink:
@@ -152,19 +187,22 @@ class RaySink:
     Ray registers a reported checkpoint only when its controller next polls (every ~2 s in Ray
     2.60), so a worker killed just after reporting can come back with get_checkpoint() None,
     or an older one, although the files were already written (uploads are synchronous). With
-    local storage the run directory is therefore also searched, and the newest wins."""
+    local storage the run directory is therefore also searched, and the newest wins; and rank 0
+    prunes it by `retention` once Ray has the new checkpoint (Ray's num_to_keep is unset)."""
 
-    def __init__(self, run_dir: Path | None = None) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path | None = None, retention: Retention | None = None) -> None:
+        self.run_dir, self.retention = run_dir, retention
         self._stack = contextlib.ExitStack()
 
     def candidates(self) -> list[Path]:
         import ray.train
 
-        found = {p.resolve() for p in LocalCheckpoints(self.run_dir, 1).all()} if self.run_dir else set()
+        found = {p.resolve() for p in LocalCheckpoints(self.run_dir).named()} if self.run_dir else set()
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
-            found.add(Path(self._stack.enter_context(ckpt.as_directory())).resolve())
+            path = Path(self._stack.enter_context(ckpt.as_directory())).resolve()
+            if path.is_dir():  # Ray may list one moved aside since
+                found.add(path)
         return sorted(found, key=lambda p: p.name, reverse=True)  # checkpoint_XXXXXXXX: by step
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
@@ -173,5 +211,10 @@ class RaySink:
         ckpt = None
         if checkpoint_dir is not None and any(checkpoint_dir.iterdir()):
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
-
+        name = checkpoint_dir_name(step)
+        try:
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+        except OSError as e:  # the upload into storage (pyarrow raises OSError subclasses)
+            raise write_error(step, self.run_dir / name if self.run_dir else name, e) from e
+        if checkpoint_dir is not None and self.retention is not None:
+            self.retention.saved(step)
