@@ -170,7 +170,11 @@ def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
 
     cfg = from_dict(Config, loop_config["config"])
     # Ray Train logs every report at INFO (a long line per rank per report); our progress lines say it better.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    context_log = logging.getLogger("ray.train.v2._internal.execution.context")
+    context_log.setLevel(logging.WARNING)
+    # A failed upload is logged there with a traceback and a guess about deleted temporary files;
+    # RaySink turns the error into one line naming the directory, and the run stops with it.
+    context_log.addFilter(lambda record: not record.getMessage().startswith("Failed to find local checkpoint"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(worker_threads(cfg))  # 1 worker = its own cores, no oversubscription
@@ -215,6 +219,10 @@ class RaySink:
         try:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
         except OSError as e:  # the upload into storage (pyarrow raises OSError subclasses)
-            raise write_error(step, self.run_dir / name if self.run_dir else name, e) from e
+            target = self.run_dir / name if self.run_dir else None
+            with contextlib.suppress(OSError):
+                if target is not None and target.is_dir() and not any(target.iterdir()):
+                    target.rmdir()  # Ray made it before the copy failed; nothing of the run is in it
+            raise write_error(step, target or name, e) from e
         if checkpoint_dir is not None and self.retention is not None:
             self.retention.saved(step)

@@ -56,9 +56,11 @@ class CheckpointWriteError(CheckpointError):
 
 def write_error(step: int, where: str | Path, e: OSError) -> CheckpointWriteError:
     """The one-line error of a failed checkpoint write at `step` into `where`."""
-    reason = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0]
-    errno = f"[Errno {e.errno}] " if e.errno else ""
-    return CheckpointWriteError(f"cannot write the checkpoint of step {step} to {where}: {errno}{reason}"
+    if e.strerror:
+        reason = f"[Errno {e.errno}] {e.strerror}" if e.errno else e.strerror
+    else:  # pyarrow's errors: "[Errno 28] Failed to open local file '...'. Detail: ..." in str(e) only
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointWriteError(f"cannot write the checkpoint of step {step} to {where}: {reason}"
                                 + (f" ({e.filename})" if e.filename and str(e.filename) != str(where) else ""))
 
 
