@@ -32,9 +32,6 @@ def train_on_ray(cfg: Config, run_id: str | None, uri: str | None,
     `TrainLoop.fit` returns) and the newest checkpoint's path."""
     result = run_on_ray(cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
                         address=address)
-    returned = result.return_value if isinstance(result.return_value, dict) else {}
-    if returned.get(WRITE_ERROR):  # every rank stopped together; see worker_main
-        raise CheckpointWriteError(returned[WRITE_ERROR])
     return dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None
 
 
@@ -110,7 +107,8 @@ def scaling_config(cfg: Config, use_gpu: bool) -> Any:
 
 def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
                *, address: str | None = None, callbacks: list[Any] | None = None) -> Any:
-    """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers."""
+    """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers; raises
+    the CheckpointWriteError a worker_main returned."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -130,7 +128,11 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_co
                                  # local storage: Ray keeps every checkpoint, `Retention` prunes (RaySink)
                                  checkpoint_config=CheckpointConfig(num_to_keep=None if run_dir else t.num_to_keep),
                                  logging_config=LoggingConfig(log_level="WARNING")))
-        return trainer.fit()
+        result = trainer.fit()
+    returned = result.return_value if isinstance(result.return_value, dict) else {}
+    if returned.get(WRITE_ERROR):  # every rank stopped together (worker_main); bism train and tune trials raise it
+        raise CheckpointWriteError(returned[WRITE_ERROR])
+    return result
 
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train 2.60's list of the checkpoints it was reported
@@ -156,8 +158,7 @@ def worker_main(loop_config: dict[str, Any]) -> dict[str, str] | None:
     driver raises it (train_on_ray)."""
     try:
         worker_loop(loop_config).fit()
-    except CheckpointWriteError as e:
-        print_line(f"stopping: {e}")
+    except CheckpointWriteError as e:  # the driver prints it, once
         return {WRITE_ERROR: str(e)}
     return None
 
