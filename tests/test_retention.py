@@ -68,6 +68,20 @@ def test_sink_never_prunes_a_valid_checkpoint_for_a_newer_unreadable_one(tmp_pat
     assert load_state(root / "checkpoint_00000006")["step"] == 6
 
 
+def test_the_checkpoint_resumed_from_counts_as_kept(tmp_path: Path) -> None:
+    """After a resume from 4 (it loaded, newer ones were moved aside), writing 5 makes num_to_keep=2
+    good ones, so 2 goes; a checkpoint of another directory does not count."""
+    root = tmp_path / "run"
+    for step in (2, 4):
+        save_state(root / f"checkpoint_{step:08d}", {"step": step, "energy": {}, "posterior": None, "ema": {}})
+    sink = LocalSink(root, num_to_keep=2)
+    sink.resumed(tmp_path / "elsewhere" / "checkpoint_00000004")  # not this run's: ignored
+    sink.resumed(root / "checkpoint_00000004")
+    save_state(tmp_path / "src", {"step": 5, "energy": {}, "posterior": None, "ema": {}})
+    sink.report({}, tmp_path / "src", 5)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000004", "checkpoint_00000005"]
+
+
 def test_relaunch_after_truncation_keeps_every_valid_checkpoint(tmp_path: Path) -> None:
     """The finding's sequence on the local strategy: 6 steps (checkpoints 4 and 6 kept), the
     newest truncated, a relaunch to 10 with a checkpoint every step. It ends FINISHED, the

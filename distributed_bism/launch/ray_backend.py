@@ -28,11 +28,20 @@ from distributed_bism.training.loop import TrainLoop
 
 def train_on_ray(cfg: Config, run_id: str | None, uri: str | None,
                  *, address: str | None = None) -> tuple[dict[str, Any], str | None]:
-    """Fit the run on trainer.num_workers Ray Train workers; returns rank 0's last report (what
-    `TrainLoop.fit` returns) and the newest checkpoint's path."""
+    """Fit the run on trainer.num_workers Ray Train workers; returns what rank 0's `TrainLoop.fit`
+    returned and the newest checkpoint's path.
+
+    Not Ray's latest report and checkpoint: Ray registers a report only when its controller next
+    polls, so after a group restart its latest can be an older checkpoint than the final one the
+    workers wrote (and the restarted workers, finding the run complete, report nothing). With
+    local storage the newest checkpoint on disk is the run's; with a URI, Ray's."""
     result = run_on_ray(cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
                         address=address)
-    return dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None
+    out = result.return_value if isinstance(result.return_value, dict) else dict(result.metrics or {})
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    run_dir = local_run_dir(cfg)
+    latest = LocalCheckpoints(run_dir).latest() if run_dir is not None else None
+    return out, str(latest) if latest is not None else checkpoint
 
 
 WRITE_ERROR = "checkpoint_write_error"  # the key of worker_main's return value when a write failed
@@ -151,16 +160,16 @@ def forget_ray_checkpoints(run_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- in each worker
-def worker_main(loop_config: dict[str, Any]) -> dict[str, str] | None:
-    """One Ray Train worker: build the loop for this rank and fit it. A checkpoint that cannot be
+def worker_main(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: build the loop for this rank and fit it; returns what fit returns
+    (Ray hands rank 0's to the driver as Result.return_value). A checkpoint that cannot be
     written stops every rank at the same step (TrainLoop.checkpoint); they return the error
     instead of raising it, so Ray does not restart the group to fail the same way again, and the
     driver raises it (train_on_ray)."""
     try:
-        worker_loop(loop_config).fit()
+        return worker_loop(loop_config).fit()  # rank 0's return value is the driver's result
     except CheckpointWriteError as e:  # the driver prints it, once
         return {WRITE_ERROR: str(e)}
-    return None
 
 
 def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
@@ -227,3 +236,7 @@ class RaySink:
             raise write_error(step, target or name, e) from e
         if checkpoint_dir is not None and self.retention is not None:
             self.retention.saved(step)
+
+    def resumed(self, directory: Path) -> None:
+        if self.retention is not None:
+            self.retention.resumed(directory)

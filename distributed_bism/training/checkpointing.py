@@ -171,17 +171,24 @@ class LocalCheckpoints:
 
 class Retention:
     """The one retention rule for a run directory: keep the newest `num_to_keep` checkpoints this
-    process wrote, and remove only directories older than every one of them.
+    process wrote or resumed from, and remove only directories older than every one of them.
 
-    Only checkpoints written (and reported) by this process count, so a checkpoint on disk is
-    never removed on the strength of a newer one that is unreadable, was moved aside, or is
-    missing; right after a resume the directory may hold up to 2 × num_to_keep for a while.
+    Only checkpoints known to be good count (written and reported by this process, or loaded by
+    its resume), so a checkpoint on disk is never removed on the strength of a newer one that is
+    unreadable, was moved aside, or is missing: num_to_keep good ones always remain.
     Directories newer than the newest written one, and *.unreadable ones, are never touched."""
 
     def __init__(self, root: str | Path, num_to_keep: int):
         self.checkpoints = LocalCheckpoints(root)
         self.num_to_keep = num_to_keep
         self.written: list[int] = []  # steps this process saved, in order
+
+    def resumed(self, directory: Path) -> None:
+        """Count the checkpoint training resumed from, if it is one of this run directory's: it
+        loaded, and every newer one was moved aside."""
+        step = checkpoint_step(directory)
+        if step is not None and directory.resolve().parent == self.checkpoints.root.resolve():
+            self.written.append(step)
 
     def saved(self, step: int) -> list[Path]:
         """Record that checkpoint `step` was written completely, then prune; returns what was removed."""
@@ -222,6 +229,9 @@ class CheckpointSink(Protocol):
         """Hand over this step's metrics and, at checkpoints, a directory `TrainLoop.save` filled
         (a temporary one: the sink copies or uploads what it keeps)."""
 
+    def resumed(self, directory: Path) -> None:
+        """Training resumed from `directory` (it loaded): retention may count it as good."""
+
 
 class NoCheckpoints:
     """Keeps nothing (benchmarks and tests of the loop itself)."""
@@ -230,6 +240,9 @@ class NoCheckpoints:
         return []
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        return None
+
+    def resumed(self, directory: Path) -> None:
         return None
 
 
@@ -262,3 +275,6 @@ class LocalSink:
             raise write_error(step, target, e) from e
         self.last = target
         self.retention.saved(step)
+
+    def resumed(self, directory: Path) -> None:
+        self.retention.resumed(directory)

@@ -300,6 +300,7 @@ class TrainLoop:
         if choice is None:
             return False
         self.load(Path(choice))
+        self.sink.resumed(Path(choice))
         self.log(f"resumed from {choice} at step {self.step}")
         return True
 
