@@ -233,3 +233,18 @@ def test_write_error_names_directory_and_errno() -> None:
     e = checkpointing.write_error(8, "/runs/x/checkpoint_00000008", PermissionError(errno.EACCES, "Permission denied"))
     assert isinstance(e, CheckpointWriteError)
     assert str(e) == "cannot write the checkpoint of step 8 to /runs/x/checkpoint_00000008: [Errno 13] Permission denied"
+
+
+def test_unwritable_run_directory_at_a_ray_launch_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before Ray starts, the driver removes Ray's stale checkpoint list from the run directory; a
+    directory made read-only since preflight is a CheckpointWriteError naming it, not a traceback."""
+    from distributed_bism.launch.ray_backend import RAY_SNAPSHOT, forget_ray_checkpoints
+
+    (tmp_path / RAY_SNAPSHOT).write_text("{}")
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(CheckpointWriteError, match=f"run directory {tmp_path}: Operation not permitted"):
+        forget_ray_checkpoints(tmp_path)

@@ -114,7 +114,7 @@ def scaling_config(cfg: Config, use_gpu: bool) -> Any:
                          placement_strategy=t.placement_strategy)
 
 
-def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any],
                *, address: str | None = None, callbacks: list[Any] | None = None) -> Any:
     """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers; raises
     the CheckpointWriteError a worker_main returned."""
@@ -156,7 +156,10 @@ def forget_ray_checkpoints(run_dir: Path) -> None:
     with its own num_to_keep, delete by that list: a freshly rewritten checkpoint of the same
     name, or a path no longer there (FileNotFoundError at the end of a run). Without the list,
     Ray starts empty and `RaySink.candidates` finds the checkpoints on disk."""
-    (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    try:
+        (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    except OSError as e:  # the run directory turned read-only since preflight: say so in one line
+        raise CheckpointWriteError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from e
 
 
 # --------------------------------------------------------------------------- in each worker
