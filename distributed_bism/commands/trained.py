@@ -12,6 +12,7 @@ uses (`models.build.build_models`), then loaded with the checkpoint's θ (or its
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,17 +66,29 @@ def _checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
     return Path(tag)
 
 
+def newest_readable(run_dir: Path) -> Path:
+    """The newest checkpoint of a run directory that loads. Newer ones that do not (cut short by a
+    crash) are named on stderr and passed over, as training itself does on resume; an error
+    naming the newest one's problem if none loads."""
+    skipped: list[tuple[Path, CheckpointError]] = []
+    found = LocalCheckpoints(run_dir).newest_readable(skipped)
+    for _, error in skipped:
+        print(f"bism: note: skipping unreadable checkpoint ({error})", file=sys.stderr)
+    if found is not None:
+        return found
+    if skipped:
+        raise CheckpointError(f"{run_dir}: no readable checkpoint; the newest: {skipped[0][1]}")
+    raise CheckpointError(f"{run_dir}: no {STATE_FILE} and no checkpoint_XXXXXXXX/ directory in it")
+
+
 def resolve_checkpoint(ref: str | Path, *, tracking_uri: str | None = None) -> Path:
     """The checkpoint directory `ref` names: a checkpoint directory, a run directory (its newest
-    checkpoint), or an MLflow run id. A one-line CheckpointError naming `ref` otherwise."""
+    readable checkpoint), or an MLflow run id. A one-line CheckpointError naming `ref` otherwise."""
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / STATE_FILE).is_file():
             return path
-        latest = LocalCheckpoints(path, 1).latest()
-        if latest is None:
-            raise CheckpointError(f"{path}: no {STATE_FILE} and no checkpoint_XXXXXXXX/ directory in it")
-        return latest
+        return newest_readable(path)
     if path.exists() or not RUN_ID.fullmatch(str(ref)):
         raise CheckpointError(f"{ref}: neither a checkpoint directory nor an MLflow run id")
     return _checkpoint_of_run(str(ref), tracking_uri)

@@ -267,11 +267,13 @@ def check_memory(cfg: Config, address: str | None) -> None:
 # --------------------------------------------------------------------------- after the checks
 def completed_checkpoint(cfg: Config) -> Path | None:
     """The run's final checkpoint if an earlier launch already reached trainer.steps (local
-    storage only), so a relaunch can report it without starting Ray."""
+    storage only), so a relaunch can report it without starting Ray. That is the newest
+    checkpoint that loads: one cut short is passed over (not moved; the training launch that
+    follows renames it *.unreadable and retrains from the one before)."""
     run_dir = local_run_dir(cfg)
     if run_dir is None:
         return None
-    latest = LocalCheckpoints(run_dir, cfg.trainer.num_to_keep).latest()
+    latest = LocalCheckpoints(run_dir).newest_readable()
     if latest is None or int(latest.name.rsplit("_", 1)[1]) < cfg.trainer.steps:
         return None
     return latest

@@ -22,17 +22,30 @@ from distributed_bism.launch.local import print_line, worker_threads
 from distributed_bism.launch.preflight import check_address, check_local_cpus, local_run_dir, storage_path
 from distributed_bism.launch.signals import handling, on_stop, reinstall
 from distributed_bism.tracking import RunLogger
-from distributed_bism.training.checkpointing import LocalCheckpoints, checkpoint_dir_name
+from distributed_bism.training.checkpointing import (CheckpointWriteError, LocalCheckpoints, Retention,
+                                                    checkpoint_dir_name, write_error)
 from distributed_bism.training.loop import TrainLoop
 
 
 def train_on_ray(cfg: Config, run_id: str | None, uri: str | None,
                  *, address: str | None = None) -> tuple[dict[str, Any], str | None]:
-    """Fit the run on trainer.num_workers Ray Train workers; returns rank 0's last report (what
-    `TrainLoop.fit` returns) and the newest checkpoint's path."""
+    """Fit the run on trainer.num_workers Ray Train workers; returns what rank 0's `TrainLoop.fit`
+    returned and the newest checkpoint's path.
+
+    Not Ray's latest report and checkpoint: Ray registers a report only when its controller next
+    polls, so after a group restart its latest can be an older checkpoint than the final one the
+    workers wrote (and the restarted workers, finding the run complete, report nothing). With
+    local storage the newest checkpoint on disk is the run's; with a URI, Ray's."""
     result = run_on_ray(cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
                         address=address)
-    return dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None
+    out = result.return_value if isinstance(result.return_value, dict) else dict(result.metrics or {})
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    run_dir = local_run_dir(cfg)
+    latest = LocalCheckpoints(run_dir).latest() if run_dir is not None else None
+    return out, str(latest) if latest is not None else checkpoint
+
+
+WRITE_ERROR = "checkpoint_write_error"  # the key of worker_main's return value when a write failed
 
 
 # --------------------------------------------------------------------------- the driver
@@ -103,14 +116,18 @@ def scaling_config(cfg: Config, use_gpu: bool) -> Any:
                          placement_strategy=t.placement_strategy)
 
 
-def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any],
                *, address: str | None = None, callbacks: list[Any] | None = None) -> Any:
-    """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers."""
+    """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers; raises
+    the CheckpointWriteError a worker_main returned."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.trainer
     check_local_cpus(cfg, address or t.address)
+    run_dir = local_run_dir(cfg)
+    if run_dir is not None:
+        forget_ray_checkpoints(run_dir)
     with ray_session(address or t.address) as ray:
         use_gpu = check_resources(cfg, ray)
         trainer = TorchTrainer(
@@ -119,17 +136,47 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], None], loop_co
             scaling_config=scaling_config(cfg, use_gpu),
             run_config=RunConfig(name=t.name, storage_path=storage_path(cfg), callbacks=callbacks,
                                  failure_config=FailureConfig(max_failures=t.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
+                                 # local storage: Ray keeps every checkpoint, `Retention` prunes (RaySink)
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None if run_dir else t.num_to_keep),
                                  logging_config=LoggingConfig(log_level="WARNING")))
         if handling():  # not Ray Train's Ctrl-C handler (it exits 0): the driver's aborts the same way
             trainer._register_sigint_handler = lambda controller: on_stop(controller.abort.remote)
-        return trainer.fit()
+        result = trainer.fit()
+    returned = result.return_value if isinstance(result.return_value, dict) else {}
+    if returned.get(WRITE_ERROR):  # every rank stopped together (worker_main); bism train and tune trials raise it
+        raise CheckpointWriteError(returned[WRITE_ERROR])
+    return result
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train 2.60's list of the checkpoints it was reported
+
+
+def forget_ray_checkpoints(run_dir: Path) -> None:
+    """Remove Ray's own list of the run's checkpoints before a launch (local storage only).
+
+    The run's checkpoints are what is on disk: `TrainLoop.resume` moves unreadable ones aside and
+    `Retention` prunes, neither of which Ray hears of. Ray would otherwise reload a list naming
+    directories that are gone, and refuse to start (CheckpointManagerInitializationError) or,
+    with its own num_to_keep, delete by that list: a freshly rewritten checkpoint of the same
+    name, or a path no longer there (FileNotFoundError at the end of a run). Without the list,
+    Ray starts empty and `RaySink.candidates` finds the checkpoints on disk."""
+    try:
+        (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    except OSError as e:  # the run directory turned read-only since preflight: say so in one line
+        raise CheckpointWriteError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from e
 
 
 # --------------------------------------------------------------------------- in each worker
-def worker_main(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: build the loop for this rank and fit it."""
-    worker_loop(loop_config).fit()
+def worker_main(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: build the loop for this rank and fit it; returns what fit returns
+    (Ray hands rank 0's to the driver as Result.return_value). A checkpoint that cannot be
+    written stops every rank at the same step (TrainLoop.checkpoint); they return the error
+    instead of raising it, so Ray does not restart the group to fail the same way again, and the
+    driver raises it (train_on_ray)."""
+    try:
+        return worker_loop(loop_config).fit()  # rank 0's return value is the driver's result
+    except CheckpointWriteError as e:  # the driver prints it, once
+        return {WRITE_ERROR: str(e)}
 
 
 def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
@@ -140,14 +187,19 @@ def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
 
     cfg = from_dict(Config, loop_config["config"])
     # Ray Train logs every report at INFO (a long line per rank per report); our progress lines say it better.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    context_log = logging.getLogger("ray.train.v2._internal.execution.context")
+    context_log.setLevel(logging.WARNING)
+    # A failed upload is logged there with a traceback and a guess about deleted temporary files;
+    # RaySink turns the error into one line naming the directory, and the run stops with it.
+    context_log.addFilter(lambda record: not record.getMessage().startswith("Failed to find local checkpoint"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(worker_threads(cfg))  # 1 worker = its own cores, no oversubscription
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    run_dir = local_run_dir(cfg)
+    sink = RaySink(run_dir, Retention(run_dir, cfg.trainer.num_to_keep) if run_dir and rank == 0 else None)
     return TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
-                                 sink=RaySink(local_run_dir(cfg)), logger=logger, run_id=loop_config["run_id"],
-                                 log=print_line)
+                                 sink=sink, logger=logger, run_id=loop_config["run_id"], log=print_line)
 
 
 class RaySink:
@@ -156,19 +208,22 @@ class RaySink:
     Ray registers a reported checkpoint only when its controller next polls (every ~2 s in Ray
     2.60), so a worker killed just after reporting can come back with get_checkpoint() None,
     or an older one, although the files were already written (uploads are synchronous). With
-    local storage the run directory is therefore also searched, and the newest wins."""
+    local storage the run directory is therefore also searched, and the newest wins; and rank 0
+    prunes it by `retention` once Ray has the new checkpoint (Ray's num_to_keep is unset)."""
 
-    def __init__(self, run_dir: Path | None = None) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path | None = None, retention: Retention | None = None) -> None:
+        self.run_dir, self.retention = run_dir, retention
         self._stack = contextlib.ExitStack()
 
     def candidates(self) -> list[Path]:
         import ray.train
 
-        found = {p.resolve() for p in LocalCheckpoints(self.run_dir, 1).all()} if self.run_dir else set()
+        found = {p.resolve() for p in LocalCheckpoints(self.run_dir).named()} if self.run_dir else set()
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
-            found.add(Path(self._stack.enter_context(ckpt.as_directory())).resolve())
+            path = Path(self._stack.enter_context(ckpt.as_directory())).resolve()
+            if path.is_dir():  # Ray may list one moved aside since
+                found.add(path)
         return sorted(found, key=lambda p: p.name, reverse=True)  # checkpoint_XXXXXXXX: by step
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
@@ -177,5 +232,18 @@ class RaySink:
         ckpt = None
         if checkpoint_dir is not None and any(checkpoint_dir.iterdir()):
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
+        name = checkpoint_dir_name(step)
+        try:
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+        except OSError as e:  # the upload into storage (pyarrow raises OSError subclasses)
+            target = self.run_dir / name if self.run_dir else None
+            with contextlib.suppress(OSError):
+                if target is not None and target.is_dir() and not any(target.iterdir()):
+                    target.rmdir()  # Ray made it before the copy failed; nothing of the run is in it
+            raise write_error(step, target or name, e) from e
+        if checkpoint_dir is not None and self.retention is not None:
+            self.retention.saved(step)
 
+    def resumed(self, directory: Path) -> None:
+        if self.retention is not None:
+            self.retention.resumed(directory)

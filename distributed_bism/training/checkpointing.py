@@ -19,8 +19,14 @@ Older checkpoints also hold "schedules" (the learning rates at t). Nothing reads
 `LRSchedule.at(t)` recomputes them, and loading takes keys by name, so they load as they are.
 
 Where the directories go is a `CheckpointSink`, the only thing the training loop sees: under Ray
-(`RaySink`, launch/ray_backend.py) they are handed to `ray.train.report` and kept by Ray's
-CheckpointConfig; the "local" strategy keeps them itself (`LocalSink`), in the same layout.
+(`RaySink`, launch/ray_backend.py) they are handed to `ray.train.report`; the "local" strategy
+copies them itself (`LocalSink`), in the same layout.
+
+Retention is one rule, `Retention`, whichever the strategy (Ray's own `num_to_keep` is left unset
+for local storage, so Ray never deletes): after each checkpoint this process wrote, the newest
+`num_to_keep` of those are kept and only directories older than all of them are removed. A
+checkpoint found on disk but not written by this process (it may be the only good one, with newer
+ones unreadable or missing) is never what makes an older one go.
 """
 
 from __future__ import annotations
@@ -41,6 +47,21 @@ FORMAT = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (no space, no permission): the run stops with one
+    line naming the directory and the OS error; every checkpoint already saved is left as it was."""
+
+
+def write_error(step: int, where: str | Path, e: OSError) -> CheckpointWriteError:
+    """The one-line error of a failed checkpoint write at `step` into `where`."""
+    if e.strerror:
+        reason = f"[Errno {e.errno}] {e.strerror}" if e.errno else e.strerror
+    else:  # pyarrow's errors: "[Errno 28] Failed to open local file '...'. Detail: ..." in str(e) only
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointWriteError(f"cannot write the checkpoint of step {step} to {where}: {reason}"
+                                + (f" ({e.filename})" if e.filename and str(e.filename) != str(where) else ""))
 
 
 def is_uri(path: str) -> bool:
@@ -102,30 +123,86 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     return state
 
 
+_PATTERN = re.compile(r"^checkpoint_(\d{8})$")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint_XXXXXXXX directory name, None for any other name."""
+    m = _PATTERN.match(path.name)
+    return int(m.group(1)) if m else None
+
+
 class LocalCheckpoints:
-    """checkpoint_{step:08d}/ directories under `root`, the newest `num_to_keep` kept (local strategy)."""
+    """The checkpoint_{step:08d}/ directories under `root` (a run directory), oldest first."""
 
-    _PATTERN = re.compile(r"^checkpoint_(\d{8})$")
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
 
-    def __init__(self, root: str | Path, num_to_keep: int):
-        self.root, self.num_to_keep = Path(root), num_to_keep
-
-    def all(self) -> list[Path]:
+    def named(self) -> list[Path]:
+        """Every directory named like a checkpoint, state.pt or not (one cut short may lack it)."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and self._PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
-        return sorted(found, key=lambda p: int(self._PATTERN.match(p.name).group(1)))  # type: ignore[union-attr]
+        found = [p for p in self.root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+        return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+    def all(self) -> list[Path]:
+        """The directories that hold a state.pt (readable or not)."""
+        return [p for p in self.named() if (p / STATE_FILE).is_file()]
 
     def latest(self) -> Path | None:
         found = self.all()
         return found[-1] if found else None
 
+    def newest_readable(self, skipped: list[tuple[Path, CheckpointError]] | None = None) -> Path | None:
+        """The newest checkpoint whose state.pt loads; the unreadable newer ones are appended to
+        `skipped` (nothing is moved or deleted here)."""
+        for p in self.all()[::-1]:
+            try:
+                load_state(p)
+            except CheckpointError as e:
+                if skipped is not None:
+                    skipped.append((p, e))
+                continue
+            return p
+        return None
+
     def directory(self, step: int) -> Path:
         return self.root / checkpoint_dir_name(step)
 
-    def prune(self) -> None:
-        for old in self.all()[:-self.num_to_keep]:
-            shutil.rmtree(old)
+
+class Retention:
+    """The one retention rule for a run directory: keep the newest `num_to_keep` checkpoints this
+    process wrote or resumed from, and remove only directories older than every one of them.
+
+    Only checkpoints known to be good count (written and reported by this process, or loaded by
+    its resume), so a checkpoint on disk is never removed on the strength of a newer one that is
+    unreadable, was moved aside, or is missing: num_to_keep good ones always remain.
+    Directories newer than the newest written one, and *.unreadable ones, are never touched."""
+
+    def __init__(self, root: str | Path, num_to_keep: int):
+        self.checkpoints = LocalCheckpoints(root)
+        self.num_to_keep = num_to_keep
+        self.written: list[int] = []  # steps this process saved, in order
+
+    def resumed(self, directory: Path) -> None:
+        """Count the checkpoint training resumed from, if it is one of this run directory's: it
+        loaded, and every newer one was moved aside."""
+        step = checkpoint_step(directory)
+        if step is not None and directory.resolve().parent == self.checkpoints.root.resolve():
+            self.written.append(step)
+
+    def saved(self, step: int) -> list[Path]:
+        """Record that checkpoint `step` was written completely, then prune; returns what was removed."""
+        self.written.append(step)
+        kept = sorted(set(self.written))[-self.num_to_keep:]
+        if len(kept) < self.num_to_keep:
+            return []
+        removed = []
+        for old in self.checkpoints.named():
+            if (checkpoint_step(old) or 0) < kept[0]:
+                shutil.rmtree(old, ignore_errors=True)
+                removed.append(old)
+        return removed
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -133,7 +210,8 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 def move_aside(directory: Path) -> Path:
-    """Rename a checkpoint directory to <name>.unreadable[.N], so nothing writes over it."""
+    """Rename a checkpoint directory to <name>.unreadable[.N], so nothing writes over it and no
+    retention rule counts or removes it; its bytes are kept."""
     target, n = directory.with_name(directory.name + ".unreadable"), 1
     while target.exists():
         target, n = directory.with_name(f"{directory.name}.unreadable.{n}"), n + 1
@@ -152,6 +230,9 @@ class CheckpointSink(Protocol):
         """Hand over this step's metrics and, at checkpoints, a directory `TrainLoop.save` filled
         (a temporary one: the sink copies or uploads what it keeps)."""
 
+    def resumed(self, directory: Path) -> None:
+        """Training resumed from `directory` (it loaded): retention may count it as good."""
+
 
 class NoCheckpoints:
     """Keeps nothing (benchmarks and tests of the loop itself)."""
@@ -162,16 +243,22 @@ class NoCheckpoints:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         return None
 
+    def resumed(self, directory: Path) -> None:
+        return None
+
 
 class LocalSink:
-    """Checkpoints as checkpoint_XXXXXXXX/ directories under the run directory (local strategy)."""
+    """Checkpoints as checkpoint_XXXXXXXX/ directories under the run directory (local strategy).
+    Each is copied to <name>.partial and renamed, so a directory with the checkpoint's name is
+    always complete; then `Retention` prunes."""
 
     def __init__(self, root: Path, num_to_keep: int):
-        self.checkpoints = LocalCheckpoints(root, num_to_keep)
+        self.retention = Retention(root, num_to_keep)
+        self.checkpoints = self.retention.checkpoints
         self.last: Path | None = None
 
     def candidates(self) -> list[Path]:
-        return self.checkpoints.all()[::-1]
+        return self.checkpoints.named()[::-1]
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None:
@@ -179,6 +266,16 @@ class LocalSink:
         target = self.checkpoints.directory(step)
         if target.exists():  # never overwrite what was saved
             raise FileExistsError(f"checkpoint {target} already exists")
-        shutil.copytree(checkpoint_dir, target)
+        partial = target.with_name(target.name + ".partial")
+        try:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-copy: known incomplete
+            shutil.copytree(checkpoint_dir, partial)
+            partial.rename(target)
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise write_error(step, target, e) from e
         self.last = target
-        self.checkpoints.prune()
+        self.retention.saved(step)
+
+    def resumed(self, directory: Path) -> None:
+        self.retention.resumed(directory)
