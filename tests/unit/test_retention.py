@@ -22,7 +22,7 @@ from distributed_bism.commands.trained import load_trained, resolve_checkpoint
 from distributed_bism.training import checkpointing
 from distributed_bism.training.checkpointing import (STATE_FILE, CheckpointWriteError, LocalSink, load_state,
                                                     save_state)
-from local_runs import checkpoint_dirs, run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: autouse)
+from tests.helpers.local_runs import checkpoint_dirs, run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: autouse)
 
 
 def truncate(directory: Path) -> bytes:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from ray import cloudpickle
 
-import retention_workers
+from tests.helpers import retention_workers
 from distributed_bism import train
 from distributed_bism.launch import ray_backend
 from distributed_bism.training.checkpointing import STATE_FILE, CheckpointWriteError, load_state
-from local_runs import checkpoint_dirs, run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: autouse)
+from tests.helpers.local_runs import checkpoint_dirs, run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: autouse)
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 cloudpickle.register_pickle_by_value(retention_workers)  # workers cannot import tests/
