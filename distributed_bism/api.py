@@ -49,10 +49,12 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
     MLflow run, run the strategy, close the run. Running again with the same trainer.name
     continues the run from its latest checkpoint."""
     if isinstance(cfg, dict):
-        cfg = from_dict(Config, cfg)
-    elif not isinstance(cfg, Config):
-        cfg = load_config(cfg)
-    cfg, resumed = preflight(cfg, address)
+        config = from_dict(Config, cfg)
+    elif isinstance(cfg, Config):
+        config = cfg
+    else:
+        config = load_config(cfg)
+    cfg, resumed = preflight(config, address)
     t = cfg.trainer
     print_line("resolved config:\n" + cfg.to_yaml())
     uri = tracking_uri(cfg) if cfg.tracking.enabled else None
@@ -105,7 +107,7 @@ def resume_hint(cfg: Config, stop: Interrupted, run_id: str | None) -> str:
     if run_dir is None:
         where = f"continues from its latest checkpoint in {storage_path(cfg)}"
     else:
-        latest = LocalCheckpoints(run_dir, cfg.trainer.num_to_keep).latest()
+        latest = LocalCheckpoints(run_dir).newest_readable()
         where = (f"continues from its latest checkpoint, {latest} (step {int(latest.name.rsplit('_', 1)[1])})"
                  if latest else "starts again from step 0 (no checkpoint was saved yet)")
     return (f"stopped by {stop.name}: {closed}to resume, run the same command again (with "

@@ -44,6 +44,9 @@ class WholeCheckpoints:
         with deferred():
             self.sink.report(metrics, checkpoint_dir, step)
 
+    def resumed(self, directory: Path) -> None:
+        self.sink.resumed(directory)
+
 
 def train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[str, Any], str | None]:
     """Fit one TrainLoop here, its checkpoints kept by a LocalSink under the run directory, with

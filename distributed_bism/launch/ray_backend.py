@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -62,17 +62,21 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # progress lines look alike; do not fold them
     address = address or os.environ.get("RAY_ADDRESS")
-    local = {"num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1", "logging_level": "WARNING"}
+
+    def start_local(address: str | None) -> None:
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING)
+
     if address == "local":
-        ray.init(address="local", **local)
+        start_local("local")
     elif address and address != "auto":
         check_address(address)
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
         try:
-            ray.init(address="auto", logging_level="WARNING")
+            ray.init(address="auto", logging_level=logging.WARNING)
         except ConnectionError:
-            ray.init(**local)
+            start_local(None)
     reinstall()  # ray.init set SIGTERM to sys.exit(15); the driver's handler closes the run as KILLED
     try:
         yield ray
@@ -108,7 +112,7 @@ def check_resources(cfg: Config, ray: Any) -> bool:
 def scaling_config(cfg: Config, use_gpu: bool) -> Any:
     """Ray's ScalingConfig for the workers: trainer.num_workers, each with cpus_per_worker CPUs (or
     one GPU) plus trainer.resources_per_worker, placed by trainer.placement_strategy."""
-    from ray.train import ScalingConfig
+    from ray.train.v2.api.config import ScalingConfig  # what ray.train exports (V2); its stubs say V1
 
     t = cfg.trainer
     resources = ({} if use_gpu else {"CPU": t.cpus_per_worker}) | t.resources_per_worker
@@ -120,8 +124,12 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], Any], loop_con
                *, address: str | None = None, callbacks: list[Any] | None = None) -> Any:
     """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers; raises
     the CheckpointWriteError a worker_main returned."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    # Train V2's own modules: the objects ray.train exports at runtime, typed as such (ray.train's
+    # static types are V1's, which lack logging_config, return_value and the SIGINT hook)
+    from ray.train.torch import TorchConfig
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.v2.api.result import Result
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     t = cfg.trainer
     check_local_cpus(cfg, address or t.address)
@@ -140,8 +148,9 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], Any], loop_con
                                  checkpoint_config=CheckpointConfig(num_to_keep=None if run_dir else t.num_to_keep),
                                  logging_config=LoggingConfig(log_level="WARNING")))
         if handling():  # not Ray Train's Ctrl-C handler (it exits 0): the driver's aborts the same way
-            trainer._register_sigint_handler = lambda controller: on_stop(controller.abort.remote)
-        result = trainer.fit()
+            # a private Ray 2.60 hook, replaced on this instance only
+            setattr(trainer, "_register_sigint_handler", lambda controller: on_stop(controller.abort.remote))  # noqa: B010
+        result = cast(Result, trainer.fit())  # fit() is annotated with V1's Result
     returned = result.return_value if isinstance(result.return_value, dict) else {}
     if returned.get(WRITE_ERROR):  # every rank stopped together (worker_main); bism train and tune trials raise it
         raise CheckpointWriteError(returned[WRITE_ERROR])
