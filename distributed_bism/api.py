@@ -91,9 +91,16 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
             with deferred():
                 close_run(cfg, run_id, failed=False, checkpoint=checkpoint)
 
-    summary = TrainSummary(name=str(t.name), step=int(out.get("step", t.steps)), seconds=time.perf_counter() - start,
-                           run_id=run_id, tracking_uri=uri, checkpoint=checkpoint,
-                           samples=out.get("samples_path"), metrics=out)
+    summary = TrainSummary(
+        name=str(t.name),
+        step=int(out.get("step", t.steps)),
+        seconds=time.perf_counter() - start,
+        run_id=run_id,
+        tracking_uri=uri,
+        checkpoint=checkpoint,
+        samples=out.get("samples_path"),
+        metrics=out,
+    )
     print_line(describe(summary))
     return summary
 
@@ -108,22 +115,36 @@ def resume_hint(cfg: Config, stop: Interrupted, run_id: str | None) -> str:
         where = f"continues from its latest checkpoint in {storage_path(cfg)}"
     else:
         latest = LocalCheckpoints(run_dir).newest_readable()
-        where = (f"continues from its latest checkpoint, {latest} (step {int(latest.name.rsplit('_', 1)[1])})"
-                 if latest else "starts again from step 0 (no checkpoint was saved yet)")
-    return (f"stopped by {stop.name}: {closed}to resume, run the same command again (with "
-            f"trainer.name={name} if it does not set it): it {where}")
+        where = (
+            f"continues from its latest checkpoint, {latest} (step {int(latest.name.rsplit('_', 1)[1])})"
+            if latest
+            else "starts again from step 0 (no checkpoint was saved yet)"
+        )
+    return (
+        f"stopped by {stop.name}: {closed}to resume, run the same command again (with "
+        f"trainer.name={name} if it does not set it): it {where}"
+    )
 
 
 def _already_complete(cfg: Config, checkpoint: Path, uri: str | None) -> TrainSummary:
     """A relaunch of a finished run: report what it left, start nothing, write nothing."""
     state = load_state(checkpoint)
     name = str(cfg.trainer.name)
-    print_line(f"run {name!r} is already complete at step {state['step']}: nothing to train. To train again, give "
-               "it a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it")
+    print_line(
+        f"run {name!r} is already complete at step {state['step']}: nothing to train. To train again, give "
+        "it a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it"
+    )
     grids = sorted((Path(cfg.trainer.output_dir) / "samples" / name).glob("step_*.png"))
-    summary = TrainSummary(name=name, step=int(state["step"]), seconds=0.0, run_id=state["mlflow_run_id"],
-                           tracking_uri=uri, checkpoint=str(checkpoint), samples=str(grids[-1]) if grids else None,
-                           metrics={})
+    summary = TrainSummary(
+        name=name,
+        step=int(state["step"]),
+        seconds=0.0,
+        run_id=state["mlflow_run_id"],
+        tracking_uri=uri,
+        checkpoint=str(checkpoint),
+        samples=str(grids[-1]) if grids else None,
+        metrics={},
+    )
     print_line(describe(summary))
     return summary
 
@@ -133,18 +154,28 @@ def judged(metrics: dict[str, Any]) -> list[str]:
     (held-out data and noise), one line each; [] when the run measured none of them."""
     m, lines = metrics, []
     if "eval/classifier_fid" in m:
-        model = [f"{v:.1f} for {k.removeprefix('eval/classifier_fid_')} samples" for k, v in m.items()
-                 if k.startswith("eval/classifier_fid_") and k not in ("eval/classifier_fid_held_out",
-                                                                       "eval/classifier_fid_noise")]
-        lines.append(f"classifier-FID {m['eval/classifier_fid']:.1f}" + "".join(f", {x}" for x in model)
-                     + f"  (lower is better; held-out data {m.get('eval/classifier_fid_held_out', float('nan')):.1f}, "
-                     f"uniform noise {m.get('eval/classifier_fid_noise', float('nan')):.1f})")
+        model = [
+            f"{v:.1f} for {k.removeprefix('eval/classifier_fid_')} samples"
+            for k, v in m.items()
+            if k.startswith("eval/classifier_fid_")
+            and k not in ("eval/classifier_fid_held_out", "eval/classifier_fid_noise")
+        ]
+        lines.append(
+            f"classifier-FID {m['eval/classifier_fid']:.1f}"
+            + "".join(f", {x}" for x in model)
+            + f"  (lower is better; held-out data {m.get('eval/classifier_fid_held_out', float('nan')):.1f}, "
+            f"uniform noise {m.get('eval/classifier_fid_noise', float('nan')):.1f})"
+        )
     if "eval/denoise_gain" in m:
-        lines.append(f"denoise gain {m['eval/denoise_gain']:.3f}  (1 − error of the score's one-step denoiser / "
-                     "error of the noisy input: 0 = a zero score, 1 = perfect, < 0 = pointing away from the data)")
+        lines.append(
+            f"denoise gain {m['eval/denoise_gain']:.3f}  (1 − error of the score's one-step denoiser / "
+            "error of the noisy input: 0 = a zero score, 1 = perfect, < 0 = pointing away from the data)"
+        )
     if "eval/energy_gap" in m:
-        lines.append(f"energy gap {m['eval/energy_gap']:.1f}  (mean energy of uniform noise − of held-out data: "
-                     "> 0 = noise is less likely than data)")
+        lines.append(
+            f"energy gap {m['eval/energy_gap']:.1f}  (mean energy of uniform noise − of held-out data: "
+            "> 0 = noise is less likely than data)"
+        )
     return lines
 
 
@@ -159,6 +190,8 @@ def describe(s: TrainSummary) -> str:
     if s.run_id:
         lines.append(f"MLflow run id: {s.run_id}")
         mlflow = Path(sys.executable).parent / "mlflow"  # the venv's, which need not be on PATH
-        lines.append(f"open it with:  {mlflow if mlflow.exists() else 'mlflow'} ui --backend-store-uri "
-                     f"'{s.tracking_uri}' --host 127.0.0.1 --port 5000")
+        lines.append(
+            f"open it with:  {mlflow if mlflow.exists() else 'mlflow'} ui --backend-store-uri "
+            f"'{s.tracking_uri}' --host 127.0.0.1 --port 5000"
+        )
     return "\n".join(lines)

@@ -32,8 +32,8 @@ Command = Callable[..., int]
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
-    from distributed_bism.training.checkpointing import CheckpointError
     from distributed_bism.data import DataError
+    from distributed_bism.training.checkpointing import CheckpointError
 
     return ConfigError, DataError, CheckpointError
 
@@ -92,9 +92,17 @@ def _diagnose(args: argparse.Namespace) -> int:
     _at_most(max(ks, default=0), MAX_INNER_STEPS, "--k", "unrolled steps, all kept in memory")
     _at_most(args.reference_steps, MAX_INNER_STEPS, "--reference-steps", "unrolled steps, all kept in memory")
     _at_most(args.batches, MAX_INNER_STEPS, "--batches", "training batches, each differentiated at every K")
-    out = diagnose(args.checkpoint, ks=ks, num_batches=args.batches, reference=args.reference,
-                   reference_steps=args.reference_steps, seed=args.seed, tracking_uri=args.tracking_uri,
-                   output_dir=args.output_dir, log=not args.no_log)
+    out = diagnose(
+        args.checkpoint,
+        ks=ks,
+        num_batches=args.batches,
+        reference=args.reference,
+        reference_steps=args.reference_steps,
+        seed=args.seed,
+        tracking_uri=args.tracking_uri,
+        output_dir=args.output_dir,
+        log=not args.no_log,
+    )
     print(out.report.table())
     if out.run_id:
         print(f"logged to MLflow run {out.run_id} (metrics diagnose/*, artifacts diagnose/)")
@@ -107,8 +115,9 @@ def _diagnose(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from distributed_bism.commands.evaluate import evaluate_checkpoint
 
-    report = evaluate_checkpoint(args.checkpoint, metrics=args.metrics, tracking_uri=args.tracking_uri,
-                                 log=not args.no_log, use_ema=args.ema)
+    report = evaluate_checkpoint(
+        args.checkpoint, metrics=args.metrics, tracking_uri=args.tracking_uri, log=not args.no_log, use_ema=args.ema
+    )
     print(report.table())
     if report.run_id:
         print(f"logged to MLflow run {report.run_id} at step {report.step}")
@@ -120,14 +129,23 @@ def _sample(args: argparse.Namespace) -> int:
     from distributed_bism.commands.evaluate import sample_checkpoint
 
     _at_most(args.n, MAX_EXAMPLES, "-n", "samples, held in memory at once")
-    paths = sample_checkpoint(args.checkpoint, args.output, n=args.n, sampler=args.sampler, seed=args.seed,
-                              force=args.force, tracking_uri=args.tracking_uri, use_ema=args.ema)
+    paths = sample_checkpoint(
+        args.checkpoint,
+        args.output,
+        n=args.n,
+        sampler=args.sampler,
+        seed=args.seed,
+        force=args.force,
+        tracking_uri=args.tracking_uri,
+        use_ema=args.ema,
+    )
     print("wrote " + " and ".join(str(p) for p in paths))
     return 0
 
 
-def parse(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser],
-          argv: list[str] | None) -> argparse.Namespace:
+def parse(
+    parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser], argv: list[str] | None
+) -> argparse.Namespace:
     """The command line, with a command's options allowed anywhere among its positionals
     (`bism train C.yaml --address X k=v`): plain parse_args stops filling the overrides at the
     first option and calls what follows it unrecognized. argparse's intermixed parsing does not
@@ -146,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train from a YAML config")
     p_train.add_argument("config", help="path to a YAML config")
     p_train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.unroll_steps=5")
-    p_train.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, a running cluster, or a new local one)")
+    p_train.add_argument(
+        "--address", help="Ray cluster address (default: $RAY_ADDRESS, a running cluster, or a new local one)"
+    )
     p_tune = sub.add_parser("tune", help="run (or resume) a hyperparameter sweep from a tune_spaces/ YAML")
     p_tune.add_argument("spec", help="path to a sweep spec YAML")
     p_tune.add_argument("overrides", nargs="*", help="spec overrides, e.g. num_samples=4 scheduler.grace_period=1")
@@ -159,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     p_diag.add_argument("checkpoint", help="checkpoint directory, run directory or MLflow run id")
     p_diag.add_argument("--k", default="0,1,5,10", help="unroll depths, comma-separated (default 0,1,5,10)")
     p_diag.add_argument("--batches", type=int, default=5, help="training batches to average over (default 5)")
-    p_diag.add_argument("--reference", choices=("exact", "unroll"),
-                        help="exact posterior (GRBM; the default there) or a long unroll (default otherwise)")
+    p_diag.add_argument(
+        "--reference",
+        choices=("exact", "unroll"),
+        help="exact posterior (GRBM; the default there) or a long unroll (default otherwise)",
+    )
     p_diag.add_argument("--reference-steps", type=int, default=50, help="K of the unroll reference (default 50)")
     p_diag.add_argument("--seed", type=int, default=0)
     p_diag.add_argument("--tracking-uri", help="MLflow store (default: the one the run's config names)")
@@ -175,11 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     p_sample = sub.add_parser("sample", help="draw samples of a checkpoint into a figure")
     p_sample.add_argument("checkpoint", help="checkpoint directory, run directory or MLflow run id")
     p_sample.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    p_sample.add_argument("--sampler", default="conditional", help="conditional (default), gibbs, joint_langevin "
-                          "or marginal_langevin")
-    p_sample.add_argument("-o", "--output", type=Path, required=True,
-                          help="a figure (.png), or the samples (n, C, H, W) as .npz or .pt, clipped to the data's "
-                               "range with the raw values beside them, plus the figure as .png")
+    p_sample.add_argument(
+        "--sampler", default="conditional", help="conditional (default), gibbs, joint_langevin or marginal_langevin"
+    )
+    p_sample.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="a figure (.png), or the samples (n, C, H, W) as .npz or .pt, clipped to the data's "
+        "range with the raw values beside them, plus the figure as .png",
+    )
     p_sample.add_argument("--force", action="store_true", help="replace an existing output file")
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--tracking-uri", help="MLflow store, to resolve a run id")

@@ -33,8 +33,12 @@ def checkerboard_grbm(method: str, *, steps: int, log_every: int, eval_every: in
         "model": {"name": "grbm", "h_dim": 4, "init": "reference"},
         "posterior": {"name": "bernoulli", "temperature": 0.1},
         "objective": {"sigma": 0.05, "lower_level": "kl", **CHECKERBOARD_METHODS[method]},
-        "optim": {"lr": 1e-3, "posterior_lr": 1e-3, "betas": list(REFERENCE_BETAS),
-                  "posterior_betas": list(REFERENCE_BETAS)},
+        "optim": {
+            "lr": 1e-3,
+            "posterior_lr": 1e-3,
+            "betas": list(REFERENCE_BETAS),
+            "posterior_betas": list(REFERENCE_BETAS),
+        },
         "trainer": {"steps": steps, "batch_size": 100, "seed": seed, "log_every": log_every},
         "eval": {"every": eval_every},
     }

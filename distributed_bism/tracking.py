@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,9 @@ def check_tracking_uri(uri: str, *, key: str = "tracking.tracking_uri", timeout:
     elif scheme in SERVERS:
         _check_server(uri, key, timeout)
     elif scheme not in HOSTED and scheme not in _plugin_schemes():
-        raise ConfigError(f"{key}: {uri!r} has the scheme {scheme}://, for which MLflow has no tracking store; "
-                          f"{USE_INSTEAD}")
+        raise ConfigError(
+            f"{key}: {uri!r} has the scheme {scheme}://, for which MLflow has no tracking store; {USE_INSTEAD}"
+        )
 
 
 def _check_server(uri: str, key: str, timeout: float) -> None:
@@ -109,8 +111,10 @@ def _check_file_store(uri: str, key: str) -> None:
     """A bare path or file: URI is MLflow's file store, which MLflow 3 refuses (maintenance mode)
     unless $MLFLOW_ALLOW_FILE_STORE is true; then its directory must be writable."""
     if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
-        raise ConfigError(f"{key}: {uri!r} is a path, i.e. an MLflow file store, which MLflow 3 refuses "
-                          f"(maintenance mode) unless MLFLOW_ALLOW_FILE_STORE=true; {USE_INSTEAD}")
+        raise ConfigError(
+            f"{key}: {uri!r} is a path, i.e. an MLflow file store, which MLflow 3 refuses "
+            f"(maintenance mode) unless MLFLOW_ALLOW_FILE_STORE=true; {USE_INSTEAD}"
+        )
     path = Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
     _check_can_write_in(path.expanduser(), key, uri)
 
@@ -166,16 +170,19 @@ def _check_database(uri: str, scheme: str, key: str, timeout: float) -> None:
     try:
         dialect.import_dbapi()
     except ImportError as e:
-        raise ConfigError(f"{key}: {uri}: the {scheme} driver {url.get_driver_name()} is not installed "
-                          f"(no Python module {e.name or e}); install it, or {USE_INSTEAD}") from e
+        raise ConfigError(
+            f"{key}: {uri}: the {scheme} driver {url.get_driver_name()} is not installed "
+            f"(no Python module {e.name or e}); install it, or {USE_INSTEAD}"
+        ) from e
     if url.host:
         port = url.port or DEFAULT_PORTS[scheme]
         try:
             with socket.create_connection((url.host, port), timeout=timeout):
                 pass
         except OSError as e:
-            raise ConfigError(f"{key}: {uri}: no database server answers at {url.host}:{port} "
-                              f"({e.strerror or e})") from e
+            raise ConfigError(
+                f"{key}: {uri}: no database server answers at {url.host}:{port} ({e.strerror or e})"
+            ) from e
 
 
 def _client(uri: str) -> Any:
@@ -198,9 +205,9 @@ def artifact_stamp(step: int) -> str:
     """`step_XXXXXXXX_<UTC time to the microsecond>`: names what one `bism eval` or `bism diagnose`
     writes, so that a second one at the same step, even within the same second, adds files to the
     run instead of replacing the first one's."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return f"step_{step:08d}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S_%f')}"
+    return f"step_{step:08d}_{datetime.now(UTC).strftime('%Y%m%dT%H%M%S_%f')}"
 
 
 def sanitize(name: str) -> str:
@@ -208,8 +215,14 @@ def sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
 
 
-def open_run(cfg: Config, run_name: str, *, parent_run_id: str | None = None,
-             params: dict[str, Any] | None = None, artifact: tuple[str, str] | None = None) -> tuple[str, bool]:
+def open_run(
+    cfg: Config,
+    run_name: str,
+    *,
+    parent_run_id: str | None = None,
+    params: dict[str, Any] | None = None,
+    artifact: tuple[str, str] | None = None,
+) -> tuple[str, bool]:
     """(run id, resumed): the run tagged with `run_name`, set RUNNING again, or a new one (nested
     under `parent_run_id` if given) with `params` (default: the flattened config) and `artifact`
     (text, file name; default: the config as `config.yaml`)."""
@@ -231,14 +244,15 @@ def open_run(cfg: Config, run_name: str, *, parent_run_id: str | None = None,
     values = cfg.flat() if params is None else params
     logged = [Param(sanitize(k), str(v)[:6000]) for k, v in values.items()]
     for i in range(0, len(logged), 100):
-        client.log_batch(run_id, params=logged[i:i + 100])
+        client.log_batch(run_id, params=logged[i : i + 100])
     text, name = artifact or (cfg.to_yaml(), "config.yaml")
     client.log_text(run_id, text, name)
     return run_id, False
 
 
-def close_run(cfg: Config, run_id: str, *, failed: bool, checkpoint: str | None = None,
-              ended_by: str | None = None) -> None:
+def close_run(
+    cfg: Config, run_id: str, *, failed: bool, checkpoint: str | None = None, ended_by: str | None = None
+) -> None:
     """End the run as FINISHED or FAILED, tagging where its last checkpoint is; or, when a signal
     `ended_by` (e.g. "SIGTERM") stopped the driver, as KILLED with tag bism.ended_by saying so."""
     client = _client(tracking_uri(cfg))
@@ -257,8 +271,9 @@ def close_children(cfg: Config, parent_run_id: str, failed: Callable[[str], bool
     stopped_early=true. Returns how many were closed."""
     client = _client(tracking_uri(cfg))
     exp_id = _experiment_id(client, cfg, tracking_uri(cfg))
-    left = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
-                                                      "and attributes.status = 'RUNNING'")
+    left = client.search_runs(
+        [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    )
     for run in left:
         bad = failed(run.data.tags.get(RUN_TAG, ""))
         if not bad:
@@ -282,7 +297,9 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(sanitize(k), float(v), now, step) for k, v in values.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(sanitize(k), float(v), now, step) for k, v in values.items()]
+        )
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.client is not None:

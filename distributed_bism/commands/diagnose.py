@@ -20,13 +20,13 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from distributed_bism.training.checkpointing import CheckpointError, load_state
+from distributed_bism.commands.trained import TrainedModel, load_trained
 from distributed_bism.core.diagnostics import BiasReport, gradient_bias
+from distributed_bism.core.unroll import torch_optimizer_state
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.models import BernoulliPosterior, GaussianRBM, Posterior
-from distributed_bism.commands.trained import TrainedModel, load_trained
-from distributed_bism.core.unroll import torch_optimizer_state
 from distributed_bism.registry.objectives import objective_spec
+from distributed_bism.training.checkpointing import CheckpointError, load_state
 
 DEFAULT_KS = (0, 1, 5, 10)
 
@@ -48,7 +48,7 @@ def training_batches(trained: TrainedModel, num_batches: int, *, seed: int) -> l
     bs = trained.cfg.trainer.batch_size
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(-(-num_batches * bs // len(train)))])
-    return [train[order[i * bs:(i + 1) * bs]] for i in range(num_batches)]
+    return [train[order[i * bs : (i + 1) * bs]] for i in range(num_batches)]
 
 
 def _posterior_betas(trained: TrainedModel) -> tuple[float, float]:
@@ -63,15 +63,20 @@ def posterior_optimizer_state(trained: TrainedModel) -> dict[str, dict] | None:
     saved = load_state(trained.checkpoint).get("posterior_optimizer")
     if not saved or trained.posterior is None:
         return None
-    opt = torch.optim.Adam(trained.posterior.parameters(), lr=trained.cfg.optim.posterior_lr,
-                           betas=_posterior_betas(trained))
+    opt = torch.optim.Adam(
+        trained.posterior.parameters(), lr=trained.cfg.optim.posterior_lr, betas=_posterior_betas(trained)
+    )
     opt.load_state_dict(saved)
     return torch_optimizer_state(opt, dict(trained.posterior.named_parameters()))
 
 
 def default_reference(trained: TrainedModel) -> str:
     """exact for a GRBM with a Bernoulli posterior, a long unroll otherwise."""
-    return "exact" if isinstance(trained.energy, GaussianRBM) and isinstance(trained.posterior, BernoulliPosterior) else "unroll"
+    return (
+        "exact"
+        if isinstance(trained.energy, GaussianRBM) and isinstance(trained.posterior, BernoulliPosterior)
+        else "unroll"
+    )
 
 
 def plot_report(report: BiasReport, path: Path, *, title: str) -> Path:
@@ -85,8 +90,14 @@ def plot_report(report: BiasReport, path: Path, *, title: str) -> Path:
     ks = [r["k"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label in ((axes[0], "cos", "cosine similarity"), (axes[1], "rel", "relative error")):
-        ax.errorbar(ks, [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_sd"] for r in rows], marker="o",
-                    capsize=3, label=f"per batch (mean ± sd, {report.num_batches} batches)")
+        ax.errorbar(
+            ks,
+            [r[f"{key}_mean"] for r in rows],
+            yerr=[r[f"{key}_sd"] for r in rows],
+            marker="o",
+            capsize=3,
+            label=f"per batch (mean ± sd, {report.num_batches} batches)",
+        )
         ax.plot(ks, [r[f"pooled_{key}"] for r in rows], "s--", label="pooled over batches")
         ax.set(xlabel="unrolled steps K", ylabel=f"{label} to the reference")
         ax.legend(fontsize=7)
@@ -98,10 +109,18 @@ def plot_report(report: BiasReport, path: Path, *, title: str) -> Path:
     return path
 
 
-def diagnose(ref: str, *, ks: list[int] | tuple[int, ...] = DEFAULT_KS, num_batches: int = 5,
-             reference: str | None = None, reference_steps: int = 50, seed: int = 0,
-             tracking_uri: str | None = None, output_dir: Path | None = None,
-             log: bool = True) -> Diagnosis:
+def diagnose(
+    ref: str,
+    *,
+    ks: list[int] | tuple[int, ...] = DEFAULT_KS,
+    num_batches: int = 5,
+    reference: str | None = None,
+    reference_steps: int = 50,
+    seed: int = 0,
+    tracking_uri: str | None = None,
+    output_dir: Path | None = None,
+    log: bool = True,
+) -> Diagnosis:
     """Diagnose checkpoint `ref` (a checkpoint or run directory, or an MLflow run id). Input
     errors (a bad reference, a single-level model, K < 0) are raised before any measurement."""
     if num_batches < 1:
@@ -111,22 +130,33 @@ def diagnose(ref: str, *, ks: list[int] | tuple[int, ...] = DEFAULT_KS, num_batc
     trained = load_trained(ref, tracking_uri=tracking_uri)
     cfg = trained.cfg
     if not objective_spec(cfg.objective.name).bilevel or trained.posterior is None:
-        raise CheckpointError(f"{trained.checkpoint}: objective {cfg.objective.name} is not bi-level, "
-                              "so there is no hypergradient to diagnose")
+        raise CheckpointError(
+            f"{trained.checkpoint}: objective {cfg.objective.name} is not bi-level, "
+            "so there is no hypergradient to diagnose"
+        )
     reference = reference or default_reference(trained)
     if reference == "exact" and default_reference(trained) != "exact":
         raise ValueError("--reference exact needs a Gaussian RBM with a Bernoulli posterior; use --reference unroll")
     torch.manual_seed(seed)
     posterior = cast(Posterior, trained.posterior)  # any q(h|v) module with Posterior's interface
-    report = gradient_bias(trained.energy, posterior, cfg.objective, training_batches(trained, num_batches, seed=seed),
-                           ks, posterior_lr=cfg.optim.posterior_lr, posterior_betas=_posterior_betas(trained),
-                           reference=reference, reference_steps=reference_steps,
-                           optimizer_state=posterior_optimizer_state(trained))
+    report = gradient_bias(
+        trained.energy,
+        posterior,
+        cfg.objective,
+        training_batches(trained, num_batches, seed=seed),
+        ks,
+        posterior_lr=cfg.optim.posterior_lr,
+        posterior_betas=_posterior_betas(trained),
+        reference=reference,
+        reference_steps=reference_steps,
+        optimizer_state=posterior_optimizer_state(trained),
+    )
     return _publish(report, trained, tracking_uri=tracking_uri, output_dir=output_dir, log=log)
 
 
-def _publish(report: BiasReport, trained: TrainedModel, *, tracking_uri: str | None, output_dir: Path | None,
-             log: bool) -> Diagnosis:
+def _publish(
+    report: BiasReport, trained: TrainedModel, *, tracking_uri: str | None, output_dir: Path | None, log: bool
+) -> Diagnosis:
     """Write the plot and JSON (into output_dir, else a temporary directory when logging), and log
     them with the metrics to the checkpoint's MLflow run."""
     from distributed_bism.tracking import RunLogger, artifact_stamp
@@ -138,11 +168,17 @@ def _publish(report: BiasReport, trained: TrainedModel, *, tracking_uri: str | N
     stem = f"gradient_bias_{artifact_stamp(trained.step)}"
     with tempfile.TemporaryDirectory(prefix="bism_diagnose_") as tmp:
         where = output_dir or Path(tmp)
-        title = f"{trained.cfg.objective.name}, {trained.cfg.model.name} on {trained.cfg.data.name}, step {trained.step}"
+        title = (
+            f"{trained.cfg.objective.name}, {trained.cfg.model.name} on {trained.cfg.data.name}, step {trained.step}"
+        )
         png = plot_report(report, where / f"{stem}.png", title=title)
         js = where / f"{stem}.json"
-        js.write_text(json.dumps({"checkpoint": str(trained.checkpoint), "step": trained.step,
-                                  "rows": report.rows(), **asdict(report)}, indent=1))
+        js.write_text(
+            json.dumps(
+                {"checkpoint": str(trained.checkpoint), "step": trained.step, "rows": report.rows(), **asdict(report)},
+                indent=1,
+            )
+        )
         if run_id:
             logger = RunLogger(tracking_uri or default_uri(trained.cfg), run_id)
             metrics = {}

@@ -1,11 +1,11 @@
 """`bism eval` and `bism sample`: evaluation and sampling of a trained model, outside training.
 
-    bism eval CHECKPOINT_OR_RUN_ID [--metrics m1 m2 ...]    a table, logged into the checkpoint's
-        own MLflow run at the checkpoint's step (no new run; artifacts under eval/step_XXXXXXXX_<time>/,
-        beside, never over, what training logged)
-    bism sample CHECKPOINT -n 64 --sampler NAME -o grid.png|samples.npz|samples.pt [--force]
-        .png: the figure; .npz / .pt: the samples themselves (see `write_samples`) and the figure
-        beside them (same name, .png)
+bism eval CHECKPOINT_OR_RUN_ID [--metrics m1 m2 ...]    a table, logged into the checkpoint's
+    own MLflow run at the checkpoint's step (no new run; artifacts under eval/step_XXXXXXXX_<time>/,
+    beside, never over, what training logged)
+bism sample CHECKPOINT -n 64 --sampler NAME -o grid.png|samples.npz|samples.pt [--force]
+    .png: the figure; .npz / .pt: the samples themselves (see `write_samples`) and the figure
+    beside them (same name, .png)
 """
 
 from __future__ import annotations
@@ -38,16 +38,26 @@ class EvalReport:
 
     def table(self) -> str:
         width = max([len(k) for k in self.values] + [6])
-        lines = [f"checkpoint {self.checkpoint} (step {self.step})", f"{'metric':<{width}}  value",
-                 f"{'-' * width}  {'-' * 12}"]
+        lines = [
+            f"checkpoint {self.checkpoint} (step {self.step})",
+            f"{'metric':<{width}}  value",
+            f"{'-' * width}  {'-' * 12}",
+        ]
         lines += [f"{k:<{width}}  {v:.6g}" for k, v in self.values.items()]
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"{name}: {path}" for name, path in self.artifacts.items()]
         return "\n".join(lines)
 
 
-def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tracking_uri: str | None = None,
-                        log: bool = True, output_dir: Path | None = None, use_ema: bool = False) -> EvalReport:
+def evaluate_checkpoint(
+    ref: str | Path,
+    *,
+    metrics: list[str] | None = None,
+    tracking_uri: str | None = None,
+    log: bool = True,
+    output_dir: Path | None = None,
+    use_ema: bool = False,
+) -> EvalReport:
     """Run `metrics` (default: the run's eval.metrics) on checkpoint `ref` in this process and log
     them to the checkpoint's MLflow run at its step. Bad metric names and refs raise before any work."""
     from distributed_bism.tracking import RunLogger, artifact_stamp, check_tracking_uri, tracking_uri_key
@@ -66,9 +76,19 @@ def evaluate_checkpoint(ref: str | Path, *, metrics: list[str] | None = None, tr
         check_tracking_uri(uri, key="--tracking-uri" if tracking_uri else tracking_uri_key(cfg))
     logger = RunLogger(uri, run_id) if run_id else None
     data = prepare_data(cfg)
-    ctx = EvalContext(cfg=cfg, energy=trained.energy, posterior=trained.posterior, train_data=data.train,
-                      test_data=data.test, image_shape=data.image_shape, step=trained.step, device=torch.device("cpu"),
-                      output_dir=out, logger=logger, artifact_root=f"eval/{stamp}")
+    ctx = EvalContext(
+        cfg=cfg,
+        energy=trained.energy,
+        posterior=trained.posterior,
+        train_data=data.train,
+        test_data=data.test,
+        image_shape=data.image_shape,
+        step=trained.step,
+        device=torch.device("cpu"),
+        output_dir=out,
+        logger=logger,
+        artifact_root=f"eval/{stamp}",
+    )
     values = run_metrics(names, ctx)
     if logger is not None and values:
         logger.metrics(values, trained.step)
@@ -81,8 +101,10 @@ SAMPLE_SUFFIXES = (".png", ".npz", ".pt")
 def sample_outputs(out: Path) -> list[Path]:
     """The files `bism sample -o out` writes: out itself, and for .npz / .pt the figure beside it."""
     if out.suffix not in SAMPLE_SUFFIXES:
-        raise ValueError(f"-o {out}: the file name must end in {', '.join(SAMPLE_SUFFIXES)} "
-                         "(a figure, or the samples as numpy or torch arrays with a figure beside them)")
+        raise ValueError(
+            f"-o {out}: the file name must end in {', '.join(SAMPLE_SUFFIXES)} "
+            "(a figure, or the samples as numpy or torch arrays with a figure beside them)"
+        )
     return [out] if out.suffix == ".png" else [out, out.with_suffix(".png")]
 
 
@@ -114,7 +136,9 @@ def check_sample_outputs(out: Path, *, force: bool) -> list[Path]:
     return outputs
 
 
-def write_samples(path: Path, samples: Tensor, *, label: str, step: int, value_range: tuple[float, float] | None) -> None:
+def write_samples(
+    path: Path, samples: Tensor, *, label: str, step: int, value_range: tuple[float, float] | None
+) -> None:
     """The samples as arrays: `samples` (n, *shape) clipped to the data's range (images: [0, 1]),
     `raw` as the sampler left them, and `sampler`, `step`, `range`. .npz (numpy) or .pt (torch)."""
     raw = samples.detach().float().cpu()
@@ -122,14 +146,29 @@ def write_samples(path: Path, samples: Tensor, *, label: str, step: int, value_r
     if path.suffix == ".npz":
         import numpy as np
 
-        np.savez(path, samples=clipped.numpy(), raw=raw.numpy(), sampler=np.array(label), step=np.array(step),
-                 range=np.array(value_range if value_range else (np.nan, np.nan)))
+        np.savez(
+            path,
+            samples=clipped.numpy(),
+            raw=raw.numpy(),
+            sampler=np.array(label),
+            step=np.array(step),
+            range=np.array(value_range if value_range else (np.nan, np.nan)),
+        )
     else:
         torch.save({"samples": clipped, "raw": raw, "sampler": label, "step": step, "range": value_range}, path)
 
 
-def sample_checkpoint(ref: str | Path, out: Path, *, n: int = 64, sampler: str = "conditional", seed: int = 0,
-                      force: bool = False, tracking_uri: str | None = None, use_ema: bool = False) -> list[Path]:
+def sample_checkpoint(
+    ref: str | Path,
+    out: Path,
+    *,
+    n: int = 64,
+    sampler: str = "conditional",
+    seed: int = 0,
+    force: bool = False,
+    tracking_uri: str | None = None,
+    use_ema: bool = False,
+) -> list[Path]:
     """Draw n samples of checkpoint `ref` with `sampler` and write them to `out` (.png: a figure titled
     with the sampler; .npz / .pt: the samples, and the figure beside them). Returns the files written.
     Existing files are refused unless `force`, and bad arguments too, before any work."""

@@ -20,10 +20,10 @@ import torch
 import yaml
 from torch import nn
 
-from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, LocalCheckpoints, load_state
 from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.data.prepare import example_shapes
 from distributed_bism.models.build import build_models
+from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, LocalCheckpoints, load_state
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids
 
@@ -50,9 +50,11 @@ def _checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
     from distributed_bism.tracking import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri(Config())
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # never create a store here
-        raise CheckpointError(f"{run_id}: not a checkpoint directory, and there is no MLflow store at {uri} "
-                              "to look the run id up in (pass --tracking-uri)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():  # never create a store here
+        raise CheckpointError(
+            f"{run_id}: not a checkpoint directory, and there is no MLflow store at {uri} "
+            "to look the run id up in (pass --tracking-uri)"
+        )
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -94,8 +96,9 @@ def resolve_checkpoint(ref: str | Path, *, tracking_uri: str | None = None) -> P
     return _checkpoint_of_run(str(ref), tracking_uri)
 
 
-def load_trained(ref: str | Path, *, tracking_uri: str | None = None, use_ema: bool = False,
-                 device: str | torch.device = "cpu") -> TrainedModel:
+def load_trained(
+    ref: str | Path, *, tracking_uri: str | None = None, use_ema: bool = False, device: str | torch.device = "cpu"
+) -> TrainedModel:
     """Rebuild the model of checkpoint `ref` (see resolve_checkpoint); θ is the EMA weights when
     `use_ema` and the checkpoint kept them. Raises CheckpointError with one line naming `ref`."""
     directory = resolve_checkpoint(ref, tracking_uri=tracking_uri)
@@ -113,11 +116,19 @@ def load_trained(ref: str | Path, *, tracking_uri: str | None = None, use_ema: b
         if posterior is not None:
             posterior.load_state_dict(state["posterior"])
     except RuntimeError as e:  # shapes that do not match the stored config
-        raise CheckpointError(f"{directory}: weights do not fit the stored config "
-                              f"({str(e).strip().splitlines()[0]})") from e
+        raise CheckpointError(
+            f"{directory}: weights do not fit the stored config ({str(e).strip().splitlines()[0]})"
+        ) from e
     energy.to(device).eval()
     if posterior is not None:
         posterior.to(device).eval()
-    return TrainedModel(cfg=cfg, energy=energy, posterior=posterior, step=int(state["step"]),
-                        run_id=state.get("mlflow_run_id"), checkpoint=directory, data_shape=input_shape,
-                        image_shape=image_shape)
+    return TrainedModel(
+        cfg=cfg,
+        energy=energy,
+        posterior=posterior,
+        step=int(state["step"]),
+        run_id=state.get("mlflow_run_id"),
+        checkpoint=directory,
+        data_shape=input_shape,
+        image_shape=image_shape,
+    )

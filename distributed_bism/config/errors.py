@@ -39,12 +39,24 @@ def check_path_name(name: str, key: str, *, limit: int = MAX_NAME_BYTES) -> None
     at most `limit` bytes in UTF-8."""
     bad = sorted({c for c in name if not (c.isalnum() or c in NAME_MARKS)})
     check(name != "", key, "must not be empty")
-    check(name not in (".", ".."), key, f"{name!r} names a directory itself ('.' is this one, '..' the one above), "
-          "not a run: choose a name such as my-run")
-    check(not bad, key, f"{name!r} has {', '.join(repr(c) for c in bad)}: a name becomes a directory, so it may "
-          f"hold only letters, digits and {' '.join(NAME_MARKS)}")
-    check(name[0] not in ".-", key, f"{name!r} starts with {name[0]!r}: a name becomes a directory, so it must "
-          "start with a letter, a digit or one of _ + = @")
+    check(
+        name not in (".", ".."),
+        key,
+        f"{name!r} names a directory itself ('.' is this one, '..' the one above), "
+        "not a run: choose a name such as my-run",
+    )
+    check(
+        not bad,
+        key,
+        f"{name!r} has {', '.join(repr(c) for c in bad)}: a name becomes a directory, so it may "
+        f"hold only letters, digits and {' '.join(NAME_MARKS)}",
+    )
+    check(
+        name[0] not in ".-",
+        key,
+        f"{name!r} starts with {name[0]!r}: a name becomes a directory, so it must "
+        "start with a letter, a digit or one of _ + = @",
+    )
     size = len(name.encode())
     check(size <= limit, key, f"is {size} bytes long; the most is {limit}")
 
@@ -68,7 +80,13 @@ def check_values(section: object, prefix: str) -> None:
 
     for f in dataclasses.fields(section):  # type: ignore[arg-type]
         value = getattr(section, f.name)
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+        items = (
+            value.items()
+            if isinstance(value, dict)
+            else enumerate(value)
+            if isinstance(value, list)
+            else [(None, value)]
+        )
         for sub, x in items:
             where = f"{prefix}{f.name}" + ("" if sub is None else f".{sub}" if isinstance(value, dict) else f"[{sub}]")
             if isinstance(x, float) and not math.isfinite(x):

@@ -49,8 +49,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-              f"expected a number, got {type(value).__name__} {value!r}")
+        check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            key,
+            f"expected a number, got {type(value).__name__} {value!r}",
+        )
         return float(value)
     if tp is int or tp is bool or tp is str:
         check(type(value) is tp, key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
@@ -98,11 +101,12 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
                 continue
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if isinstance(key, typing.Hashable) and key in seen:
-                raise _DuplicateKey(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
-                                    "keep one")
+                raise _DuplicateKey(
+                    f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); keep one"
+                )
             if isinstance(key, typing.Hashable):
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
@@ -142,8 +146,9 @@ def read_yaml_file(path: str | Path, key: str, *, if_empty: str = EMPTY_CONFIG) 
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark is fine
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{key}: {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                          "save it as UTF-8") from e
+        raise ConfigError(
+            f"{key}: {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from e
     data = parse_yaml(text, f"{key} {p}")
     if data is None:
         raise ConfigError(f"{key}: {p} is empty ({if_empty})")

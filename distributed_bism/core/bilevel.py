@@ -25,12 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from distributed_bism.config import ObjectiveConfig
-from distributed_bism.models import unwrap
-from distributed_bism.models.posterior import Posterior, PosteriorView
-from distributed_bism.objectives import Objective
-from distributed_bism.objectives.noise import NoisyBatch
-from distributed_bism.objectives.score_matching import EnergyFn
-from distributed_bism.training.updaters import Updater, as_updater
 from distributed_bism.core.unroll import (
     SGD,
     FunctionalOptimizer,
@@ -38,6 +32,12 @@ from distributed_bism.core.unroll import (
     get_unroll_optimizer,
     unroll,
 )
+from distributed_bism.models import unwrap
+from distributed_bism.models.posterior import Posterior, PosteriorView
+from distributed_bism.objectives import Objective
+from distributed_bism.objectives.noise import NoisyBatch
+from distributed_bism.objectives.score_matching import EnergyFn
+from distributed_bism.training.updaters import Updater, as_updater
 
 
 @contextmanager
@@ -99,8 +99,15 @@ class BilevelStep:
             the reference estimator; makes the unroll much cheaper for the conv EBLVM).
     """
 
-    def __init__(self, objective: Objective, *, warmup_steps: int = 0, unroll_steps: int = 0,
-                 unroll_optimizer: FunctionalOptimizer | None = None, share_inner_noise: bool = False):
+    def __init__(
+        self,
+        objective: Objective,
+        *,
+        warmup_steps: int = 0,
+        unroll_steps: int = 0,
+        unroll_optimizer: FunctionalOptimizer | None = None,
+        share_inner_noise: bool = False,
+    ):
         if warmup_steps < 0 or unroll_steps < 0:
             raise ValueError(f"warm-up and unroll steps must be >= 0, got N={warmup_steps}, K={unroll_steps}")
         self.objective = objective
@@ -109,8 +116,14 @@ class BilevelStep:
         self.share_inner_noise = share_inner_noise
 
     # ------------------------------------------------------------------ stages
-    def warmup(self, energy: nn.Module, posterior: nn.Module, v: Tensor,
-               optimizer: Updater | torch.optim.Optimizer, shared: NoisyBatch | None = None) -> Tensor | None:
+    def warmup(
+        self,
+        energy: nn.Module,
+        posterior: nn.Module,
+        v: Tensor,
+        optimizer: Updater | torch.optim.Optimizer,
+        shared: NoisyBatch | None = None,
+    ) -> Tensor | None:
         """Step 1: N persistent optimiser steps on φ. Returns the last mean G (detached)."""
         if self.warmup_steps == 0:
             return None
@@ -120,8 +133,9 @@ class BilevelStep:
         with frozen(unwrap(energy)):
             return self._warmup(energy, q, v, optimizer, shared)
 
-    def _warmup(self, energy: nn.Module, q: PosteriorView, v: Tensor, optimizer: Updater,
-                shared: NoisyBatch | None) -> Tensor | None:
+    def _warmup(
+        self, energy: nn.Module, q: PosteriorView, v: Tensor, optimizer: Updater, shared: NoisyBatch | None
+    ) -> Tensor | None:
         frozen_fn = inner_energy_fn(unwrap(energy), shared.x, frozen=True) if shared else None
         last = None
         for _ in range(self.warmup_steps):
@@ -134,8 +148,15 @@ class BilevelStep:
             last = loss.detach()
         return last
 
-    def unrolled_posterior(self, energy: nn.Module, posterior: Posterior, phi: ParamDict, v: Tensor,
-                           optimizer_state: dict | None = None, shared: NoisyBatch | None = None) -> ParamDict:
+    def unrolled_posterior(
+        self,
+        energy: nn.Module,
+        posterior: Posterior,
+        phi: ParamDict,
+        v: Tensor,
+        optimizer_state: dict | None = None,
+        shared: NoisyBatch | None = None,
+    ) -> ParamDict:
         """Step 2: φ_K(θ) from φ by K differentiable steps (φ itself when K = 0)."""
         if self.unroll_steps == 0:
             return {n: p.detach() for n, p in phi.items()}
@@ -151,16 +172,26 @@ class BilevelStep:
         state = self.unroll_optimizer.init(phi0, optimizer_state)
         return unroll(phi0, inner_loss, self.unroll_steps, self.unroll_optimizer, state)
 
-    def hypergradient(self, energy: nn.Module, posterior: Posterior | None, phi: ParamDict | None, v: Tensor,
-                      optimizer_state: dict | None = None, shared: NoisyBatch | None = None,
-                      energy_updater: Updater | None = None, outer_batch: NoisyBatch | None = None) -> StepOutput:
+    def hypergradient(
+        self,
+        energy: nn.Module,
+        posterior: Posterior | None,
+        phi: ParamDict | None,
+        v: Tensor,
+        optimizer_state: dict | None = None,
+        shared: NoisyBatch | None = None,
+        energy_updater: Updater | None = None,
+        outer_batch: NoisyBatch | None = None,
+    ) -> StepOutput:
         """Steps 2-3: J(θ, φ_K(θ)) and dJ/dθ, accumulated into θ's .grad (not φ's) by
         `energy_updater.backward`, or by backward(inputs=θ) when there is none. `outer_batch`:
         the noisy batch of J, drawn from v when None (diagnostics pass one to compare K on the
         same noise)."""
         q = None
         if posterior is not None and phi is not None:
-            q = PosteriorView(posterior, params=self.unrolled_posterior(energy, posterior, phi, v, optimizer_state, shared))
+            q = PosteriorView(
+                posterior, params=self.unrolled_posterior(energy, posterior, phi, v, optimizer_state, shared)
+            )
         loss = self.objective.outer(energy, q, outer_batch or self.objective.perturbation(v)).mean()
         if energy_updater is not None:
             energy_updater.backward(loss)
@@ -169,9 +200,15 @@ class BilevelStep:
         return StepOutput(loss=loss.detach())
 
     # ------------------------------------------------------------------ whole
-    def __call__(self, *, energy: nn.Module, v: Tensor, posterior: nn.Module | None = None,
-                 posterior_optimizer: Updater | torch.optim.Optimizer | None = None,
-                 energy_updater: Updater | None = None) -> StepOutput:
+    def __call__(
+        self,
+        *,
+        energy: nn.Module,
+        v: Tensor,
+        posterior: nn.Module | None = None,
+        posterior_optimizer: Updater | torch.optim.Optimizer | None = None,
+        energy_updater: Updater | None = None,
+    ) -> StepOutput:
         """One iteration on batch v (B, ...). θ's .grad receives dJ/dθ; the caller steps θ.
         `posterior_optimizer` is stepped N times (a torch optimiser is wrapped as a TorchUpdater)."""
         if not self.objective.bilevel:
@@ -190,11 +227,21 @@ class BilevelStep:
         return out
 
 
-def step_from_config(objective: Objective, cfg: ObjectiveConfig, *, posterior_lr: float,
-                     posterior_betas: tuple[float, float] = (0.9, 0.999)) -> BilevelStep:
+def step_from_config(
+    objective: Objective,
+    cfg: ObjectiveConfig,
+    *,
+    posterior_lr: float,
+    posterior_betas: tuple[float, float] = (0.9, 0.999),
+) -> BilevelStep:
     """The BilevelStep an ObjectiveConfig describes; the unrolled lr defaults to the posterior's."""
     if not objective.bilevel:
         return BilevelStep(objective)
     opt = get_unroll_optimizer(cfg.unroll_optimizer, lr=cfg.unroll_lr or posterior_lr, betas=posterior_betas)
-    return BilevelStep(objective, warmup_steps=cfg.warmup_steps, unroll_steps=cfg.unroll_steps,
-                       unroll_optimizer=opt, share_inner_noise=cfg.share_inner_noise)
+    return BilevelStep(
+        objective,
+        warmup_steps=cfg.warmup_steps,
+        unroll_steps=cfg.unroll_steps,
+        unroll_optimizer=opt,
+        share_inner_noise=cfg.share_inner_noise,
+    )

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distributed_bism.config import ObjectiveConfig
 from distributed_bism.core.bilevel import BilevelStep, step_from_config
 from distributed_bism.core.unroll import ParamDict
-from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models.grbm import GaussianRBM
 from distributed_bism.models.posterior import BernoulliPosterior, Posterior, PosteriorView
 from distributed_bism.objectives import NoisyBatch, Objective, get_objective
@@ -58,8 +58,11 @@ def exact_posterior(energy: GaussianRBM, posterior: BernoulliPosterior) -> Poste
 
 def _grads(energy: nn.Module) -> Grads:
     """θ's .grad by name (zeros where a parameter got none), detached copies."""
-    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-            for n, p in energy.named_parameters() if p.requires_grad}
+    return {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in energy.named_parameters()
+        if p.requires_grad
+    }
 
 
 def _zero_grad(module: nn.Module) -> None:
@@ -67,9 +70,15 @@ def _zero_grad(module: nn.Module) -> None:
         p.grad = None
 
 
-def hypergradient(step: BilevelStep, energy: nn.Module, posterior: Posterior, v: Tensor, batch: NoisyBatch,
-                  optimizer_state: Mapping[str, Mapping[str, Tensor]] | None = None,
-                  share_inner_noise: bool = False) -> Grads:
+def hypergradient(
+    step: BilevelStep,
+    energy: nn.Module,
+    posterior: Posterior,
+    v: Tensor,
+    batch: NoisyBatch,
+    optimizer_state: Mapping[str, Mapping[str, Tensor]] | None = None,
+    share_inner_noise: bool = False,
+) -> Grads:
     """g_K: dJ/dθ at the current (θ, φ) through `step`'s K-step unroll, J on `batch`. Draws the
     inner noise (one shared draw when share_inner_noise, as in training)."""
     _zero_grad(energy)
@@ -81,8 +90,9 @@ def hypergradient(step: BilevelStep, energy: nn.Module, posterior: Posterior, v:
     return grads
 
 
-def exact_reference_gradient(objective: Objective, energy: GaussianRBM, posterior: BernoulliPosterior,
-                             batch: NoisyBatch) -> Grads:
+def exact_reference_gradient(
+    objective: Objective, energy: GaussianRBM, posterior: BernoulliPosterior, batch: NoisyBatch
+) -> Grads:
     """g_ref for a GRBM: dJ/dθ of the BiSM loss with the exact posterior (see `exact_posterior`)."""
     _zero_grad(energy)
     loss = objective.outer(energy, exact_posterior(energy, posterior), batch).mean()
@@ -146,8 +156,17 @@ class BiasReport:
         for k in self.ks:
             cm, cs = _mean_sd(self.cos_sim[k])
             rm, rs = _mean_sd(self.rel_error[k])
-            out.append({"k": k, "cos_mean": cm, "cos_sd": cs, "rel_mean": rm, "rel_sd": rs,
-                        "pooled_cos": self.pooled_cos_sim[k], "pooled_rel": self.pooled_rel_error[k]})
+            out.append(
+                {
+                    "k": k,
+                    "cos_mean": cm,
+                    "cos_sd": cs,
+                    "rel_mean": rm,
+                    "rel_sd": rs,
+                    "pooled_cos": self.pooled_cos_sim[k],
+                    "pooled_rel": self.pooled_rel_error[k],
+                }
+            )
         return out
 
     def table(self) -> str:
@@ -155,8 +174,10 @@ class BiasReport:
         head = f"{'K':>4}  {'cos-sim (mean ± sd)':>22}  {'rel. error (mean ± sd)':>24}  {'pooled cos':>10}  {'pooled rel':>10}"
         lines = [f"reference: {self.reference}; {self.num_batches} batches", head]
         for r in self.rows():
-            lines.append(f"{r['k']:>4}  {r['cos_mean']:>12.6f} ± {r['cos_sd']:<8.6f}  {r['rel_mean']:>13.6f} ± "
-                         f"{r['rel_sd']:<8.6f}  {r['pooled_cos']:>10.6f}  {r['pooled_rel']:>10.6f}")
+            lines.append(
+                f"{r['k']:>4}  {r['cos_mean']:>12.6f} ± {r['cos_sd']:<8.6f}  {r['rel_mean']:>13.6f} ± "
+                f"{r['rel_sd']:<8.6f}  {r['pooled_cos']:>10.6f}  {r['pooled_rel']:>10.6f}"
+            )
         names = list(self.per_parameter_rel_error[self.ks[0]]) if self.ks else []
         if 0 < len(names) <= PER_PARAMETER_TABLE_MAX:  # small models (GRBM): which tensors carry the bias
             lines.append("rel. error per parameter (mean over batches):")
@@ -166,16 +187,27 @@ class BiasReport:
         if self.reference_change is not None:
             lines.append(f"reference convergence: rel. change from K_ref/2 to K_ref steps {self.reference_change:.3g}")
             if self.reference_change > REFERENCE_CHANGE_WARN:
-                lines.append(f"warning: the reference has not converged (change > {REFERENCE_CHANGE_WARN:g}): the rows above "
-                             "compare against a moving target; raise --reference-steps (the change includes the "
-                             "inner steps' own noise, which objective.share_inner_noise removes)")
+                lines.append(
+                    f"warning: the reference has not converged (change > {REFERENCE_CHANGE_WARN:g}): the rows above "
+                    "compare against a moving target; raise --reference-steps (the change includes the "
+                    "inner steps' own noise, which objective.share_inner_noise removes)"
+                )
         return "\n".join(lines)
 
 
-def gradient_bias(energy: nn.Module, posterior: Posterior, objective_cfg: ObjectiveConfig, batches: Iterable[Tensor],
-                  ks: Sequence[int], *, posterior_lr: float, posterior_betas: tuple[float, float] = (0.9, 0.999),
-                  reference: str = "exact", reference_steps: int = 50,
-                  optimizer_state: Mapping[str, Mapping[str, Tensor]] | None = None) -> BiasReport:
+def gradient_bias(
+    energy: nn.Module,
+    posterior: Posterior,
+    objective_cfg: ObjectiveConfig,
+    batches: Iterable[Tensor],
+    ks: Sequence[int],
+    *,
+    posterior_lr: float,
+    posterior_betas: tuple[float, float] = (0.9, 0.999),
+    reference: str = "exact",
+    reference_steps: int = 50,
+    optimizer_state: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> BiasReport:
     """Measure cos-sim and relative error of g_K against g_ref (module docstring) for each K in
     `ks` on each batch (B, ...) of `batches`. θ and φ are left as they are (φ is never stepped:
     the unroll works on copies). `optimizer_state`: the posterior optimiser's per-parameter
@@ -199,9 +231,13 @@ def gradient_bias(energy: nn.Module, posterior: Posterior, objective_cfg: Object
         batch = base.perturbation(v)
         objective = with_fixed_outer_noise(base, int(torch.randint(0, 2**62, ()).item()))
 
-        def step_with(k: int) -> BilevelStep:
-            return step_from_config(objective, replace(objective_cfg, unroll_steps=k), posterior_lr=posterior_lr,
-                                    posterior_betas=posterior_betas)
+        def step_with(k: int, objective: Objective = objective) -> BilevelStep:  # this batch's objective
+            return step_from_config(
+                objective,
+                replace(objective_cfg, unroll_steps=k),
+                posterior_lr=posterior_lr,
+                posterior_betas=posterior_betas,
+            )
 
         if reference == "exact":
             refs.append(exact_reference_gradient(objective, energy, posterior, batch))  # type: ignore[arg-type]
@@ -214,8 +250,12 @@ def gradient_bias(energy: nn.Module, posterior: Posterior, objective_cfg: Object
             per_k[k].append(hypergradient(step_with(k), energy, posterior, v, batch, optimizer_state, share))
 
     label = "exact posterior p(h|v)" if reference == "exact" else f"unroll(K={reference_steps})"
-    report = BiasReport(ks=list(ks), reference=label, num_batches=len(refs),
-                        reference_change=statistics.fmean(changes) if changes else None)
+    report = BiasReport(
+        ks=list(ks),
+        reference=label,
+        num_batches=len(refs),
+        reference_change=statistics.fmean(changes) if changes else None,
+    )
     pooled_ref = {n: torch.stack([r[n] for r in refs]).mean(0) for n in refs[0]}
     for k in ks:
         report.cos_sim[k] = [cosine(_flat(g), _flat(r)) for g, r in zip(per_k[k], refs)]
@@ -224,5 +264,6 @@ def gradient_bias(energy: nn.Module, posterior: Posterior, objective_cfg: Object
         report.pooled_cos_sim[k] = cosine(_flat(pooled), _flat(pooled_ref))
         report.pooled_rel_error[k] = rel_error(_flat(pooled), _flat(pooled_ref))
         report.per_parameter_rel_error[k] = {
-            n: statistics.fmean(rel_error(g[n], r[n]) for g, r in zip(per_k[k], refs)) for n in pooled_ref}
+            n: statistics.fmean(rel_error(g[n], r[n]) for g, r in zip(per_k[k], refs)) for n in pooled_ref
+        }
     return report

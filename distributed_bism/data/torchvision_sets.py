@@ -74,8 +74,10 @@ def _brief(e: BaseException, limit: int = 200) -> str:
 
 def _missing_error(name: str, root: Path, why: str) -> DataError:
     directory, files = expected_files(name, root)
-    return DataError(f"{name}: {why}; fill {directory} with {', '.join(files)} (e.g. download on a machine with "
-                     f"internet and copy the directory), or set data.root=DIR to where they are")
+    return DataError(
+        f"{name}: {why}; fill {directory} with {', '.join(files)} (e.g. download on a machine with "
+        f"internet and copy the directory), or set data.root=DIR to where they are"
+    )
 
 
 def check_torchvision_set(cfg: DataConfig) -> None:
@@ -153,8 +155,10 @@ def read_cifar_batch(path: Path) -> np.ndarray:
         data = np.asarray(entry["data"], dtype=np.uint8)
         return data.reshape(-1, 3, 32, 32)
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"cifar10: {path} is not a valid CIFAR-10 batch ({type(e).__name__}: {e}); "
-                        "delete it to re-download, or replace it with the original") from e
+        raise DataError(
+            f"cifar10: {path} is not a valid CIFAR-10 batch ({type(e).__name__}: {e}); "
+            "delete it to re-download, or replace it with the original"
+        ) from e
 
 
 def load_cifar10(cfg: DataConfig) -> tuple[Tensor, Tensor]:

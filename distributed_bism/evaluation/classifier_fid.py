@@ -47,10 +47,17 @@ class FeatureNet(nn.Module):
     def __init__(self, channels: int, width: int = 32, features: int = FEATURES, classes: int = 10):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, features), nn.ReLU())
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, features),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(features, classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,7 +82,7 @@ class FeatureClassifier:
         x = x.detach()
         if x.dim() == 4 and x.shape[-2] > h and x.shape[-1] > w:
             top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-            x = x[..., top:top + h, left:left + w]
+            x = x[..., top : top + h, left : left + w]
         x = x.reshape(-1, c, h, w).float().cpu()
         self.net.eval()
         with _threads(TRAINING[self.dataset][2]):
@@ -164,8 +171,14 @@ def _stdout_line(s: str) -> None:
     sys.stdout.write(s + "\n")
 
 
-def feature_classifier(dataset: str, *, root: str | None = None, cache_dir: str | Path | None = None, seed: int = 0,
-                       log: Callable[[str], None] | None = None) -> FeatureClassifier:
+def feature_classifier(
+    dataset: str,
+    *,
+    root: str | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> FeatureClassifier:
     """The cached classifier of `dataset` (split seed `seed`), trained and cached first if missing.
     Cache file: <cache_dir>/<dataset>-seed<seed>-v<ARCH_VERSION>.pt with weights and test accuracy."""
     if dataset not in CLASSIFIER_SETS:
@@ -184,12 +197,22 @@ def feature_classifier(dataset: str, *, root: str | None = None, cache_dir: str 
     with _threads(threads):
         _train(net, x, y, epochs, batch, seed)
         accuracy = _accuracy(net, x_test, y_test)
-    log(f"classifier-FID: trained the {dataset} feature classifier in {time.perf_counter() - start:.0f} s, "
-        f"test accuracy {accuracy:.4f}; cached in {cache}")
+    log(
+        f"classifier-FID: trained the {dataset} feature classifier in {time.perf_counter() - start:.0f} s, "
+        f"test accuracy {accuracy:.4f}; cached in {cache}"
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": net.state_dict(), "accuracy": accuracy, "image_shape": list(x.shape[1:]),
-                "dataset": dataset, "arch_version": ARCH_VERSION}, tmp)
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "accuracy": accuracy,
+            "image_shape": list(x.shape[1:]),
+            "dataset": dataset,
+            "arch_version": ARCH_VERSION,
+        },
+        tmp,
+    )
     tmp.replace(cache)  # atomic: a concurrent reader sees the old state or the whole file
     return FeatureClassifier(dataset, net, tuple(x.shape[1:]), accuracy)
 

@@ -40,7 +40,7 @@ def tile(images: Tensor, cols: int) -> Tensor:
     grid = torch.ones(c, rows * (h + 1) - 1, cols * (w + 1) - 1)
     for i, im in enumerate(images.clamp(0, 1)):
         r, q = divmod(i, cols)
-        grid[:, r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = im
+        grid[:, r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = im
     return grid
 
 
@@ -51,8 +51,9 @@ def _show(ax: Any, grid: Tensor) -> None:
     ax.set_yticks([])
 
 
-def save_sample_figure(samples: Tensor, data_shape: tuple[int, ...], path: Path, *, title: str,
-                       reference: Tensor | None = None) -> Path:
+def save_sample_figure(
+    samples: Tensor, data_shape: tuple[int, ...], path: Path, *, title: str, reference: Tensor | None = None
+) -> Path:
     """Write samples (B, ...) as an image grid when the data are images, as a scatter plot over
     `reference` data for 2-D data. The title names the sampler."""
     plt = _pyplot()
@@ -77,8 +78,9 @@ def save_sample_figure(samples: Tensor, data_shape: tuple[int, ...], path: Path,
     return path
 
 
-def save_sample_strip(rows: Mapping[int, Tensor], data_shape: tuple[int, ...], path: Path, *, title: str,
-                      per_row: int = 10) -> Path:
+def save_sample_strip(
+    rows: Mapping[int, Tensor], data_shape: tuple[int, ...], path: Path, *, title: str, per_row: int = 10
+) -> Path:
     """Samples over training: one row of the first `per_row` samples per evaluation step
     (step → samples (B, ...)), labelled with the step. 2-D data: one small scatter per step."""
     plt = _pyplot()
@@ -108,8 +110,15 @@ def save_sample_strip(rows: Mapping[int, Tensor], data_shape: tuple[int, ...], p
     return path
 
 
-def save_curve(points: Mapping[int | float, float], path: Path, *, xlabel: str, ylabel: str, title: str,
-               spread: Mapping[int | float, float] | None = None) -> Path:
+def save_curve(
+    points: Mapping[int | float, float],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    spread: Mapping[int | float, float] | None = None,
+) -> Path:
     """A line plot of y against x (sorted by x), with ± `spread` error bars when given."""
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)

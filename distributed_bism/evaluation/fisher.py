@@ -46,13 +46,15 @@ def exact_model_score_fn(energy: nn.Module) -> ScoreFn:
     """The exact marginal score of a Gaussian RBM (the only model here whose score is exact)."""
     core = unwrap(energy)
     if not isinstance(core, GaussianRBM):
-        raise ValueError(f"the exact model score needs a Gaussian RBM, got {type(core).__name__} "
-                         "(use vaes_fisher_divergence)")
+        raise ValueError(
+            f"the exact model score needs a Gaussian RBM, got {type(core).__name__} (use vaes_fisher_divergence)"
+        )
     return core.score
 
 
-def fisher_divergence(data: Tensor, data_score_fn: ScoreFn, model_score_fns: tuple[ScoreFn, ScoreFn] | ScoreFn, *,
-                      batch_size: int = 4096) -> float:
+def fisher_divergence(
+    data: Tensor, data_score_fn: ScoreFn, model_score_fns: tuple[ScoreFn, ScoreFn] | ScoreFn, *, batch_size: int = 4096
+) -> float:
     """½ mean_n (s_d(v_n) − s₁(v_n))ᵀ (s_d(v_n) − s₂(v_n)) over data (N, ...); one model score fn
     gives ½ mean ‖s_d − s‖², two independent noisy ones the debiased form."""
     s1, s2 = model_score_fns if isinstance(model_score_fns, tuple) else (model_score_fns, model_score_fns)
@@ -65,16 +67,25 @@ def fisher_divergence(data: Tensor, data_score_fn: ScoreFn, model_score_fns: tup
     return total / len(data)
 
 
-def exact_fisher_divergence(energy: nn.Module, data: Tensor, data_score_fn: ScoreFn, *,
-                            batch_size: int = 4096) -> float:
+def exact_fisher_divergence(
+    energy: nn.Module, data: Tensor, data_score_fn: ScoreFn, *, batch_size: int = 4096
+) -> float:
     """D_F between data (N, D) with exact score `data_score_fn` and a Gaussian RBM (exact score)."""
     with torch.no_grad():
         return fisher_divergence(data, data_score_fn, exact_model_score_fn(energy), batch_size=batch_size)
 
 
-def vaes_fisher_divergence(energy: nn.Module, posterior: nn.Module, data: Tensor, data_score_fn: ScoreFn, *,
-                           num_particles: int = 100, debias: bool = True, batch_size: int = 1024,
-                           seed: int | None = 0) -> float:
+def vaes_fisher_divergence(
+    energy: nn.Module,
+    posterior: nn.Module,
+    data: Tensor,
+    data_score_fn: ScoreFn,
+    *,
+    num_particles: int = 100,
+    debias: bool = True,
+    batch_size: int = 1024,
+    seed: int | None = 0,
+) -> float:
     """D_F between data (N, ...) and an EBLVM whose score is the VaES estimate with `num_particles`
     particles of q(h|v); `debias` uses two independent particle sets (module docstring). The
     estimate is of D_F to the model only as far as q matches p(h|v). `seed` fixes q's draws (they
@@ -97,8 +108,9 @@ def fisher_metric(ctx: EvalContext) -> dict[str, float]:
     """eval/fisher (GRBMs) or eval/fisher_vaes (deep EBLVMs) on the test set; see the module docstring."""
     name, data = ctx.cfg.data.name, ctx.test_data
     if name not in synthetic.MIXTURES or data is None:
-        ctx.notes.append(f"fisher: skipped (needs a data set with a closed-form score: {', '.join(synthetic.MIXTURES)}; "
-                         f"got {name})")
+        ctx.notes.append(
+            f"fisher: skipped (needs a data set with a closed-form score: {', '.join(synthetic.MIXTURES)}; got {name})"
+        )
         return {}
     data_score = synthetic_score_fn(name)
     if isinstance(ctx.energy, GaussianRBM):
@@ -106,5 +118,13 @@ def fisher_metric(ctx: EvalContext) -> dict[str, float]:
     if ctx.posterior is None:
         ctx.notes.append("fisher: skipped (a deep EBLVM needs its posterior for the VaES score)")
         return {}
-    return {"eval/fisher_vaes": vaes_fisher_divergence(ctx.energy, ctx.posterior, data, data_score,
-                                                       num_particles=VAES_PARTICLES, seed=ctx.cfg.trainer.seed + ctx.step)}
+    return {
+        "eval/fisher_vaes": vaes_fisher_divergence(
+            ctx.energy,
+            ctx.posterior,
+            data,
+            data_score,
+            num_particles=VAES_PARTICLES,
+            seed=ctx.cfg.trainer.seed + ctx.step,
+        )
+    }

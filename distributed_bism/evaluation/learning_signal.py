@@ -54,8 +54,9 @@ def denoise_levels(ctx: EvalContext) -> list[float]:
     return torch.logspace(math.log10(o.sigma_begin), math.log10(o.sigma_end), NUM_LEVELS).tolist()
 
 
-def denoise_gain(energy: nn.Module, posterior: nn.Module | None, v: Tensor, sigma: float, step_scale: float, *,
-                 seed: int = 0) -> float:
+def denoise_gain(
+    energy: nn.Module, posterior: nn.Module | None, v: Tensor, sigma: float, step_scale: float, *, seed: int = 0
+) -> float:
     """1 − E‖v̂ − v‖² / E‖ṽ − v‖² for ṽ = v + σε, v̂ = ṽ + step_scale² · score(ṽ); v (B, ...)."""
     score, _ = model_score_fn(energy, posterior, num_particles=VAES_PARTICLES)
     gen = torch.Generator(device=v.device).manual_seed(seed)
@@ -76,8 +77,9 @@ def denoise_metric(ctx: EvalContext) -> dict[str, float]:
     mdsm = o.name in ("bimdsm", "mdsm", "vages_mdsm")
     out = {}
     for i, sigma in enumerate(denoise_levels(ctx)):
-        gain = denoise_gain(ctx.energy, ctx.posterior, v, sigma, o.sigma0 if mdsm else sigma,
-                            seed=ctx.cfg.trainer.seed + i)
+        gain = denoise_gain(
+            ctx.energy, ctx.posterior, v, sigma, o.sigma0 if mdsm else sigma, seed=ctx.cfg.trainer.seed + i
+        )
         out[f"eval/denoise_gain@{sigma:.3g}"] = gain
     out["eval/denoise_gain"] = sum(out.values()) / len(out)
     return out

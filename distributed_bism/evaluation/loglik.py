@@ -81,8 +81,14 @@ class LogZEstimate:
         mean = w.mean()
         std_err = (w.std(unbiased=True) / math.sqrt(n) / mean).item() if n > 1 else math.inf
         log_mean = torch.logsumexp(log_w, 0).item() - math.log(n)
-        return cls(log_z=log_z0 + log_mean, std_err=std_err, ess=(w.sum() ** 2 / (w**2).sum()).item(),
-                   num_chains=n, num_betas=num_betas, side=side)
+        return cls(
+            log_z=log_z0 + log_mean,
+            std_err=std_err,
+            ess=(w.sum() ** 2 / (w**2).sum()).item(),
+            num_chains=n,
+            num_betas=num_betas,
+            side=side,
+        )
 
 
 @dataclass(frozen=True)
@@ -134,8 +140,9 @@ def _sweep(grbm: GaussianRBM, v: Tensor, beta: float, generator: torch.Generator
 
 
 @torch.no_grad()
-def ais_log_weights(grbm: GaussianRBM, betas: Tensor, num_chains: int,
-                    generator: torch.Generator | None = None) -> Tensor:
+def ais_log_weights(
+    grbm: GaussianRBM, betas: Tensor, num_chains: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Forward AIS log-weights of `num_chains` independent chains, (num_chains,): log w with E[w] = Z/Z_0."""
     beta_values: list[float] = _check_betas(betas).tolist()
     sigma = torch.exp(grbm.log_sigma)
@@ -150,8 +157,9 @@ def ais_log_weights(grbm: GaussianRBM, betas: Tensor, num_chains: int,
 
 
 @torch.no_grad()
-def raise_log_weights(grbm: GaussianRBM, data: Tensor, betas: Tensor, num_chains: int,
-                      generator: torch.Generator | None = None) -> Tensor:
+def raise_log_weights(
+    grbm: GaussianRBM, data: Tensor, betas: Tensor, num_chains: int, generator: torch.Generator | None = None
+) -> Tensor:
     """RAISE log-weights, (num_chains, N): log p̂(v_n) per chain, with E[p̂(v)] = p_ann(v) (module docstring)."""
     beta_values: list[float] = _check_betas(betas).tolist()
     v = grbm._check_v(data).unsqueeze(0).expand(num_chains, *data.shape).reshape(-1, grbm.v_dim)
@@ -181,8 +189,14 @@ def _schedule(num_betas: int, betas: Tensor | None, grbm: GaussianRBM) -> Tensor
     return (_check_betas(betas) if betas is not None else linear_betas(num_betas)).to(grbm.W)
 
 
-def ais_log_partition(grbm: GaussianRBM, *, num_chains: int = DEFAULT_NUM_CHAINS,
-                      num_betas: int = DEFAULT_NUM_BETAS, betas: Tensor | None = None, seed: int = 0) -> LogZEstimate:
+def ais_log_partition(
+    grbm: GaussianRBM,
+    *,
+    num_chains: int = DEFAULT_NUM_CHAINS,
+    num_betas: int = DEFAULT_NUM_BETAS,
+    betas: Tensor | None = None,
+    seed: int = 0,
+) -> LogZEstimate:
     """Forward-AIS estimate of log Z (a stochastic lower bound), over all ranks' chains.
 
     `betas` (K+1,) overrides the linear schedule of `num_betas` values. Rank r runs its share of
@@ -195,45 +209,72 @@ def ais_log_partition(grbm: GaussianRBM, *, num_chains: int = DEFAULT_NUM_CHAINS
     return LogZEstimate.from_log_weights(log_w, base_log_partition(grbm), num_betas=len(sched), side="lower")
 
 
-def ais_log_likelihood(grbm: GaussianRBM, data: Tensor, *, num_chains: int = DEFAULT_NUM_CHAINS,
-                       num_betas: int = DEFAULT_NUM_BETAS, betas: Tensor | None = None, seed: int = 0,
-                       batch_size: int = 10_000) -> LogLikEstimate:
+def ais_log_likelihood(
+    grbm: GaussianRBM,
+    data: Tensor,
+    *,
+    num_chains: int = DEFAULT_NUM_CHAINS,
+    num_betas: int = DEFAULT_NUM_BETAS,
+    betas: Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 10_000,
+) -> LogLikEstimate:
     """Mean log p(v) over data (N, D) = −mean F(v) − log Ẑ_AIS (a stochastic upper bound)."""
     est = ais_log_partition(grbm, num_chains=num_chains, num_betas=num_betas, betas=betas, seed=seed)
     neg_f = _mean_neg_free_energy(grbm, data, batch_size)
     return LogLikEstimate(loglik=neg_f - est.log_z, std_err=est.std_err, log_z=est, num_points=len(data))
 
 
-def raise_log_likelihood(grbm: GaussianRBM, data: Tensor, *, num_chains: int = 10,
-                         num_betas: int = DEFAULT_NUM_BETAS, betas: Tensor | None = None,
-                         seed: int = 0) -> LogLikEstimate:
+def raise_log_likelihood(
+    grbm: GaussianRBM,
+    data: Tensor,
+    *,
+    num_chains: int = 10,
+    num_betas: int = DEFAULT_NUM_BETAS,
+    betas: Tensor | None = None,
+    seed: int = 0,
+) -> LogLikEstimate:
     """RAISE estimate of the mean log p(v) over data (N, D), `num_chains` reverse chains per point
     (a stochastic lower bound on the annealed model's log-likelihood; see the module docstring). Under torch.distributed each rank takes a share of the
     points (seeded `seed + rank`) and the per-point estimates are all-gathered."""
     rank, world = rank_and_world()
     sched = _schedule(num_betas, betas, grbm)
     start = sum(chain_share(len(data), r, world) for r in range(rank))
-    mine = data[start: start + chain_share(len(data), rank, world)]
+    mine = data[start : start + chain_share(len(data), rank, world)]
     gen = torch.Generator(device=grbm.W.device).manual_seed(seed + rank)
     log_w = raise_log_weights(grbm, mine, sched, num_chains, gen)  # (chains, n)
     per_point = torch.logsumexp(log_w, 0) - math.log(num_chains)
     w = torch.exp(log_w - log_w.max(0).values)
-    var_point = (w.var(0, unbiased=True) / num_chains / w.mean(0) ** 2) if num_chains > 1 else torch.full_like(
-        per_point, math.inf)
+    var_point = (
+        (w.var(0, unbiased=True) / num_chains / w.mean(0) ** 2)
+        if num_chains > 1
+        else torch.full_like(per_point, math.inf)
+    )
     ess = (w.sum(0) ** 2 / (w**2).sum(0)).mean()
-    gathered = gather_rows(torch.stack([per_point, var_point, -grbm.free_energy(mine),
-                                          ess.expand_as(per_point)], 1))
+    gathered = gather_rows(torch.stack([per_point, var_point, -grbm.free_energy(mine), ess.expand_as(per_point)], 1))
     n = len(gathered)
     loglik = gathered[:, 0].mean().item()
     std_err = math.sqrt(gathered[:, 1].sum().item()) / n
-    log_z = LogZEstimate(log_z=gathered[:, 2].mean().item() - loglik, std_err=std_err,
-                         ess=gathered[:, 3].mean().item(), num_chains=num_chains, num_betas=len(sched), side="upper")
+    log_z = LogZEstimate(
+        log_z=gathered[:, 2].mean().item() - loglik,
+        std_err=std_err,
+        ess=gathered[:, 3].mean().item(),
+        num_chains=num_chains,
+        num_betas=len(sched),
+        side="upper",
+    )
     return LogLikEstimate(loglik=loglik, std_err=std_err, log_z=log_z, num_points=n)
 
 
-def reverse_ais_log_partition(grbm: GaussianRBM, *, num_chains: int = DEFAULT_NUM_CHAINS,
-                              num_betas: int = DEFAULT_NUM_BETAS, betas: Tensor | None = None, seed: int = 0,
-                              gibbs_steps: int = 1000) -> LogZEstimate:
+def reverse_ais_log_partition(
+    grbm: GaussianRBM,
+    *,
+    num_chains: int = DEFAULT_NUM_CHAINS,
+    num_betas: int = DEFAULT_NUM_BETAS,
+    betas: Tensor | None = None,
+    seed: int = 0,
+    gibbs_steps: int = 1000,
+) -> LogZEstimate:
     """Reverse-AIS estimate of log Z (BDMC on data simulated from the model): a stochastic UPPER bound.
 
     Each chain starts at a sample of the model and anneals β 1 → 0 (the RAISE chain of one point):
@@ -251,8 +292,9 @@ def reverse_ais_log_partition(grbm: GaussianRBM, *, num_chains: int = DEFAULT_NU
         starts = grbm.sample_exact(n, gen)
     else:
         with torch.no_grad():
-            starts = grbm.b + torch.exp(grbm.log_sigma) * torch.randn((n, grbm.v_dim), generator=gen, dtype=grbm.W.dtype,
-                                                                      device=grbm.W.device)
+            starts = grbm.b + torch.exp(grbm.log_sigma) * torch.randn(
+                (n, grbm.v_dim), generator=gen, dtype=grbm.W.dtype, device=grbm.W.device
+            )
             for _ in range(gibbs_steps):
                 starts = grbm.gibbs_step(starts, gen)
     with torch.no_grad():  # raise_log_weights = log p̂ = −F − log Z_0 + log w, so log w = that + F + log Z_0
@@ -276,15 +318,23 @@ class LogLikBounds:
     upper: LogLikEstimate
 
 
-def bidirectional_log_likelihood(grbm: GaussianRBM, data: Tensor, *, num_chains: int = DEFAULT_NUM_CHAINS,
-                                 num_betas: int = DEFAULT_NUM_BETAS, betas: Tensor | None = None,
-                                 seed: int = 0) -> LogLikBounds:
+def bidirectional_log_likelihood(
+    grbm: GaussianRBM,
+    data: Tensor,
+    *,
+    num_chains: int = DEFAULT_NUM_CHAINS,
+    num_betas: int = DEFAULT_NUM_BETAS,
+    betas: Tensor | None = None,
+    seed: int = 0,
+) -> LogLikBounds:
     """Forward AIS (upper) and reverse AIS from model samples (lower) for the mean log p(v) on data (N, D)."""
     neg_f = _mean_neg_free_energy(grbm, data)
     kw = dict(num_chains=num_chains, num_betas=num_betas, betas=betas, seed=seed)
     fwd, rev = ais_log_partition(grbm, **kw), reverse_ais_log_partition(grbm, **kw)  # type: ignore[arg-type]
-    return LogLikBounds(lower=LogLikEstimate(neg_f - rev.log_z, rev.std_err, rev, len(data)),
-                        upper=LogLikEstimate(neg_f - fwd.log_z, fwd.std_err, fwd, len(data)))
+    return LogLikBounds(
+        lower=LogLikEstimate(neg_f - rev.log_z, rev.std_err, rev, len(data)),
+        upper=LogLikEstimate(neg_f - fwd.log_z, fwd.std_err, fwd, len(data)),
+    )
 
 
 @register_metric("test_loglik", all_ranks=True)
@@ -303,9 +353,15 @@ def test_loglik(ctx: EvalContext) -> dict[str, float]:
             out["eval/test_loglik"] = exact_log_likelihood(grbm, data)
     else:
         est = ais_log_likelihood(grbm, data, num_chains=e.ais_chains, num_betas=e.ais_betas, seed=seed)
-        out.update({"eval/test_loglik": est.loglik, "eval/test_loglik_std_err": est.std_err,
-                    "eval/log_z": est.log_z.log_z, "eval/log_z_std_err": est.log_z.std_err,
-                    "eval/ais_ess": est.log_z.ess})
+        out.update(
+            {
+                "eval/test_loglik": est.loglik,
+                "eval/test_loglik_std_err": est.std_err,
+                "eval/log_z": est.log_z.log_z,
+                "eval/log_z_std_err": est.log_z.std_err,
+                "eval/ais_ess": est.log_z.ess,
+            }
+        )
     if e.raise_chains > 0:
         low = raise_log_likelihood(grbm, data, num_chains=e.raise_chains, num_betas=e.ais_betas, seed=seed)
         out.update({"eval/test_loglik_raise": low.loglik, "eval/test_loglik_raise_std_err": low.std_err})

@@ -51,8 +51,10 @@ def ood_data(name: str, like: Tensor, data_cfg: DataConfig) -> Tensor:
     _, test = load_dataset(dataclasses.replace(data_cfg, name=name, n_train=None, n_test=None))
     x = test[: len(like)].to(like.dtype)
     if x.dim() != like.dim() or (like.dim() == 4 and x.shape[1] != like.shape[1]):
-        raise ValueError(f"eval.ood_dataset: {name} examples have shape {tuple(x.shape[1:])}, "
-                         f"not comparable with the data's {tuple(like.shape[1:])}")
+        raise ValueError(
+            f"eval.ood_dataset: {name} examples have shape {tuple(x.shape[1:])}, "
+            f"not comparable with the data's {tuple(like.shape[1:])}"
+        )
     if like.dim() == 4 and x.shape[2:] != like.shape[2:]:
         x = F.interpolate(x, size=tuple(like.shape[2:]), mode="area")
     return x.to(like.device)
@@ -76,7 +78,9 @@ def ood_auroc(ctx: EvalContext) -> dict[str, float]:
     """eval/ood_auroc: −E separating the test split from eval.ood_dataset (rank 0)."""
     fn = marginal_energy_fn(ctx.energy)
     if fn is None or ctx.test_data is None:
-        ctx.notes.append(f"ood_auroc: skipped ({'no test data' if fn is not None else 'the energy is not a function of v alone'})")
+        ctx.notes.append(
+            f"ood_auroc: skipped ({'no test data' if fn is not None else 'the energy is not a function of v alone'})"
+        )
         return {}
     # compared as images (a GRBM sees flat vectors), scored in the shape the energy takes
     images = ctx.test_data.reshape(-1, *ctx.image_shape)

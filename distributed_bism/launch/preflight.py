@@ -88,8 +88,10 @@ def check_batch(cfg: Config) -> None:
     if n is None:
         n = N_TRAIN_DEFAULT if d.name in SYNTHETIC else SPLIT_SIZES.get(d.name, (None,))[0]
     if n is not None and n // t.num_workers < t.batch_size:
-        raise ConfigError(f"trainer.batch_size: {t.batch_size} per worker × {t.num_workers} worker(s) needs "
-                          f"{t.batch_size * t.num_workers} training examples, {d.name} has {n} (data.n_train)")
+        raise ConfigError(
+            f"trainer.batch_size: {t.batch_size} per worker × {t.num_workers} worker(s) needs "
+            f"{t.batch_size * t.num_workers} training examples, {d.name} has {n} (data.n_train)"
+        )
 
 
 def _math_of(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -108,15 +110,18 @@ def check_resume(cfg: Config, run_dir: Path) -> bool:
     try:
         saved = _math_of(read_yaml_file(saved_file, "trainer.name"))
     except ConfigError as e:  # cut off or edited by hand: say whose record it is
-        raise ConfigError(f"{e}; it records run {cfg.trainer.name!r}'s set-up: restore it, or choose a new "
-                          "trainer.name") from e
+        raise ConfigError(
+            f"{e}; it records run {cfg.trainer.name!r}'s set-up: restore it, or choose a new trainer.name"
+        ) from e
     now = _math_of(cfg.to_dict())
     for section, values in now.items():
         for key, value in values.items():
             old = saved.get(section, {}).get(key)
             if old != value:
-                raise ConfigError(f"{section}.{key}: run {cfg.trainer.name!r} in {run_dir} was started with "
-                                  f"{old!r}, now {value!r}; choose a new trainer.name to start a new run")
+                raise ConfigError(
+                    f"{section}.{key}: run {cfg.trainer.name!r} in {run_dir} was started with "
+                    f"{old!r}, now {value!r}; choose a new trainer.name to start a new run"
+                )
     return True
 
 
@@ -124,8 +129,10 @@ def check_address(address: str, *, timeout: float = 3.0) -> None:
     """A TCP connect to host:port of a Ray address, so a wrong address fails in seconds, naming it."""
     scheme, _, hostport = address.rpartition("://")
     if scheme not in ("", "ray"):  # http://...:8265 is the dashboard, where `ray job submit` sends jobs
-        raise ConfigError(f"trainer.address: {address!r} is not a Ray cluster address; give the head's host:port "
-                          "(port 6379 by default) or ray://host:10001; a dashboard URL is for `ray job submit`")
+        raise ConfigError(
+            f"trainer.address: {address!r} is not a Ray cluster address; give the head's host:port "
+            "(port 6379 by default) or ray://host:10001; a dashboard URL is for `ray job submit`"
+        )
     hostport = hostport.rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -175,8 +182,10 @@ def check_local_cpus(cfg: Config, address: str | None) -> None:
         return
     need, have = t.num_workers * t.cpus_per_worker, os.cpu_count() or 1
     if need > have and _new_local_cluster(address):
-        raise ConfigError(f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
-                          f"CPUs, this machine has {have} (no Ray cluster running here and no address given)")
+        raise ConfigError(
+            f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
+            f"CPUs, this machine has {have} (no Ray cluster running here and no address given)"
+        )
 
 
 def check_local_gpus(cfg: Config, address: str | None) -> None:
@@ -192,8 +201,9 @@ def check_local_gpus(cfg: Config, address: str | None) -> None:
     where = "this machine has no GPUs, and a new local Ray cluster would start here (no address given, none running)"
     if t.use_gpu:
         raise ConfigError(f"trainer.use_gpu: true, but {where}; set it false, or give trainer.address of a GPU cluster")
-    raise ConfigError(f"trainer.precision: {t.precision} needs GPUs, but {where}; use fp32, or give trainer.address "
-                      "of a GPU cluster")
+    raise ConfigError(
+        f"trainer.precision: {t.precision} needs GPUs, but {where}; use fp32, or give trainer.address of a GPU cluster"
+    )
 
 
 def machine_memory() -> int | None:
@@ -233,16 +243,29 @@ def memory_floor(cfg: Config) -> list[tuple[str, int, str]]:
     n = (d.n_train or full[0]) + (d.n_test or full[1])
     workers = 1 if t.strategy == "local" else t.num_workers
     gpu = t.strategy != "local" and (t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()))
-    terms = [("data.n_train", workers * n * values * f32,
-              f"{workers} worker(s) × {n} examples × {values} values × {f32} bytes for the data set")]
+    terms = [
+        (
+            "data.n_train",
+            workers * n * values * f32,
+            f"{workers} worker(s) × {n} examples × {values} values × {f32} bytes for the data set",
+        )
+    ]
     if o.unroll_steps and not gpu:
         per = o.unroll_steps * t.batch_size * o.num_particles * values * f32 * 2
-        how = (f"{workers} worker(s) × K={o.unroll_steps} unrolled steps × batch {t.batch_size} × "
-               f"{o.num_particles} particle(s) × {values} values × {f32} bytes × 2 (input and gradient) "
-               "for the unroll's graph")
+        how = (
+            f"{workers} worker(s) × K={o.unroll_steps} unrolled steps × batch {t.batch_size} × "
+            f"{o.num_particles} particle(s) × {values} values × {f32} bytes × 2 (input and gradient) "
+            "for the unroll's graph"
+        )
         terms.append(("objective.unroll_steps", workers * per, how))
-    key, count = max((("eval.num_samples", e.num_samples), ("eval.fid_samples", e.fid_samples),
-                      ("eval.ais_chains", e.ais_chains + e.raise_chains)), key=lambda kv: kv[1])
+    key, count = max(
+        (
+            ("eval.num_samples", e.num_samples),
+            ("eval.fid_samples", e.fid_samples),
+            ("eval.ais_chains", e.ais_chains + e.raise_chains),
+        ),
+        key=lambda kv: kv[1],
+    )
     terms.append((key, count * values * f32, f"{count} samples × {values} values × {f32} bytes for an evaluation"))
     return terms
 
@@ -260,8 +283,10 @@ def check_memory(cfg: Config, address: str | None) -> None:
     need = sum(b for _, b, _ in terms)
     if need > have:
         key, size, how = max(terms, key=lambda term: term[1])
-        raise ConfigError(f"{key}: the run needs at least {_gib(need)} of memory, this machine has {_gib(have)}; the "
-                          f"largest part is {how}: {_gib(size)}. Lower {key}")
+        raise ConfigError(
+            f"{key}: the run needs at least {_gib(need)} of memory, this machine has {_gib(have)}; the "
+            f"largest part is {how}: {_gib(size)}. Lower {key}"
+        )
 
 
 # --------------------------------------------------------------------------- after the checks

@@ -22,13 +22,19 @@ from distributed_bism.launch.local import print_line, worker_threads
 from distributed_bism.launch.preflight import check_address, check_local_cpus, local_run_dir, storage_path
 from distributed_bism.launch.signals import handling, on_stop, reinstall
 from distributed_bism.tracking import RunLogger
-from distributed_bism.training.checkpointing import (CheckpointWriteError, LocalCheckpoints, Retention,
-                                                    checkpoint_dir_name, write_error)
+from distributed_bism.training.checkpointing import (
+    CheckpointWriteError,
+    LocalCheckpoints,
+    Retention,
+    checkpoint_dir_name,
+    write_error,
+)
 from distributed_bism.training.loop import TrainLoop
 
 
-def train_on_ray(cfg: Config, run_id: str | None, uri: str | None,
-                 *, address: str | None = None) -> tuple[dict[str, Any], str | None]:
+def train_on_ray(
+    cfg: Config, run_id: str | None, uri: str | None, *, address: str | None = None
+) -> tuple[dict[str, Any], str | None]:
     """Fit the run on trainer.num_workers Ray Train workers; returns what rank 0's `TrainLoop.fit`
     returned and the newest checkpoint's path.
 
@@ -36,8 +42,9 @@ def train_on_ray(cfg: Config, run_id: str | None, uri: str | None,
     polls, so after a group restart its latest can be an older checkpoint than the final one the
     workers wrote (and the restarted workers, finding the run complete, report nothing). With
     local storage the newest checkpoint on disk is the run's; with a URI, Ray's."""
-    result = run_on_ray(cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
-                        address=address)
+    result = run_on_ray(
+        cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri}, address=address
+    )
     out = result.return_value if isinstance(result.return_value, dict) else dict(result.metrics or {})
     checkpoint = result.checkpoint.path if result.checkpoint else None
     run_dir = local_run_dir(cfg)
@@ -64,8 +71,13 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     address = address or os.environ.get("RAY_ADDRESS")
 
     def start_local(address: str | None) -> None:
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING)
+        ray.init(
+            address=address,
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
 
     if address == "local":
         start_local("local")
@@ -94,18 +106,24 @@ def check_resources(cfg: Config, ray: Any) -> bool:
         raise ConfigError(f"trainer.num_workers: {t.num_workers} GPU workers asked for, the cluster has {gpus} GPUs")
     need = t.num_workers * (0 if use_gpu else t.cpus_per_worker)
     if need > cpus:
-        raise ConfigError(f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker} CPUs need {need:g} CPUs, "
-                          f"the cluster has {cpus:g}")
+        raise ConfigError(
+            f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker} CPUs need {need:g} CPUs, "
+            f"the cluster has {cpus:g}"
+        )
     if t.precision != "fp32" and not use_gpu:
         raise ConfigError(f"trainer.precision: {t.precision} needs GPUs and the workers have none; use fp32")
     for name, amount in t.resources_per_worker.items():
         if t.num_workers * amount > res.get(name, 0):
-            raise ConfigError(f"trainer.resources_per_worker.{name}: {t.num_workers} workers × {amount:g} need "
-                              f"{t.num_workers * amount:g}, the cluster has {res.get(name, 0):g}")
+            raise ConfigError(
+                f"trainer.resources_per_worker.{name}: {t.num_workers} workers × {amount:g} need "
+                f"{t.num_workers * amount:g}, the cluster has {res.get(name, 0):g}"
+            )
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if t.placement_strategy == "STRICT_SPREAD" and t.num_workers > nodes:
-        raise ConfigError(f"trainer.placement_strategy: STRICT_SPREAD puts each of {t.num_workers} workers on a "
-                          f"node of its own, the cluster has {nodes} node(s)")
+        raise ConfigError(
+            f"trainer.placement_strategy: STRICT_SPREAD puts each of {t.num_workers} workers on a "
+            f"node of its own, the cluster has {nodes} node(s)"
+        )
     return use_gpu
 
 
@@ -116,12 +134,22 @@ def scaling_config(cfg: Config, use_gpu: bool) -> Any:
 
     t = cfg.trainer
     resources = ({} if use_gpu else {"CPU": t.cpus_per_worker}) | t.resources_per_worker
-    return ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu, resources_per_worker=resources or None,
-                         placement_strategy=t.placement_strategy)
+    return ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources or None,
+        placement_strategy=t.placement_strategy,
+    )
 
 
-def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any],
-               *, address: str | None = None, callbacks: list[Any] | None = None) -> Any:
+def run_on_ray(
+    cfg: Config,
+    worker_fn: Callable[[dict[str, Any]], Any],
+    loop_config: dict[str, Any],
+    *,
+    address: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
     """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers; raises
     the CheckpointWriteError a worker_main returned."""
     # Train V2's own modules: the objects ray.train exports at runtime, typed as such (ray.train's
@@ -139,14 +167,20 @@ def run_on_ray(cfg: Config, worker_fn: Callable[[dict[str, Any]], Any], loop_con
     with ray_session(address or t.address) as ray:
         use_gpu = check_resources(cfg, ray)
         trainer = TorchTrainer(
-            worker_fn, train_loop_config=loop_config,
+            worker_fn,
+            train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=scaling_config(cfg, use_gpu),
-            run_config=RunConfig(name=t.name, storage_path=storage_path(cfg), callbacks=callbacks,
-                                 failure_config=FailureConfig(max_failures=t.max_failures),
-                                 # local storage: Ray keeps every checkpoint, `Retention` prunes (RaySink)
-                                 checkpoint_config=CheckpointConfig(num_to_keep=None if run_dir else t.num_to_keep),
-                                 logging_config=LoggingConfig(log_level="WARNING")))
+            run_config=RunConfig(
+                name=t.name,
+                storage_path=storage_path(cfg),
+                callbacks=callbacks,
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                # local storage: Ray keeps every checkpoint, `Retention` prunes (RaySink)
+                checkpoint_config=CheckpointConfig(num_to_keep=None if run_dir else t.num_to_keep),
+                logging_config=LoggingConfig(log_level="WARNING"),
+            ),
+        )
         if handling():  # not Ray Train's Ctrl-C handler (it exits 0): the driver's aborts the same way
             # a private Ray 2.60 hook, replaced on this instance only
             setattr(trainer, "_register_sigint_handler", lambda controller: on_stop(controller.abort.remote))  # noqa: B010
@@ -207,8 +241,16 @@ def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     run_dir = local_run_dir(cfg)
     sink = RaySink(run_dir, Retention(run_dir, cfg.trainer.num_to_keep) if run_dir and rank == 0 else None)
-    return TrainLoop.from_config(cfg, rank=rank, world_size=world, device=ray.train.torch.get_device(),
-                                 sink=sink, logger=logger, run_id=loop_config["run_id"], log=print_line)
+    return TrainLoop.from_config(
+        cfg,
+        rank=rank,
+        world_size=world,
+        device=ray.train.torch.get_device(),
+        sink=sink,
+        logger=logger,
+        run_id=loop_config["run_id"],
+        log=print_line,
+    )
 
 
 class RaySink:

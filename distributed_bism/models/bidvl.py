@@ -23,8 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from distributed_bism.models.conv_energy import (Padding, ResNetFeatures, checked_pad, padded_sides,
-                                                 reference_coupling_dim, side_padding)
+from distributed_bism.models.conv_energy import (
+    Padding,
+    ResNetFeatures,
+    checked_pad,
+    padded_sides,
+    reference_coupling_dim,
+    side_padding,
+)
 from distributed_bism.models.posterior import GaussianPosterior, mlp
 
 ENERGY_NETS = ("conv", "mlp")
@@ -42,9 +48,18 @@ class MarginalEnergy(nn.Module):
     plain EBM, its EBMResNet): E = Σ_k ELU(Linear(φ(v)))_k² over D = (H/8)(W/8)·4·ch outputs.
     """
 
-    def __init__(self, in_shape: Sequence[int], *, net: str = "mlp", hidden: Sequence[int] = (256, 256),
-                 ch: int = 64, blocks_per_stage: int = 1, block: str = "reference", readout: str = "flatten",
-                 head: str = "linear"):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        *,
+        net: str = "mlp",
+        hidden: Sequence[int] = (256, 256),
+        ch: int = 64,
+        blocks_per_stage: int = 1,
+        block: str = "reference",
+        readout: str = "flatten",
+        head: str = "linear",
+    ):
         super().__init__()
         self.in_shape = tuple(int(s) for s in in_shape)
         if head not in ENERGY_HEADS:
@@ -56,8 +71,14 @@ class MarginalEnergy(nn.Module):
             self.padding: Padding = side_padding(self.in_shape)
             sides = padded_sides(self.in_shape, self.padding)
             width = reference_coupling_dim(sides, ch) if self.square else 1
-            self.net: nn.Module = ResNetFeatures((self.in_shape[0], *sides), width, ch=ch,
-                                                 blocks_per_stage=blocks_per_stage, block=block, readout=readout)
+            self.net: nn.Module = ResNetFeatures(
+                (self.in_shape[0], *sides),
+                width,
+                ch=ch,
+                blocks_per_stage=blocks_per_stage,
+                block=block,
+                readout=readout,
+            )
         elif net == "mlp":
             if self.square:
                 raise ValueError("head elu_square is the conv energy's; net mlp has a linear head")
@@ -99,9 +120,17 @@ class EncoderDecoder(nn.Module):
         decoder_output: sigmoid ([0, 1] data), tanh ([-1, 1]) or none (unbounded).
     """
 
-    def __init__(self, in_shape: Sequence[int], h_dim: int, *, encoder: str = "mlp",
-                 hidden: Sequence[int] = (256, 256), channels: Sequence[int] = (64, 128, 256),
-                 decoder_hidden: Sequence[int] = (256, 256), decoder_output: str = "sigmoid"):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        h_dim: int,
+        *,
+        encoder: str = "mlp",
+        hidden: Sequence[int] = (256, 256),
+        channels: Sequence[int] = (64, 128, 256),
+        decoder_hidden: Sequence[int] = (256, 256),
+        decoder_output: str = "sigmoid",
+    ):
         super().__init__()
         if decoder_output not in DECODER_OUTPUTS:
             raise ValueError(f"unknown decoder output {decoder_output!r}; expected one of {DECODER_OUTPUTS}")

@@ -10,8 +10,9 @@ from distributed_bism.config import Config
 from distributed_bism.models import build_energy, build_posterior
 
 
-def build_models(cfg: Config, input_shape: Sequence[int], *,
-                 with_posterior: bool) -> tuple[nn.Module, nn.Module | None]:
+def build_models(
+    cfg: Config, input_shape: Sequence[int], *, with_posterior: bool
+) -> tuple[nn.Module, nn.Module | None]:
     """Freshly initialised (energy, posterior or None) for examples of `input_shape`: what the energy
     takes per example, flat (D,) for a GRBM (data.prepare.model_input_shape). The posterior is built
     only `with_posterior` (a bi-level objective, or a checkpoint that stored one)."""

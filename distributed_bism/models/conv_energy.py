@@ -92,8 +92,16 @@ class ResNetFeatures(nn.Module):
     `in_shape` is the (C, H, W) the network sees (already padded to multiples of 8).
     """
 
-    def __init__(self, in_shape: Sequence[int], out_dim: int, *, ch: int = 64, blocks_per_stage: int = 1,
-                 block: str = "reference", readout: str = "flatten"):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_dim: int,
+        *,
+        ch: int = 64,
+        blocks_per_stage: int = 1,
+        block: str = "reference",
+        readout: str = "flatten",
+    ):
         super().__init__()
         if readout not in READOUTS:
             raise ValueError(f"unknown readout {readout!r}; expected one of {READOUTS}")
@@ -130,8 +138,17 @@ class ConvEBLVM(nn.Module):
         block: "reference" or "wide" residual blocks; readout: "flatten" or "pool".
     """
 
-    def __init__(self, in_shape: Sequence[int], h_dim: int, *, ch: int = 64, blocks_per_stage: int = 1,
-                 coupling_dim: int | None = None, block: str = "reference", readout: str = "flatten"):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        h_dim: int,
+        *,
+        ch: int = 64,
+        blocks_per_stage: int = 1,
+        coupling_dim: int | None = None,
+        block: str = "reference",
+        readout: str = "flatten",
+    ):
         super().__init__()
         if len(in_shape) != 3:
             raise ValueError(f"ConvEBLVM needs in_shape (C, H, W), got {tuple(in_shape)}")
@@ -139,8 +156,9 @@ class ConvEBLVM(nn.Module):
         self.h_dim = h_dim
         self.padding = side_padding(self.in_shape)
         sides = padded_sides(self.in_shape, self.padding)
-        self.features = ResNetFeatures((self.in_shape[0], *sides), h_dim, ch=ch, blocks_per_stage=blocks_per_stage,
-                                       block=block, readout=readout)
+        self.features = ResNetFeatures(
+            (self.in_shape[0], *sides), h_dim, ch=ch, blocks_per_stage=blocks_per_stage, block=block, readout=readout
+        )
         self.coupling = nn.Linear(2 * h_dim, coupling_dim or reference_coupling_dim(sides, ch))
 
     def visible_features(self, v: Tensor) -> Tensor:

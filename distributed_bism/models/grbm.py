@@ -41,8 +41,15 @@ class GaussianRBM(nn.Module):
         init_log_sigma: initial value of every log σ_i.
     """
 
-    def __init__(self, v_dim: int, h_dim: int, *, init: str | None = None, init_std: float | None = None,
-                 init_log_sigma: float = 0.0):
+    def __init__(
+        self,
+        v_dim: int,
+        h_dim: int,
+        *,
+        init: str | None = None,
+        init_std: float | None = None,
+        init_log_sigma: float = 0.0,
+    ):
         super().__init__()
         if v_dim <= 0 or h_dim <= 0:
             raise ValueError(f"GaussianRBM needs v_dim > 0 and h_dim > 0, got v_dim={v_dim}, h_dim={h_dim}")
@@ -138,8 +145,10 @@ class GaussianRBM(nn.Module):
                 f"exact log Z enumerates 2^H hidden states; H={H} exceeds the limit of {MAX_ENUMERABLE_H}"
                 " (use an AIS estimate instead)"
             )
-        partial = [torch.logsumexp(self.hidden_log_weight(self.hidden_states(start, start + chunk_size)), 0)
-                   for start in range(0, 2**H, chunk_size)]
+        partial = [
+            torch.logsumexp(self.hidden_log_weight(self.hidden_states(start, start + chunk_size)), 0)
+            for start in range(0, 2**H, chunk_size)
+        ]
         log_norm = 0.5 * self.v_dim * math.log(2 * math.pi) + self.log_sigma.sum()
         return log_norm + torch.logsumexp(torch.stack(partial), 0)
 
@@ -157,8 +166,10 @@ class GaussianRBM(nn.Module):
     def sample_exact(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n exact samples v ~ p(v), (n, D): h from the enumerated marginal p(h), then v ~ p(v|h). H ≤ 20."""
         if self.h_dim > MAX_ENUMERABLE_H:
-            raise ValueError(f"exact sampling enumerates 2^H hidden states; H={self.h_dim} exceeds the limit of "
-                             f"{MAX_ENUMERABLE_H} (use Gibbs sampling instead)")
+            raise ValueError(
+                f"exact sampling enumerates 2^H hidden states; H={self.h_dim} exceeds the limit of "
+                f"{MAX_ENUMERABLE_H} (use Gibbs sampling instead)"
+            )
         probs = torch.softmax(self.hidden_log_weight(self.hidden_states(0, 2**self.h_dim)), 0)
         idx = torch.multinomial(probs, n, replacement=True, generator=generator)
         return self.sample_v(self.hidden_states(0, 2**self.h_dim)[idx], generator)

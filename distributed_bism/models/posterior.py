@@ -87,8 +87,9 @@ class BernoulliPosterior(Posterior):
         temperature: τ of the relaxation.
     """
 
-    def __init__(self, v_dim: int, h_dim: int, *, hidden: Sequence[int] = (), temperature: float = 0.1,
-                 relaxed: bool = True):
+    def __init__(
+        self, v_dim: int, h_dim: int, *, hidden: Sequence[int] = (), temperature: float = 0.1, relaxed: bool = True
+    ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"posterior temperature must be > 0, got {temperature}")
@@ -123,13 +124,22 @@ class GaussianPosterior(Posterior):
     Linear heads give μ and log σ; `forward` returns them concatenated as (B, 2H).
     """
 
-    def __init__(self, in_shape: Sequence[int], h_dim: int, *, encoder: str = "conv",
-                 hidden: Sequence[int] = (256, 256), channels: Sequence[int] = (64, 128, 256)):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        h_dim: int,
+        *,
+        encoder: str = "conv",
+        hidden: Sequence[int] = (256, 256),
+        channels: Sequence[int] = (64, 128, 256),
+    ):
         super().__init__()
         self.h_dim = h_dim
         if encoder == "mlp":
             d = math.prod(in_shape)
-            self.body = nn.Sequential(nn.Flatten(), mlp(d, hidden[:-1], hidden[-1]), nn.ELU()) if hidden else nn.Flatten()
+            self.body = (
+                nn.Sequential(nn.Flatten(), mlp(d, hidden[:-1], hidden[-1]), nn.ELU()) if hidden else nn.Flatten()
+            )
             feat = hidden[-1] if hidden else d
         elif encoder == "conv":
             if len(in_shape) != 3:

@@ -68,5 +68,10 @@ class Objective:
 
 def perturbation_of(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Perturbation:
     """The spec's kind of noise at the config's σ settings (the "none" kind ignores them)."""
-    return Perturbation(spec.perturbation, sigma=cfg.sigma, sigma_begin=cfg.sigma_begin, sigma_end=cfg.sigma_end,
-                        schedule=cfg.sigma_schedule)
+    return Perturbation(
+        spec.perturbation,
+        sigma=cfg.sigma,
+        sigma_begin=cfg.sigma_begin,
+        sigma_end=cfg.sigma_end,
+        schedule=cfg.sigma_schedule,
+    )

@@ -76,17 +76,19 @@ class BiDVLLosses:
         v = batch.x
         passes: BiDVLPasses = q(prior_draws(v, q.module.h_dim))
         e = energy(torch.cat([v, passes.x_gen]))  # type: ignore[call-arg]
-        return upper_level_loss(e[: len(v)], e[len(v):], hinge=self.hinge, margin=self.margin)
+        return upper_level_loss(e[: len(v)], e[len(v) :], hinge=self.hinge, margin=self.margin)
 
     def lower_terms(self, energy: EnergyFn, q: PosteriorView, x: Tensor) -> dict[str, Tensor]:
         """The lower level's pieces per example, each (B,): energy_gen, latent, recon, kl."""
         h_prior = prior_draws(x, q.module.h_dim)
         passes: BiDVLPasses = q(h_prior, x)
         assert passes.mu_gen is not None and passes.q_params is not None and passes.recon is not None
-        return {"energy_gen": energy(passes.x_gen),  # type: ignore[call-arg]
-                "latent": latent_reconstruction(passes.mu_gen, h_prior),
-                "recon": reconstruction_error(x, passes.recon),
-                "kl": kl_to_standard_normal(passes.q_params)}
+        return {
+            "energy_gen": energy(passes.x_gen),  # type: ignore[call-arg]
+            "latent": latent_reconstruction(passes.mu_gen, h_prior),
+            "recon": reconstruction_error(x, passes.recon),
+            "kl": kl_to_standard_normal(passes.q_params),
+        }
 
     def inner(self, energy: EnergyFn, q: PosteriorView, x: Tensor) -> Tensor:
         """Lower level per example (B,): E(P(ĥ)) + w·latent + λ·(recon + KL)."""
@@ -96,6 +98,10 @@ class BiDVLLosses:
 
 def build(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Objective:
     """The two levels an ObjectiveConfig with name=bidvl describes; the data are not perturbed."""
-    losses = BiDVLLosses(lam=cfg.bidvl_lambda, latent_weight=cfg.bidvl_latent_weight, hinge=cfg.bidvl_hinge,
-                         margin=cfg.bidvl_hinge_margin)
+    losses = BiDVLLosses(
+        lam=cfg.bidvl_lambda,
+        latent_weight=cfg.bidvl_latent_weight,
+        hinge=cfg.bidvl_hinge,
+        margin=cfg.bidvl_hinge_margin,
+    )
     return Objective(cfg.name, spec, perturbation_of(cfg, spec), losses.outer, inner=losses.inner)

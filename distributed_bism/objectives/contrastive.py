@@ -56,7 +56,7 @@ class ContrastiveDivergence:
 
     def __call__(self, energy: Callable[..., Tensor], q: PosteriorView | None, batch: NoisyBatch) -> Tensor:
         """The higher-level loss `outer(energy, q, batch)`: F(v) − F(v⁻), (B,); q is unused."""
-        return self.loss(energy, unwrap(energy), batch)  # type: ignore[arg-type]
+        return self.loss(energy, unwrap(energy), batch)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {} if self.chains is None else {"chains": self.chains.clone()}

@@ -29,7 +29,7 @@ def rbf_ksd_loss(score_fn: ScoreFn, batch: NoisyBatch, *, bandwidth: float) -> T
         raise ValueError(f"KSD pairs the two halves of a batch; it needs at least 2 examples, got {x.shape[0]}")
     s = score_fn(x).flatten(1)
     flat = x.flatten(1)
-    a, b, sa, sb = flat[:m], flat[m:2 * m], s[:m], s[m:2 * m]
+    a, b, sa, sb = flat[:m], flat[m : 2 * m], s[:m], s[m : 2 * m]
     diff = a - b  # (m, D)
     sq = (diff**2).sum(-1)
     h2 = bandwidth**2

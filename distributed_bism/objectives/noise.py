@@ -66,8 +66,9 @@ class Perturbation:
             return torch.full((n,), self.sigma, dtype=v.dtype, device=v.device)
         if self.schedule == "linear":
             return torch.linspace(self.sigma_begin, self.sigma_end, n, dtype=v.dtype, device=v.device)
-        return torch.logspace(math.log10(self.sigma_begin), math.log10(self.sigma_end), n,
-                              dtype=v.dtype, device=v.device)
+        return torch.logspace(
+            math.log10(self.sigma_begin), math.log10(self.sigma_end), n, dtype=v.dtype, device=v.device
+        )
 
     def __call__(self, v: Tensor) -> NoisyBatch:
         v = v.detach()

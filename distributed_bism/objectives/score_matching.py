@@ -97,6 +97,7 @@ def build(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Objective:
     sm_loss = get_sm_loss_fn(spec.loss, sigma0=cfg.sigma0)
     perturbation = perturbation_of(cfg, spec)
     if not spec.bilevel:
+
         def free_energy_sm_loss(energy: EnergyFn, q: PosteriorView | None, batch: NoisyBatch) -> Tensor:
             return sm_loss(free_energy_score_fn(energy), batch)  # type: ignore[arg-type]
 
@@ -106,5 +107,10 @@ def build(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Objective:
         assert q is not None, f"{cfg.name} needs a posterior"
         return sm_loss(bism_score_fn(energy, q, num_particles=cfg.num_particles), batch)
 
-    return Objective(cfg.name, spec, perturbation, bism_loss,
-                     inner=get_lower_level_loss_fn(cfg.lower_level, num_particles=cfg.num_particles))
+    return Objective(
+        cfg.name,
+        spec,
+        perturbation,
+        bism_loss,
+        inner=get_lower_level_loss_fn(cfg.lower_level, num_particles=cfg.num_particles),
+    )

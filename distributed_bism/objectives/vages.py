@@ -87,8 +87,9 @@ class SGLD:
 ParticleSampler = Callable[[EnergyFn, PosteriorView, Tensor, int, int], list[Particles]]
 
 
-def draw_particles(energy: EnergyFn, q: PosteriorView, x: Tensor, num_particles: int, num_sets: int = 1, *,
-                   sgld: SGLD | None = None) -> list[Particles]:
+def draw_particles(
+    energy: EnergyFn, q: PosteriorView, x: Tensor, num_particles: int, num_sets: int = 1, *, sgld: SGLD | None = None
+) -> list[Particles]:
     """`num_sets` independent sets of L = num_particles draws h ~ q(h|x), each (L, B, H), detached.
 
     A Bernoulli posterior is sampled exactly in {0, 1}^H: its Gumbel-sigmoid relaxation exists for
@@ -124,8 +125,9 @@ def vaes(x: Tensor, log_p: Tensor, particles: Particles, *, create_graph: bool) 
     return s
 
 
-def vaes_score_fn(energy: EnergyFn, q: PosteriorView, *, num_particles: int = 1,
-                  create_graph: bool = True, sgld: SGLD | None = None) -> ScoreFn:
+def vaes_score_fn(
+    energy: EnergyFn, q: PosteriorView, *, num_particles: int = 1, create_graph: bool = True, sgld: SGLD | None = None
+) -> ScoreFn:
     """x (B, ...) ↦ VaES(x) (B, ...): the particle mean of −∇_x E(x, h_l), h_l ~ q(h|x) detached
     (optionally refined by SGLD). With `create_graph` the result can be differentiated again in x
     and θ (for SM losses)."""
@@ -149,8 +151,16 @@ def covariance_scale(particles: Particles, *, biased_cov: bool) -> float:
     return particles.num / (particles.num - 1)
 
 
-def vages_surrogate(x: Tensor, g: Tensor, log_p_esd: Tensor, esd: Particles, log_p_cov: Tensor, cov: Particles, *,
-                    biased_cov: bool = False) -> Tensor:
+def vages_surrogate(
+    x: Tensor,
+    g: Tensor,
+    log_p_esd: Tensor,
+    esd: Particles,
+    log_p_cov: Tensor,
+    cov: Particles,
+    *,
+    biased_cov: bool = False,
+) -> Tensor:
     """Per-example scalars S_b (B,) whose θ-gradient is g_bᵀ VaGES(x_b).
 
         S_b = g_bᵀ ∇_x Ê_esd[log p̃(x_b, h)]                                 (graph kept: ∂_θ∇_x)
@@ -186,13 +196,21 @@ class VaGESLoss:
         sampler: how particles are drawn (`draw_particles`; tests pass exact enumerations).
     """
 
-    def __init__(self, score_loss: ScoreLossFn, *, num_particles: int, biased_cov: bool = False,
-                 sgld: SGLD | None = None, sampler: ParticleSampler | None = None):
+    def __init__(
+        self,
+        score_loss: ScoreLossFn,
+        *,
+        num_particles: int,
+        biased_cov: bool = False,
+        sgld: SGLD | None = None,
+        sampler: ParticleSampler | None = None,
+    ):
         if num_particles < 1:
             raise ValueError(f"objective.num_particles must be >= 1, got {num_particles}")
         self.score_loss, self.num_particles, self.biased_cov = score_loss, num_particles, biased_cov
         self.sampler: ParticleSampler = sampler or (
-            lambda energy, q, x, num, sets: draw_particles(energy, q, x, num, sets, sgld=sgld))
+            lambda energy, q, x, num, sets: draw_particles(energy, q, x, num, sets, sgld=sgld)
+        )
 
     def __call__(self, energy: EnergyFn, q: PosteriorView | None, batch: NoisyBatch) -> Tensor:
         assert q is not None, "VaGES needs a posterior"
@@ -212,9 +230,19 @@ def build(cfg: ObjectiveConfig, spec: ObjectiveSpec) -> Objective:
     """vages_dsm / vages_mdsm / vages_ksd: ℓ = spec.loss at the VaES score with the VaGES
     θ-gradient, and BiSM's lower level (objective.lower_level) for the posterior."""
     assert spec.loss is not None, f"{cfg.name}: a VaGES spec names its score loss"
-    score_loss = (ksd_loss_fn(bandwidth=cfg.ksd_bandwidth) if spec.loss == "ksd"
-                  else get_sm_loss_fn(spec.loss, sigma0=cfg.sigma0))
-    vages = VaGESLoss(score_loss, num_particles=cfg.num_particles, biased_cov=cfg.biased_cov,
-                      sgld=SGLD(cfg.sgld_steps, cfg.sgld_step_size, cfg.sgld_noise) if cfg.sgld_steps else None)
-    return Objective(cfg.name, spec, perturbation_of(cfg, spec), vages,
-                     inner=get_lower_level_loss_fn(cfg.lower_level, num_particles=cfg.num_particles))
+    score_loss = (
+        ksd_loss_fn(bandwidth=cfg.ksd_bandwidth) if spec.loss == "ksd" else get_sm_loss_fn(spec.loss, sigma0=cfg.sigma0)
+    )
+    vages = VaGESLoss(
+        score_loss,
+        num_particles=cfg.num_particles,
+        biased_cov=cfg.biased_cov,
+        sgld=SGLD(cfg.sgld_steps, cfg.sgld_step_size, cfg.sgld_noise) if cfg.sgld_steps else None,
+    )
+    return Objective(
+        cfg.name,
+        spec,
+        perturbation_of(cfg, spec),
+        vages,
+        inner=get_lower_level_loss_fn(cfg.lower_level, num_particles=cfg.num_particles),
+    )

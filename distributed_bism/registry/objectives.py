@@ -53,11 +53,13 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "bidsm": ObjectiveSpec(_SM, "bism", "gaussian", "dsm", bilevel=True),
     "bimdsm": ObjectiveSpec(_SM, "bism", "multiscale", "mdsm", bilevel=True, divide_inner_by_sigma=True),
     "bissm": ObjectiveSpec(_SM, "bism", "rademacher", "ssm", bilevel=True),
-    "bidvl": ObjectiveSpec("distributed_bism.objectives.bidvl:build", "bidvl", bilevel=True, energy="marginal",
-                           posterior="encoder_decoder"),
+    "bidvl": ObjectiveSpec(
+        "distributed_bism.objectives.bidvl:build", "bidvl", bilevel=True, energy="marginal", posterior="encoder_decoder"
+    ),
     "vages_dsm": ObjectiveSpec(_VAGES, "vages", "gaussian", "dsm", bilevel=True, unrolls=False),
-    "vages_mdsm": ObjectiveSpec(_VAGES, "vages", "multiscale", "mdsm", bilevel=True, unrolls=False,
-                                divide_inner_by_sigma=True),
+    "vages_mdsm": ObjectiveSpec(
+        _VAGES, "vages", "multiscale", "mdsm", bilevel=True, unrolls=False, divide_inner_by_sigma=True
+    ),
     "vages_ksd": ObjectiveSpec(_VAGES, "vages", "none", "ksd", bilevel=True, unrolls=False),
     "dsm": ObjectiveSpec(_SM, "score_matching", "gaussian", "dsm", energy="free_energy"),
     "mdsm": ObjectiveSpec(_SM, "score_matching", "multiscale", "mdsm", energy="free_energy"),

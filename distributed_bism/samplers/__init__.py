@@ -12,14 +12,29 @@ names (eval.sampler's legal values), is the leaf table of distributed_bism/regis
 
 from __future__ import annotations
 
-from distributed_bism.samplers.base import SAMPLERS, SampleResult, Sampler, get_sampler, register_sampler, sampler_class
+from distributed_bism.samplers.base import SAMPLERS, Sampler, SampleResult, get_sampler, register_sampler, sampler_class
 from distributed_bism.samplers.conditional import SAMPLER_NAME, ConditionalSampler, conditional_samples, posterior_mean
 from distributed_bism.samplers.decoder import DecoderSampler
 from distributed_bism.samplers.gibbs import GibbsSampler
 from distributed_bism.samplers.langevin import LangevinSchedule, annealed_langevin, langevin_with_grad
 from distributed_bism.samplers.langevin_samplers import JointLangevinSampler, MarginalLangevinSampler
 
-__all__ = ["SAMPLERS", "SAMPLER_NAME", "ConditionalSampler", "DecoderSampler", "GibbsSampler", "JointLangevinSampler",
-           "LangevinSchedule", "MarginalLangevinSampler", "SampleResult", "Sampler", "annealed_langevin",
-           "conditional_samples", "get_sampler", "langevin_with_grad", "posterior_mean", "register_sampler",
-           "sampler_class"]
+__all__ = [
+    "SAMPLERS",
+    "SAMPLER_NAME",
+    "ConditionalSampler",
+    "DecoderSampler",
+    "GibbsSampler",
+    "JointLangevinSampler",
+    "LangevinSchedule",
+    "MarginalLangevinSampler",
+    "SampleResult",
+    "Sampler",
+    "annealed_langevin",
+    "conditional_samples",
+    "get_sampler",
+    "langevin_with_grad",
+    "posterior_mean",
+    "register_sampler",
+    "sampler_class",
+]

@@ -39,8 +39,16 @@ class Sampler:
 
     name: ClassVar[str]
 
-    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
-               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+    def sample(
+        self,
+        energy: nn.Module,
+        posterior: nn.Module | None = None,
+        *,
+        num_samples: int,
+        data_shape: Sequence[int],
+        v_data: Tensor | None = None,
+        seed: int = 0,
+    ) -> SampleResult:
         raise NotImplementedError
 
 
@@ -81,13 +89,18 @@ def get_sampler(name: str, **settings: Any) -> Sampler:
         settings["schedule"] = dataclasses.replace(settings.get("schedule", LangevinSchedule()), **flat)
     unknown = sorted(set(settings) - fields)
     if unknown:
-        raise ValueError(f"sampler {name!r}: unknown setting(s) {', '.join(unknown)}; "
-                         f"expected some of {', '.join(sorted(fields | (_SCHEDULE_KEYS if 'schedule' in fields else set())))}")
+        raise ValueError(
+            f"sampler {name!r}: unknown setting(s) {', '.join(unknown)}; "
+            f"expected some of {', '.join(sorted(fields | (_SCHEDULE_KEYS if 'schedule' in fields else set())))}"
+        )
     return cls(**settings)
 
 
 def describe_schedule(s: LangevinSchedule) -> str:
     """A short text of a schedule for labels."""
-    return (f"√α={s.step:g}, {s.hot}@T={s.t_max:g}, {s.anneal}→T=1" + (f", {s.settle}@T=1" if s.settle else "")
-            + f", {s.cool}→T=0"
-            + (f", denoise σ0={s.denoise_sigma:g}" if s.denoise_sigma > 0 else ""))
+    return (
+        f"√α={s.step:g}, {s.hot}@T={s.t_max:g}, {s.anneal}→T=1"
+        + (f", {s.settle}@T=1" if s.settle else "")
+        + f", {s.cool}→T=0"
+        + (f", denoise σ0={s.denoise_sigma:g}" if s.denoise_sigma > 0 else "")
+    )

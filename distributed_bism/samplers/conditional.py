@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.models.posterior import Posterior
-from distributed_bism.samplers.base import SampleResult, Sampler, register_sampler
+from distributed_bism.samplers.base import Sampler, SampleResult, register_sampler
 from distributed_bism.samplers.langevin import LangevinSchedule, annealed_langevin, reference_start
 
 SAMPLER_NAME = "conditional: v ~ p(v | h = E_q[h|v_data])"
@@ -33,15 +33,20 @@ def posterior_mean(posterior: nn.Module, v: Tensor) -> Tensor:
     return q.mean(q(v))
 
 
-def conditional_samples(energy: nn.Module, posterior: nn.Module | None, v_data: Tensor, schedule: LangevinSchedule,
-                        *, seed: int = 0) -> Tensor:
+def conditional_samples(
+    energy: nn.Module, posterior: nn.Module | None, v_data: Tensor, schedule: LangevinSchedule, *, seed: int = 0
+) -> Tensor:
     """One sample of v per data point in v_data (B, ...), given h* = E_q[h|v_data]. For a GRBM
     without a posterior (single-level baselines) h* is the exact posterior mean."""
     core = unwrap(energy)
     gen = torch.Generator(device=v_data.device).manual_seed(seed)
     if isinstance(core, GaussianRBM):
         with torch.no_grad():
-            h = posterior_mean(posterior, v_data) if posterior is not None else torch.sigmoid(core.posterior_logits(v_data))
+            h = (
+                posterior_mean(posterior, v_data)
+                if posterior is not None
+                else torch.sigmoid(core.posterior_logits(v_data))
+            )
             return core.sample_v(h, generator=gen)
     if posterior is None:
         raise ValueError("the conditional sampler of a deep EBLVM needs its posterior")
@@ -62,8 +67,16 @@ class ConditionalSampler(Sampler):
 
     schedule: LangevinSchedule = field(default_factory=LangevinSchedule)
 
-    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
-               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+    def sample(
+        self,
+        energy: nn.Module,
+        posterior: nn.Module | None = None,
+        *,
+        num_samples: int,
+        data_shape: Sequence[int],
+        v_data: Tensor | None = None,
+        seed: int = 0,
+    ) -> SampleResult:
         if v_data is None or len(v_data) < num_samples:
             raise ValueError(f"the conditional sampler needs at least {num_samples} rows of v_data")
         samples = conditional_samples(energy, posterior, v_data[:num_samples], self.schedule, seed=seed)

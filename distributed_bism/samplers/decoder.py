@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from distributed_bism.models import EncoderDecoder, unwrap
-from distributed_bism.samplers.base import SampleResult, Sampler, register_sampler
+from distributed_bism.samplers.base import Sampler, SampleResult, register_sampler
 
 SAMPLER_NAME = "bidvl_decoder: v = P(ĥ), ĥ ~ N(0, I)"
 
@@ -21,8 +21,16 @@ SAMPLER_NAME = "bidvl_decoder: v = P(ĥ), ĥ ~ N(0, I)"
 class DecoderSampler(Sampler):
     """num_samples decoder draws P(ĥ); needs BiDVL's EncoderDecoder as the posterior."""
 
-    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
-               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+    def sample(
+        self,
+        energy: nn.Module,
+        posterior: nn.Module | None = None,
+        *,
+        num_samples: int,
+        data_shape: Sequence[int],
+        v_data: Tensor | None = None,
+        seed: int = 0,
+    ) -> SampleResult:
         core = unwrap(posterior) if posterior is not None else None
         if not isinstance(core, EncoderDecoder):
             raise ValueError("the bidvl_decoder sampler needs BiDVL's encoder-decoder (posterior.name=encoder_decoder)")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from distributed_bism.models import GaussianRBM, unwrap
-from distributed_bism.samplers.base import SampleResult, Sampler, register_sampler
+from distributed_bism.samplers.base import Sampler, SampleResult, register_sampler
 
 
 @register_sampler("gibbs")
@@ -26,11 +26,21 @@ class GibbsSampler(Sampler):
 
     def __post_init__(self) -> None:
         if self.num_steps < 1 or self.init not in ("noise", "data"):
-            raise ValueError(f"gibbs: need num_steps >= 1 and init in (noise, data), got {self.num_steps}, {self.init!r}")
+            raise ValueError(
+                f"gibbs: need num_steps >= 1 and init in (noise, data), got {self.num_steps}, {self.init!r}"
+            )
 
     @torch.no_grad()
-    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
-               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+    def sample(
+        self,
+        energy: nn.Module,
+        posterior: nn.Module | None = None,
+        *,
+        num_samples: int,
+        data_shape: Sequence[int],
+        v_data: Tensor | None = None,
+        seed: int = 0,
+    ) -> SampleResult:
         grbm = unwrap(energy)
         if not isinstance(grbm, GaussianRBM):
             raise ValueError(f"the gibbs sampler needs a Gaussian RBM, got {type(grbm).__name__}")
@@ -44,5 +54,9 @@ class GibbsSampler(Sampler):
             v = grbm.b + torch.exp(grbm.log_sigma) * noise
         for _ in range(self.num_steps):
             v = grbm.gibbs_step(v, gen)
-        return SampleResult(v.reshape(num_samples, *data_shape), f"gibbs: v ~ p(v), {self.num_steps} block-Gibbs sweeps "
-                            f"from {self.init}", self.name, True)
+        return SampleResult(
+            v.reshape(num_samples, *data_shape),
+            f"gibbs: v ~ p(v), {self.num_steps} block-Gibbs sweeps from {self.init}",
+            self.name,
+            True,
+        )

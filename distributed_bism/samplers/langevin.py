@@ -33,14 +33,22 @@ class LangevinSchedule:
     settle: int = 0
 
     def __post_init__(self) -> None:
-        if (self.step <= 0 or self.t_max <= 0 or min(self.hot, self.anneal, self.cool, self.settle) < 0
-                or self.denoise_sigma < 0):
+        if (
+            self.step <= 0
+            or self.t_max <= 0
+            or min(self.hot, self.anneal, self.cool, self.settle) < 0
+            or self.denoise_sigma < 0
+        ):
             raise ValueError(f"bad Langevin schedule {self}: need step > 0, t_max > 0, counts >= 0, denoise_sigma >= 0")
 
     def temperatures(self) -> Tensor:
         """T of every step, (hot + anneal + settle + cool,)."""
         hot = torch.full((self.hot,), self.t_max)
-        anneal = torch.logspace(torch.log10(torch.tensor(self.t_max)).item(), 0.0, self.anneal) if self.anneal else torch.empty(0)
+        anneal = (
+            torch.logspace(torch.log10(torch.tensor(self.t_max)).item(), 0.0, self.anneal)
+            if self.anneal
+            else torch.empty(0)
+        )
         cool = torch.linspace(1.0, 0.0, self.cool) if self.cool else torch.empty(0)
         return torch.cat([hot, anneal, torch.ones(self.settle), cool])
 
@@ -57,21 +65,26 @@ def energy_grad_fn(energy_fn: Callable[[Tensor], Tensor]) -> GradFn:
     return grad
 
 
-def langevin_with_grad(grad_fn: GradFn, x: Tensor, schedule: LangevinSchedule,
-                       generator: torch.Generator | None = None) -> Tensor:
+def langevin_with_grad(
+    grad_fn: GradFn, x: Tensor, schedule: LangevinSchedule, generator: torch.Generator | None = None
+) -> Tensor:
     """Run the schedule from x (B, ...) with grad_fn: x ↦ ∇ₓE(x) (B, ...). Returns x (B, ...), detached."""
-    alpha = schedule.step ** 2
+    alpha = schedule.step**2
     x = x.detach().clone()
     for t in schedule.temperatures().tolist():
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = x - 0.5 * alpha * grad_fn(x) + (t * alpha) ** 0.5 * noise
     if schedule.denoise_sigma > 0:
-        x = x - schedule.denoise_sigma ** 2 * grad_fn(x)
+        x = x - schedule.denoise_sigma**2 * grad_fn(x)
     return x.detach()
 
 
-def annealed_langevin(energy_fn: Callable[[Tensor], Tensor], x: Tensor, schedule: LangevinSchedule,
-                      generator: torch.Generator | None = None) -> Tensor:
+def annealed_langevin(
+    energy_fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    schedule: LangevinSchedule,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Run the schedule from x (B, ...) on energy_fn: x ↦ (B,) energies. Returns x (B, ...)."""
     return langevin_with_grad(energy_grad_fn(energy_fn), x, schedule, generator)
 

@@ -24,13 +24,19 @@ from torch import Tensor, nn
 from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.models.posterior import Posterior, PosteriorView
 from distributed_bism.objectives.vages import vaes_score_fn
-from distributed_bism.samplers.base import SampleResult, Sampler, describe_schedule, register_sampler
-from distributed_bism.samplers.langevin import (LangevinSchedule, annealed_langevin, energy_grad_fn,
-                                                langevin_with_grad, reference_start)
+from distributed_bism.samplers.base import Sampler, SampleResult, describe_schedule, register_sampler
+from distributed_bism.samplers.langevin import (
+    LangevinSchedule,
+    annealed_langevin,
+    energy_grad_fn,
+    langevin_with_grad,
+    reference_start,
+)
 
 
-def model_score_fn(energy: nn.Module, posterior: nn.Module | None, *, num_particles: int = 10
-                   ) -> tuple[Callable[[Tensor], Tensor], str]:
+def model_score_fn(
+    energy: nn.Module, posterior: nn.Module | None, *, num_particles: int = 10
+) -> tuple[Callable[[Tensor], Tensor], str]:
     """(x (B, ...) ↦ ∇ₓ log p(x) (B, ...) detached, a short name of how): the VaES estimate with L =
     `num_particles` when there is a posterior, the exact score of a Gaussian RBM, −∇ₓE of a marginal
     energy E(v). `energy` and `posterior` unwrapped."""
@@ -64,8 +70,15 @@ class _EvalMode:
 INITS = ("noise", "data")
 
 
-def _start(init: str, num_samples: int, data_shape: Sequence[int], v_data: Tensor | None, ref: Tensor,
-           gen: torch.Generator, sampler: str) -> Tensor:
+def _start(
+    init: str,
+    num_samples: int,
+    data_shape: Sequence[int],
+    v_data: Tensor | None,
+    ref: Tensor,
+    gen: torch.Generator,
+    sampler: str,
+) -> Tensor:
     """The chains' v0: the reference's N(0.5, 1) ("noise"), or the first rows of v_data ("data")."""
     if init == "noise":
         return reference_start(num_samples, data_shape, ref, gen)
@@ -91,12 +104,22 @@ class JointLangevinSampler(Sampler):
     def __post_init__(self) -> None:
         _check_init(self.init, "joint_langevin")
 
-    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
-               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+    def sample(
+        self,
+        energy: nn.Module,
+        posterior: nn.Module | None = None,
+        *,
+        num_samples: int,
+        data_shape: Sequence[int],
+        v_data: Tensor | None = None,
+        seed: int = 0,
+    ) -> SampleResult:
         core = unwrap(energy)
         if isinstance(core, GaussianRBM):
-            raise ValueError("joint_langevin needs continuous h; a Gaussian RBM's h is binary "
-                             "(use the gibbs or marginal_langevin sampler)")
+            raise ValueError(
+                "joint_langevin needs continuous h; a Gaussian RBM's h is binary "
+                "(use the gibbs or marginal_langevin sampler)"
+            )
         ref = next(core.parameters())
         gen = torch.Generator(device=ref.device).manual_seed(seed)
         d = math.prod(data_shape)
@@ -109,8 +132,12 @@ class JointLangevinSampler(Sampler):
 
         with _EvalMode(core):
             x = annealed_langevin(joint_energy, torch.cat([v0, h0], 1), self.schedule, gen)
-        return SampleResult(x[:, :d].reshape(num_samples, *data_shape),
-                            f"joint Langevin on (v, h): {describe_schedule(self.schedule)}", self.name, True)
+        return SampleResult(
+            x[:, :d].reshape(num_samples, *data_shape),
+            f"joint Langevin on (v, h): {describe_schedule(self.schedule)}",
+            self.name,
+            True,
+        )
 
 
 @register_sampler("marginal_langevin")
@@ -126,8 +153,16 @@ class MarginalLangevinSampler(Sampler):
     def __post_init__(self) -> None:
         _check_init(self.init, "marginal_langevin")
 
-    def sample(self, energy: nn.Module, posterior: nn.Module | None = None, *, num_samples: int,
-               data_shape: Sequence[int], v_data: Tensor | None = None, seed: int = 0) -> SampleResult:
+    def sample(
+        self,
+        energy: nn.Module,
+        posterior: nn.Module | None = None,
+        *,
+        num_samples: int,
+        data_shape: Sequence[int],
+        v_data: Tensor | None = None,
+        seed: int = 0,
+    ) -> SampleResult:
         core = unwrap(energy)
         ref = next(core.parameters())
         gen = torch.Generator(device=ref.device).manual_seed(seed)

@@ -24,8 +24,10 @@ def mmd2_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
     """Unbiased MMD² between samples x (N, ...) and y (M, ...), N, M ≥ 2, with an RBF kernel."""
     x, y = x.flatten(1).double(), y.flatten(1).double()
     ell = median_bandwidth(x, y) if bandwidth is None else bandwidth
+
     def k(a: Tensor, b: Tensor) -> Tensor:
         return torch.exp(-torch.cdist(a, b).pow(2) / (2 * ell**2))
+
     n, m = len(x), len(y)
     kxx, kyy = k(x, x), k(y, y)
     within_x = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))

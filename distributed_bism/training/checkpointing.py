@@ -60,8 +60,10 @@ def write_error(step: int, where: str | Path, e: OSError) -> CheckpointWriteErro
         reason = f"[Errno {e.errno}] {e.strerror}" if e.errno else e.strerror
     else:  # pyarrow's errors: "[Errno 28] Failed to open local file '...'. Detail: ..." in str(e) only
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return CheckpointWriteError(f"cannot write the checkpoint of step {step} to {where}: {reason}"
-                                + (f" ({e.filename})" if e.filename and str(e.filename) != str(where) else ""))
+    return CheckpointWriteError(
+        f"cannot write the checkpoint of step {step} to {where}: {reason}"
+        + (f" ({e.filename})" if e.filename and str(e.filename) != str(where) else "")
+    )
 
 
 def is_uri(path: str) -> bool:
@@ -90,8 +92,9 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
     be resumed from forever)."""
     for key in ("energy", "posterior", "ema"):
         if not all_finite(state.get(key)):
-            raise FloatingPointError(f"refusing to write a checkpoint at step {state.get('step')}: "
-                                     f"'{key}' has non-finite weights")
+            raise FloatingPointError(
+                f"refusing to write a checkpoint at step {state.get('step')}: '{key}' has non-finite weights"
+            )
     path = Path(directory) / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -118,8 +121,10 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     """The state dict of a checkpoint directory, checked for its format."""
     state = load_file(Path(directory) / STATE_FILE)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{Path(directory) / STATE_FILE}: not a distributed_bism checkpoint (format "
-                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__})")
+        raise CheckpointError(
+            f"{Path(directory) / STATE_FILE}: not a distributed_bism checkpoint (format "
+            f"{state.get('format') if isinstance(state, dict) else type(state).__name__})"
+        )
     return state
 
 
@@ -194,7 +199,7 @@ class Retention:
     def saved(self, step: int) -> list[Path]:
         """Record that checkpoint `step` was written completely, then prune; returns what was removed."""
         self.written.append(step)
-        kept = sorted(set(self.written))[-self.num_to_keep:]
+        kept = sorted(set(self.written))[-self.num_to_keep :]
         if len(kept) < self.num_to_keep:
             return []
         removed = []

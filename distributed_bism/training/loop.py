@@ -23,22 +23,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distributed_bism.core.bilevel import BilevelStep, StepOutput, step_from_config
-from distributed_bism.training.checkpointing import (CheckpointError, CheckpointSink, CheckpointWriteError, NoCheckpoints,
-                                                    all_finite, load_file, load_state, move_aside, optim_shard_file,
-                                                    save_state, write_error)
 from distributed_bism.config import Config
+from distributed_bism.core.bilevel import BilevelStep, StepOutput, step_from_config
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.data.sharding import ShardedBatches
+from distributed_bism.distributed import broadcast_object, gather_objects, mean_over_ranks
 from distributed_bism.evaluation.metrics import EvalContext, run_metrics
 from distributed_bism.evaluation.progress import log_loglik_curve
 from distributed_bism.models import GaussianRBM, unwrap
+from distributed_bism.models.build import build_models
 from distributed_bism.objectives import Objective, get_objective
+from distributed_bism.tracking import RunLogger, sanitize
+from distributed_bism.training.checkpointing import (
+    CheckpointError,
+    CheckpointSink,
+    CheckpointWriteError,
+    NoCheckpoints,
+    all_finite,
+    load_file,
+    load_state,
+    move_aside,
+    optim_shard_file,
+    save_state,
+    write_error,
+)
 from distributed_bism.training.optim import EMA, LRSchedule
 from distributed_bism.training.replica import Replica, build_replica, deepspeed_safe_globals
-from distributed_bism.tracking import RunLogger, sanitize
-from distributed_bism.models.build import build_models
-from distributed_bism.distributed import broadcast_object, gather_objects, mean_over_ranks
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
@@ -52,16 +62,25 @@ class History:
     samples: dict[int, str] = field(default_factory=dict)
 
 
-
-
 class TrainLoop:
     """Keyword-only training loop: `run_step` = `forward_backward` + optimiser steps; `save`/`load`;
     `fit` = `resume`, `run` to trainer.steps, `export` of the final model."""
 
-    def __init__(self, *, cfg: Config, replica: Replica, objective: Objective, step: BilevelStep,
-                 batches: ShardedBatches, test_data: Tensor | None, sink: CheckpointSink | None = None,
-                 logger: RunLogger | None = None, run_id: str | None = None,
-                 image_shape: tuple[int, ...] | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        replica: Replica,
+        objective: Objective,
+        step: BilevelStep,
+        batches: ShardedBatches,
+        test_data: Tensor | None,
+        sink: CheckpointSink | None = None,
+        logger: RunLogger | None = None,
+        run_id: str | None = None,
+        image_shape: tuple[int, ...] | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.cfg, self.replica, self.objective, self.step_fn = cfg, replica, objective, step
         self.batches, self.test_data = batches, test_data
         self.sink = sink or NoCheckpoints()
@@ -71,8 +90,10 @@ class TrainLoop:
         self.log = log if self.rank == 0 else (lambda s: None)
         self.ema = EMA(unwrap(replica.energy), cfg.trainer.ema_decay)
         o, t = cfg.optim, cfg.trainer
-        self.schedules = (LRSchedule(o.lr, o.schedule, t.steps, o.min_lr, o.warmup_steps),
-                          LRSchedule(o.posterior_lr, o.schedule, t.steps, o.min_lr, o.warmup_steps))
+        self.schedules = (
+            LRSchedule(o.lr, o.schedule, t.steps, o.min_lr, o.warmup_steps),
+            LRSchedule(o.posterior_lr, o.schedule, t.steps, o.min_lr, o.warmup_steps),
+        )
         self.step, self.bad_steps = 0, 0
         self.history = History()
         self.eval_notes: set[str] = set()  # notes of skipped metrics already printed
@@ -83,8 +104,9 @@ class TrainLoop:
         self.image_shape = image_shape or tuple(batches.data.shape[1:])
 
     @classmethod
-    def from_config(cls, cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                    **kwargs: Any) -> TrainLoop:
+    def from_config(
+        cls, cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None, **kwargs: Any
+    ) -> TrainLoop:
         """Build data, models, updaters and the step from a validated Config. All ranks build the
         same initial weights from trainer.seed, then draw their own noise from seed and rank."""
         device = device or torch.device("cpu")
@@ -96,21 +118,39 @@ class TrainLoop:
             with torch.no_grad():  # opt-in; the reference draws b with W (model.init=reference)
                 energy.b.copy_(data.train.mean(0))
         replica = build_replica(cfg, energy, posterior, rank=rank, world_size=world_size, device=device)
-        step = step_from_config(objective, cfg.objective, posterior_lr=cfg.optim.posterior_lr,
-                                posterior_betas=tuple(cfg.optim.posterior_betas))  # type: ignore[arg-type]
-        batches = ShardedBatches(data.train.to(device), cfg.trainer.batch_size, rank=rank, world_size=world_size,
-                                 seed=cfg.trainer.seed)
+        step = step_from_config(
+            objective,
+            cfg.objective,
+            posterior_lr=cfg.optim.posterior_lr,
+            posterior_betas=(cfg.optim.posterior_betas[0], cfg.optim.posterior_betas[1]),  # two: config checks it
+        )
+        batches = ShardedBatches(
+            data.train.to(device), cfg.trainer.batch_size, rank=rank, world_size=world_size, seed=cfg.trainer.seed
+        )
         torch.manual_seed(cfg.trainer.seed + 1_000_003 * rank)
-        return cls(cfg=cfg, replica=replica, objective=objective, step=step, batches=batches,
-                   test_data=data.test.to(device), image_shape=data.image_shape, **kwargs)
+        return cls(
+            cfg=cfg,
+            replica=replica,
+            objective=objective,
+            step=step,
+            batches=batches,
+            test_data=data.test.to(device),
+            image_shape=data.image_shape,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ one iteration
     def forward_backward(self, v: Tensor) -> StepOutput:
         """One bi-level iteration: φ's warm-up steps, then dJ/dθ (averaged over ranks) in θ's .grad."""
         r = self.replica
         r.energy_updater.zero_grad()
-        return self.step_fn(energy=r.energy, v=v, posterior=r.posterior, posterior_optimizer=r.posterior_updater,
-                            energy_updater=r.energy_updater)
+        return self.step_fn(
+            energy=r.energy,
+            v=v,
+            posterior=r.posterior,
+            posterior_optimizer=r.posterior_updater,
+            energy_updater=r.energy_updater,
+        )
 
     def run_step(self, v: Tensor) -> StepOutput:
         """Schedules, forward_backward, θ's step (skipped on every rank if any rank's loss or
@@ -125,11 +165,15 @@ class TrainLoop:
         else:
             self.bad_steps += 1
             limit = self.cfg.trainer.max_bad_steps
-            self.log(f"step {self.step + 1}: non-finite loss or gradient on some rank; step skipped "
-                     f"({self.bad_steps} of at most {limit})")
+            self.log(
+                f"step {self.step + 1}: non-finite loss or gradient on some rank; step skipped "
+                f"({self.bad_steps} of at most {limit})"
+            )
             if self.bad_steps > limit:
-                raise FloatingPointError(f"training stopped: {self.bad_steps} non-finite steps by step {self.step + 1} "
-                                         f"(trainer.max_bad_steps={limit}); lower optim.lr or check the data")
+                raise FloatingPointError(
+                    f"training stopped: {self.bad_steps} non-finite steps by step {self.step + 1} "
+                    f"(trainer.max_bad_steps={limit}); lower optim.lr or check the data"
+                )
         self.step += 1
         return out
 
@@ -141,14 +185,18 @@ class TrainLoop:
         obj = gather_objects(self.objective.state_dict())
         sharded = r.sharded_optimizer
         return {
-            "step": self.step, "world_size": self.world_size, "bad_steps": self.bad_steps,
+            "step": self.step,
+            "world_size": self.world_size,
+            "bad_steps": self.bad_steps,
             "energy": unwrap(r.energy).state_dict(),
             "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
             "ema": self.ema.state_dict(),
             "energy_optimizer": None if sharded else r.energy_updater.state_dict(),
             "posterior_optimizer": None if sharded or r.posterior_updater is None else r.posterior_updater.state_dict(),
-            "rng": rng, "objective": obj,
-            "config": self.cfg.to_yaml(), "mlflow_run_id": self.run_id,
+            "rng": rng,
+            "objective": obj,
+            "config": self.cfg.to_yaml(),
+            "mlflow_run_id": self.run_id,
         }
 
     def save(self, directory: Path) -> None:
@@ -162,8 +210,10 @@ class TrainLoop:
             raise FloatingPointError(f"refusing to write a checkpoint at step {self.step}: non-finite weights")
         state = self.state()
         if r.sharded_optimizer:
-            shard = {"energy": r.energy_updater.state_dict(),
-                     "posterior": r.posterior_updater.state_dict() if r.posterior_updater else None}
+            shard = {
+                "energy": r.energy_updater.state_dict(),
+                "posterior": r.posterior_updater.state_dict() if r.posterior_updater else None,
+            }
             torch.save(shard, directory / optim_shard_file(self.rank))
         if self.rank == 0:
             save_state(directory, state)
@@ -191,8 +241,10 @@ class TrainLoop:
             torch.set_rng_state(state["rng"][self.rank])
             self.objective.load_state_dict(state["objective"][self.rank])
         else:
-            self.log(f"checkpoint was written by {state['world_size']} workers, resuming on {self.world_size}: "
-                     "noise streams are re-seeded, so the run is no longer bit-for-bit reproducible")
+            self.log(
+                f"checkpoint was written by {state['world_size']} workers, resuming on {self.world_size}: "
+                "noise streams are re-seeded, so the run is no longer bit-for-bit reproducible"
+            )
             torch.manual_seed(self.cfg.trainer.seed + 1_000_003 * self.rank + self.step)
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
@@ -231,12 +283,20 @@ class TrainLoop:
         and redraws the log-likelihood curve. Samplers use their own generators, so an
         evaluation leaves the training RNG as it was."""
         r = self.replica
-        ctx = EvalContext(cfg=self.cfg, energy=unwrap(r.energy),
-                          posterior=unwrap(r.posterior) if r.posterior is not None else None,
-                          train_data=self.batches.data, test_data=self.test_data, image_shape=self.image_shape,
-                          step=self.step, device=r.device, rank=self.rank, world_size=self.world_size,
-                          output_dir=Path(self.cfg.trainer.output_dir).resolve(),
-                          logger=self.logger if self.rank == 0 else None)
+        ctx = EvalContext(
+            cfg=self.cfg,
+            energy=unwrap(r.energy),
+            posterior=unwrap(r.posterior) if r.posterior is not None else None,
+            train_data=self.batches.data,
+            test_data=self.test_data,
+            image_shape=self.image_shape,
+            step=self.step,
+            device=r.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            output_dir=Path(self.cfg.trainer.output_dir).resolve(),
+            logger=self.logger if self.rank == 0 else None,
+        )
         e = self.cfg.eval
         metrics = run_metrics(e.metrics + ([m for m in e.final_metrics if m not in e.metrics] if final else []), ctx)
         if self.rank != 0:
@@ -261,11 +321,13 @@ class TrainLoop:
         steps0, t0 = window
         r = self.replica
         dt = max(time.perf_counter() - t0, 1e-9)
-        m = {"train/loss": mean_over_ranks(out.loss.item()),
-             "train/grad_norm_theta": r.energy_updater.grad_norm(),
-             "train/lr": self.schedules[0].at(self.step),
-             "perf/s_per_step": dt / max(self.step - steps0, 1),
-             "perf/samples_per_s": (self.step - steps0) * self.cfg.trainer.batch_size * self.world_size / dt}
+        m = {
+            "train/loss": mean_over_ranks(out.loss.item()),
+            "train/grad_norm_theta": r.energy_updater.grad_norm(),
+            "train/lr": self.schedules[0].at(self.step),
+            "perf/s_per_step": dt / max(self.step - steps0, 1),
+            "perf/samples_per_s": (self.step - steps0) * self.cfg.trainer.batch_size * self.world_size / dt,
+        }
         if out.inner_loss is not None:
             m["train/inner_loss"] = mean_over_ranks(out.inner_loss.item())
         if r.posterior_updater is not None:
@@ -276,7 +338,9 @@ class TrainLoop:
 
     def _print_eval(self, evaluated: dict[str, float]) -> None:
         if evaluated:
-            self.log(f"step {self.step} eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in evaluated.items()))
+            self.log(
+                f"step {self.step} eval: " + "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in evaluated.items())
+            )
 
     def resume(self) -> bool:
         """Load the newest readable checkpoint of the sink, if any. Rank 0 chooses and every rank
@@ -343,9 +407,11 @@ class TrainLoop:
                 done = s - start_step
                 eta = (now - start) / done * (t.steps - s)
                 rate = done * t.batch_size * self.world_size / (now - start)
-                self.log(f"step {s}/{t.steps}  loss {out.loss.item():.4f}"
-                         + ("" if out.inner_loss is None else f"  inner {out.inner_loss.item():.4f}")
-                         + f"  {rate:.0f} samples/s  eta {eta:.0f}s")
+                self.log(
+                    f"step {s}/{t.steps}  loss {out.loss.item():.4f}"
+                    + ("" if out.inner_loss is None else f"  inner {out.inner_loss.item():.4f}")
+                    + f"  {rate:.0f} samples/s  eta {eta:.0f}s"
+                )
                 last_print = now
             evaluating = s % self.cfg.eval.every == 0 or at_end
             if evaluating:
@@ -371,10 +437,14 @@ class TrainLoop:
         self.resume()
         self.read_logged_steps()
         if self.step >= t.steps:
-            self.log(f"run {t.name!r} is already complete at step {self.step}: nothing to train. To train again, "
-                     f"give it a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it")
-        self.log(f"{self.world_size} worker(s) × batch {t.batch_size} = global batch {t.batch_size * self.world_size}; "
-                 f"strategy {t.strategy}; steps {self.step} → {t.steps}")
+            self.log(
+                f"run {t.name!r} is already complete at step {self.step}: nothing to train. To train again, "
+                f"give it a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it"
+            )
+        self.log(
+            f"{self.world_size} worker(s) × batch {t.batch_size} = global batch {t.batch_size * self.world_size}; "
+            f"strategy {t.strategy}; steps {self.step} → {t.steps}"
+        )
         start = self.step
         self.run()
         if self.rank == 0:
@@ -392,8 +462,15 @@ class TrainLoop:
         if path.exists() and not trained:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": self.step, "energy": unwrap(r.energy).state_dict(), "ema": self.ema.state_dict(),
-                    "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
-                    "config": self.cfg.to_yaml()}, path)
+        torch.save(
+            {
+                "step": self.step,
+                "energy": unwrap(r.energy).state_dict(),
+                "ema": self.ema.state_dict(),
+                "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
+                "config": self.cfg.to_yaml(),
+            },
+            path,
+        )
         self.logger.artifact(path, "model")
         return path

@@ -90,8 +90,15 @@ def skip_inference_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_replica(cfg: Config, energy: nn.Module, posterior: nn.Module | None, *, rank: int = 0,
-                  world_size: int = 1, device: torch.device | None = None) -> Replica:
+def build_replica(
+    cfg: Config,
+    energy: nn.Module,
+    posterior: nn.Module | None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+) -> Replica:
     """Move the modules to `device`, wrap them for cfg.trainer.strategy and build their optimisers."""
     device = device or torch.device("cpu")
     strategy, o = cfg.trainer.strategy, cfg.optim
@@ -106,18 +113,36 @@ def build_replica(cfg: Config, energy: nn.Module, posterior: nn.Module | None, *
         e_engine, *_ = deepspeed.initialize(model=energy, optimizer=adam(energy.parameters(), o.lr, o.betas), config=ds)
         p_engine = None
         if posterior is not None:
-            p_engine, *_ = deepspeed.initialize(model=posterior, config=ds,
-                                                optimizer=adam(posterior.parameters(), o.posterior_lr, o.posterior_betas))
-        return Replica(energy=e_engine.module, posterior=p_engine.module if p_engine else None,
-                       energy_updater=EngineUpdater(e_engine, cfg.trainer.zero_stage),
-                       posterior_updater=EngineUpdater(p_engine, cfg.trainer.zero_stage) if p_engine else None,
-                       strategy=strategy, rank=rank, world_size=world_size, device=device)
+            p_engine, *_ = deepspeed.initialize(
+                model=posterior, config=ds, optimizer=adam(posterior.parameters(), o.posterior_lr, o.posterior_betas)
+            )
+        return Replica(
+            energy=e_engine.module,
+            posterior=p_engine.module if p_engine else None,
+            energy_updater=EngineUpdater(e_engine, cfg.trainer.zero_stage),
+            posterior_updater=EngineUpdater(p_engine, cfg.trainer.zero_stage) if p_engine else None,
+            strategy=strategy,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+        )
     ddp = strategy == "ddp" and world_size > 1
     e_updater = TorchUpdater(adam(energy.parameters(), o.lr, o.betas), touch_all=ddp)
-    p_updater = (TorchUpdater(adam(posterior.parameters(), o.posterior_lr, o.posterior_betas), touch_all=ddp)
-                 if posterior is not None else None)
+    p_updater = (
+        TorchUpdater(adam(posterior.parameters(), o.posterior_lr, o.posterior_betas), touch_all=ddp)
+        if posterior is not None
+        else None
+    )
     if ddp:
         energy = _ddp(energy, device)
         posterior = _ddp(posterior, device) if posterior is not None else None
-    return Replica(energy=energy, posterior=posterior, energy_updater=e_updater, posterior_updater=p_updater,
-                   strategy=strategy, rank=rank, world_size=world_size, device=device)
+    return Replica(
+        energy=energy,
+        posterior=posterior,
+        energy_updater=e_updater,
+        posterior_updater=p_updater,
+        strategy=strategy,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+    )

@@ -172,6 +172,9 @@ class EngineUpdater:
             return {}
         out = {}
         for n, p in params.items():
-            out[n] = {"step": steps[0], "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                      "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+            out[n] = {
+                "step": steps[0],
+                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"),
+            }
         return out

@@ -21,18 +21,24 @@ def _rows(spec: SweepSpec, grid: Any) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
         history = result.metrics_dataframe
-        values = [] if history is None or spec.metric not in history else [float(v) for v in history[spec.metric]
-                                                                             if v == v]  # drop NaN
+        values = (
+            [] if history is None or spec.metric not in history else [float(v) for v in history[spec.metric] if v == v]
+        )  # drop NaN
         best = (max if spec.mode == "max" else min)(values) if values else None
         metrics = result.metrics or {}
         iterations = int(metrics.get("training_iteration", 0))
         max_t = spec.scheduler.max_t
-        status = ("ERROR" if result.error else
-                  "stopped early" if max_t is not None and iterations < max_t else "done")
-        rows.append({"trial": metrics.get("trial_id") or (Path(result.path).name if result.path else "?"),
-                     "status": status, "iterations": iterations,
-                     spec.metric: best, "last": values[-1] if values else None,
-                     **{k: result.config.get(k) for k in spec.search}})
+        status = "ERROR" if result.error else "stopped early" if max_t is not None and iterations < max_t else "done"
+        rows.append(
+            {
+                "trial": metrics.get("trial_id") or (Path(result.path).name if result.path else "?"),
+                "status": status,
+                "iterations": iterations,
+                spec.metric: best,
+                "last": values[-1] if values else None,
+                **{k: result.config.get(k) for k in spec.search},
+            }
+        )
     sign = -1 if spec.mode == "max" else 1
     return sorted(rows, key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0.0)))
 
@@ -95,15 +101,23 @@ def loglik_vs_unroll(spec: SweepSpec, grid: Any, path: Path) -> Path | None:
     if not by_k:
         return None
     means: dict[int | float, float] = {k: sum(v) / len(v) for k, v in by_k.items()}
-    sds: dict[int | float, float] = {k: (sum((x - means[k]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1
-                                     else 0.0 for k, v in by_k.items()}
+    sds: dict[int | float, float] = {
+        k: (sum((x - means[k]) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0 for k, v in by_k.items()
+    }
     trials = sum(len(v) for v in by_k.values())
-    return save_curve(means, path, xlabel="unrolled steps K", ylabel="last test log-likelihood (nats)", spread=sds,
-                      title=f"sweep {spec.name}: test log-likelihood against K ({trials} trials; mean ± sd over trials)")
+    return save_curve(
+        means,
+        path,
+        xlabel="unrolled steps K",
+        ylabel="last test log-likelihood (nats)",
+        spread=sds,
+        title=f"sweep {spec.name}: test log-likelihood against K ({trials} trials; mean ± sd over trials)",
+    )
 
 
-def write_results(spec: SweepSpec, sweep: str, sweep_dir: Path, grid: Any, ctx: SweepContext,
-                  *, parent_uri: str | None) -> SweepResult:
+def write_results(
+    spec: SweepSpec, sweep: str, sweep_dir: Path, grid: Any, ctx: SweepContext, *, parent_uri: str | None
+) -> SweepResult:
     """Table (Markdown + JSON), best_config.yaml, plot; printed, written and logged to the parent run."""
     from distributed_bism.tracking import RunLogger
 
@@ -113,17 +127,26 @@ def write_results(spec: SweepSpec, sweep: str, sweep_dir: Path, grid: Any, ctx: 
     (sweep_dir / "results.md").write_text(table)
     (sweep_dir / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     best_path = None
-    if rows and rows[0][spec.metric] is not None and not (isinstance(rows[0][spec.metric], float)
-                                                          and math.isnan(rows[0][spec.metric])):
+    if (
+        rows
+        and rows[0][spec.metric] is not None
+        and not (isinstance(rows[0][spec.metric], float) and math.isnan(rows[0][spec.metric]))
+    ):
         params = {k: rows[0][k] for k in spec.search}
         cfg = trial_config(ctx, params, "best")
         # ready to use: a fresh name and the default places, the trial's set-up otherwise
-        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, name=None, output_dir="outputs",
-                                                                   max_failures=2, cpus_per_worker=1.0),
-                                  tracking=dataclasses.replace(cfg.tracking, run_name=None))
+        cfg = dataclasses.replace(
+            cfg,
+            trainer=dataclasses.replace(
+                cfg.trainer, name=None, output_dir="outputs", max_failures=2, cpus_per_worker=1.0
+            ),
+            tracking=dataclasses.replace(cfg.tracking, run_name=None),
+        )
         best_path = sweep_dir / "best_config.yaml"
-        best_path.write_text(f"# best trial of sweep {sweep}: {rows[0]['trial']}, "
-                             f"{spec.metric} = {rows[0][spec.metric]:.6g}\n" + cfg.to_yaml())
+        best_path.write_text(
+            f"# best trial of sweep {sweep}: {rows[0]['trial']}, "
+            f"{spec.metric} = {rows[0][spec.metric]:.6g}\n" + cfg.to_yaml()
+        )
     plots = [plot(spec, rows, sweep_dir / "metric_vs_params.png")] if rows else []
     by_k = loglik_vs_unroll(spec, grid, sweep_dir / "test_loglik_vs_K.png")
     plots += [by_k] if by_k else []
@@ -133,5 +156,6 @@ def write_results(spec: SweepSpec, sweep: str, sweep_dir: Path, grid: Any, ctx: 
     print(f"sweep {sweep!r}: {len(rows)} trials, best first\n{table}", flush=True)
     if best_path:
         print(f"best config: {best_path}  (train it: bism train {best_path})", flush=True)
-    return SweepResult(name=sweep, directory=sweep_dir, parent_run_id=ctx.parent_run_id, table=rows,
-                       best_config=best_path, plots=plots)
+    return SweepResult(
+        name=sweep, directory=sweep_dir, parent_run_id=ctx.parent_run_id, table=rows, best_config=best_path, plots=plots
+    )

@@ -21,6 +21,7 @@ from typing import Any
 from distributed_bism.tune.spec import SweepSpec
 from distributed_bism.tune.trials import DRIVER_CPU, SweepContext, SweepResult, trial_config
 
+
 def trial_driver(params: dict[str, Any], ctx: SweepContext) -> None:
     """One trial: a child MLflow run and a TorchTrainer whose reports reach Tune."""
     import ray.tune
@@ -35,8 +36,12 @@ def trial_driver(params: dict[str, Any], ctx: SweepContext) -> None:
     run_id = None
     if uri:
         run_id, _ = open_run(cfg, str(cfg.trainer.name), parent_run_id=ctx.parent_run_id)
-    run_on_ray(cfg, worker_main, {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
-               callbacks=[TuneReportCallback()])
+    run_on_ray(
+        cfg,
+        worker_main,
+        {"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri},
+        callbacks=[TuneReportCallback()],
+    )
     # Only a trial that ran to its end closes its run here. One stopped early by the scheduler is
     # interrupted like one that failed, so the sweep's driver closes those, knowing which is which.
     if run_id:
@@ -49,8 +54,11 @@ def _scheduler(spec: SweepSpec) -> Any:
     s = spec.scheduler
     if s.name == "fifo":
         return FIFOScheduler()
-    kwargs: dict[str, Any] = {"grace_period": s.grace_period, "reduction_factor": s.reduction_factor,
-                              "time_attr": "training_iteration"}
+    kwargs: dict[str, Any] = {
+        "grace_period": s.grace_period,
+        "reduction_factor": s.reduction_factor,
+        "time_attr": "training_iteration",
+    }
     if s.max_t is not None:
         kwargs["max_t"] = s.max_t
     return ASHAScheduler(**kwargs)
@@ -60,8 +68,9 @@ def sweep_name(spec: SweepSpec, name: str | None) -> str:
     return name or spec.name
 
 
-def run_sweep(spec: SweepSpec, *, name: str | None = None, output_dir: str = "outputs",
-              address: str | None = None) -> SweepResult:
+def run_sweep(
+    spec: SweepSpec, *, name: str | None = None, output_dir: str = "outputs", address: str | None = None
+) -> SweepResult:
     """Run (or resume) the sweep: checks first, then the parent MLflow run, then Tune."""
     import ray.tune
     from ray.tune import TuneConfig, Tuner
@@ -81,8 +90,12 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, output_dir: str = "ou
     uri = tracking_uri(base) if base.tracking.enabled else None
     parent = None
     if uri:
-        parent, resumed = open_run(base, f"sweep:{sweep}", params={"sweep": sweep, "spec": spec.name},
-                                   artifact=(spec.to_yaml(), "sweep_spec.yaml"))
+        parent, resumed = open_run(
+            base,
+            f"sweep:{sweep}",
+            params={"sweep": sweep, "spec": spec.name},
+            artifact=(spec.to_yaml(), "sweep_spec.yaml"),
+        )
         print(f"MLflow parent run {parent} ({'continued' if resumed else 'new'}) in {uri}", flush=True)
     ctx = SweepContext(spec, sweep, str(sweep_dir), parent, uri)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, ctx=ctx), {"cpu": DRIVER_CPU})
@@ -95,15 +108,29 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, output_dir: str = "ou
         with ray_session(address):
             if Tuner.can_restore(str(tune_dir / sweep)):
                 print(f"resuming sweep {sweep!r} from {tune_dir / sweep}", flush=True)
-                tuner = Tuner.restore(str(tune_dir / sweep), trainable, resume_unfinished=True, resume_errored=False,
-                                      param_space=spec.param_space())
+                tuner = Tuner.restore(
+                    str(tune_dir / sweep),
+                    trainable,
+                    resume_unfinished=True,
+                    resume_errored=False,
+                    param_space=spec.param_space(),
+                )
             else:
-                tuner = Tuner(trainable, param_space=spec.param_space(),
-                              tune_config=TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec),
-                                                     search_alg=spec.build_searcher(), num_samples=spec.num_samples,
-                                                     max_concurrent_trials=spec.max_concurrent_trials),
-                              run_config=ray.tune.RunConfig(name=sweep, storage_path=str(tune_dir),
-                                                            failure_config=ray.tune.FailureConfig(max_failures=0)))
+                tuner = Tuner(
+                    trainable,
+                    param_space=spec.param_space(),
+                    tune_config=TuneConfig(
+                        metric=spec.metric,
+                        mode=spec.mode,
+                        scheduler=_scheduler(spec),
+                        search_alg=spec.build_searcher(),
+                        num_samples=spec.num_samples,
+                        max_concurrent_trials=spec.max_concurrent_trials,
+                    ),
+                    run_config=ray.tune.RunConfig(
+                        name=sweep, storage_path=str(tune_dir), failure_config=ray.tune.FailureConfig(max_failures=0)
+                    ),
+                )
             grid = tuner.fit()
         if parent:
             # ResultGrid iterates through __getitem__/__len__ (the sequence protocol); Ray declares no __iter__.

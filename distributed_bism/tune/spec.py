@@ -36,18 +36,46 @@ from distributed_bism.config.loading import parse_yaml, read_yaml_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARITY = {"choice": None, "grid": None, "randint": 2, "uniform": 2, "loguniform": 2, "quniform": 3}
-SPEC_KEYS = ("base", "overrides", "search", "metric", "mode", "scheduler", "searcher", "num_samples",
-             "max_concurrent_trials", "resources")
+SPEC_KEYS = (
+    "base",
+    "overrides",
+    "search",
+    "metric",
+    "mode",
+    "scheduler",
+    "searcher",
+    "num_samples",
+    "max_concurrent_trials",
+    "resources",
+)
 # Keys the sweep sets for each trial itself (the runner replaces them), so a value here would be lost.
-CONTROLLED = {"trainer.name": "each trial is a run named by the sweep", "tracking": "MLflow runs are the sweep's",
-              "trainer.output_dir": "trials write under the sweep's directory",
-              **{f"trainer.{k}": f"use resources.{r}" for k, r in (("num_workers", "workers_per_trial"),
-                 ("use_gpu", "gpus_per_worker"), ("cpus_per_worker", "cpus_per_worker"))}}
+CONTROLLED = {
+    "trainer.name": "each trial is a run named by the sweep",
+    "tracking": "MLflow runs are the sweep's",
+    "trainer.output_dir": "trials write under the sweep's directory",
+    **{
+        f"trainer.{k}": f"use resources.{r}"
+        for k, r in (
+            ("num_workers", "workers_per_trial"),
+            ("use_gpu", "gpus_per_worker"),
+            ("cpus_per_worker", "cpus_per_worker"),
+        )
+    },
+}
 # What trainer.run reports to Tune; Tune fails a trial on any report that lacks the metric.
-METRICS = ("eval/test_loglik", "train/loss", "train/inner_loss", "train/grad_norm_theta", "train/grad_norm_phi",
-           "train/lr", "train/posterior_lr",
-           "eval/classifier_fid", "eval/ood_auroc",  # image models, e.g. BiDVL, whose training loss is no guide
-           "eval/denoise_gain", "eval/energy_gap")  # cheap learning signals of any model
+METRICS = (
+    "eval/test_loglik",
+    "train/loss",
+    "train/inner_loss",
+    "train/grad_norm_theta",
+    "train/grad_norm_phi",
+    "train/lr",
+    "train/posterior_lr",
+    "eval/classifier_fid",
+    "eval/ood_auroc",  # image models, e.g. BiDVL, whose training loss is no guide
+    "eval/denoise_gain",
+    "eval/energy_gap",
+)  # cheap learning signals of any model
 # The eval.metrics entry that reports an eval/* key, where the two names differ.
 REPORTED_BY = {"eval/denoise_gain": "denoise"}
 
@@ -101,8 +129,9 @@ class SchedulerSpec:
     max_t: int | None = None
 
     def __post_init__(self) -> None:
-        check(self.name in ("asha", "fifo"), "scheduler.name",
-              f"unknown scheduler {self.name!r}; expected asha or fifo")
+        check(
+            self.name in ("asha", "fifo"), "scheduler.name", f"unknown scheduler {self.name!r}; expected asha or fifo"
+        )
         check(self.grace_period >= 1, "scheduler.grace_period", f"must be >= 1, got {self.grace_period}")
         check(self.reduction_factor > 1, "scheduler.reduction_factor", f"must be > 1, got {self.reduction_factor}")
         check(self.max_t is None or self.max_t >= 1, "scheduler.max_t", f"must be >= 1, got {self.max_t}")
@@ -116,8 +145,11 @@ class SearcherSpec:
     seed: int | None = None  # None: unseeded
 
     def __post_init__(self) -> None:
-        check(self.name in ("random", "optuna"), "searcher.name",
-              f"unknown searcher {self.name!r}; expected random or optuna")
+        check(
+            self.name in ("random", "optuna"),
+            "searcher.name",
+            f"unknown searcher {self.name!r}; expected random or optuna",
+        )
 
 
 @dataclass
@@ -129,8 +161,7 @@ class Resources:
     cpus_per_worker: float = 1.0
 
     def __post_init__(self) -> None:
-        check(self.workers_per_trial >= 1, "resources.workers_per_trial",
-              f"must be >= 1, got {self.workers_per_trial}")
+        check(self.workers_per_trial >= 1, "resources.workers_per_trial", f"must be >= 1, got {self.workers_per_trial}")
         check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         check(self.cpus_per_worker > 0, "resources.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
 
@@ -174,8 +205,13 @@ class SweepSpec:
     def _build(self, values: dict[str, Any]) -> Config:
         data = copy.deepcopy(self.base_data)
         r = self.resources
-        fixed = {"trainer.name": None, "tracking.run_name": None, "trainer.num_workers": r.workers_per_trial,
-                 "trainer.use_gpu": r.gpus_per_worker > 0, "trainer.cpus_per_worker": r.cpus_per_worker}
+        fixed = {
+            "trainer.name": None,
+            "tracking.run_name": None,
+            "trainer.num_workers": r.workers_per_trial,
+            "trainer.use_gpu": r.gpus_per_worker > 0,
+            "trainer.cpus_per_worker": r.cpus_per_worker,
+        }
         for key, value in {**self.overrides, **values, **fixed}.items():
             section, name = key.split(".")
             data[section] = {**(data.get(section) or {}), name: value}
@@ -183,11 +219,18 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec in its file format (max_t filled in)."""
-        return {"base": self.base, "overrides": dict(self.overrides),
-                "search": {k: {d.kind: list(d.args)} for k, d in self.search.items()},
-                "metric": self.metric, "mode": self.mode, "scheduler": dataclasses.asdict(self.scheduler),
-                "searcher": dataclasses.asdict(self.searcher), "num_samples": self.num_samples,
-                "max_concurrent_trials": self.max_concurrent_trials, "resources": dataclasses.asdict(self.resources)}
+        return {
+            "base": self.base,
+            "overrides": dict(self.overrides),
+            "search": {k: {d.kind: list(d.args)} for k, d in self.search.items()},
+            "metric": self.metric,
+            "mode": self.mode,
+            "scheduler": dataclasses.asdict(self.scheduler),
+            "searcher": dataclasses.asdict(self.searcher),
+            "num_samples": self.num_samples,
+            "max_concurrent_trials": self.max_concurrent_trials,
+            "resources": dataclasses.asdict(self.resources),
+        }
 
     def to_yaml(self) -> str:
         """The resolved spec as YAML (the MLflow parent run's artifact); `load_spec` reads it back."""
@@ -198,8 +241,9 @@ class SweepSpec:
         """The Ray Tune search algorithm; a ConfigError naming the fix when optuna is missing."""
         if self.searcher.name == "optuna":
             if importlib.util.find_spec("optuna") is None:
-                raise ConfigError("searcher.name: optuna is not installed; run `pip install optuna` "
-                                  "(or use searcher random)")
+                raise ConfigError(
+                    "searcher.name: optuna is not installed; run `pip install optuna` (or use searcher random)"
+                )
             from ray.tune.search.optuna import OptunaSearch
 
             return OptunaSearch(seed=self.searcher.seed)  # TuneConfig.max_concurrent_trials wraps it
@@ -218,8 +262,11 @@ def _hint(key: str, where: str | None = None) -> Any:
         check(key != prefix and not key.startswith(prefix + "."), where, f"set by the sweep ({why})")
     sections = typing.get_type_hints(Config)
     parts = key.split(".")
-    check(len(parts) == 2 and parts[0] in sections, where,
-          f"not a key of the training config (expected SECTION.FIELD, sections: {', '.join(sections)})")
+    check(
+        len(parts) == 2 and parts[0] in sections,
+        where,
+        f"not a key of the training config (expected SECTION.FIELD, sections: {', '.join(sections)})",
+    )
     fields = typing.get_type_hints(sections[parts[0]])
     check(parts[1] in fields, where, f"not a key of the training config ({parts[0]} has {', '.join(fields)})")
     return fields[parts[1]]
@@ -236,16 +283,22 @@ def _number(value: Any, where: str) -> float | int:
             value = float(value)
         except ValueError:
             pass
-    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), where,
-          f"expected a finite number, got {value!r}")
+    check(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        where,
+        f"expected a finite number, got {value!r}",
+    )
     return value
 
 
 def _domain(key: str, raw: Any, hint: Any) -> Domain:
     """Parse {kind: args} for config key `key` (annotation `hint`): arity, bounds, empty ranges."""
     where = f"search.{key}"
-    check(isinstance(raw, dict) and len(raw) == 1, where,
-          f"expected {{KIND: ARGS}} with KIND one of {', '.join(ARITY)}, got {raw!r}")
+    check(
+        isinstance(raw, dict) and len(raw) == 1,
+        where,
+        f"expected {{KIND: ARGS}} with KIND one of {', '.join(ARITY)}, got {raw!r}",
+    )
     ((kind, args),) = raw.items()
     check(kind in ARITY, where, f"unknown domain kind {kind!r}; expected one of {', '.join(ARITY)}")
     where = f"{where}.{kind}"
@@ -263,8 +316,11 @@ def _domain(key: str, raw: Any, hint: Any) -> Domain:
         q = args[2]
         check(q > 0, where, f"needs q > 0, got {q}")
         # Ray refuses bounds that are not multiples of q (up to rounding).
-        check(all(math.isclose(b / q, round(b / q)) for b in (low, high)), where,
-              f"low {low} and high {high} must be multiples of q={q}")
+        check(
+            all(math.isclose(b / q, round(b / q)) for b in (low, high)),
+            where,
+            f"low {low} and high {high} must be multiples of q={q}",
+        )
         check(not _is_int(hint) or float(q).is_integer(), where, f"q={q} gives non-integers for the int key {key}")
     return Domain(kind, args)
 
@@ -276,8 +332,10 @@ def _apply_cli(raw: dict[str, Any], item: str) -> None:
     head, *rest = key.strip().split(".")
     nested = {"search": (2, 3), "overrides": (2,), "scheduler": (1,), "searcher": (1,), "resources": (1,)}
     if not sep or (rest and len(rest) not in nested.get(head, ())):
-        raise ConfigError(f"override {item!r}: expected KEY=VALUE with KEY a spec key, "
-                          "scheduler|searcher|resources.FIELD, overrides.SECTION.FIELD or search.SECTION.FIELD[.KIND]")
+        raise ConfigError(
+            f"override {item!r}: expected KEY=VALUE with KEY a spec key, "
+            "scheduler|searcher|resources.FIELD, overrides.SECTION.FIELD or search.SECTION.FIELD[.KIND]"
+        )
     value = parse_yaml(text, f"override {item!r}")
     if not rest:
         raw[head] = value
@@ -306,15 +364,26 @@ def _check_metric(metric: str, cfg: Config) -> None:
     if metric.startswith("eval/"):
         name = REPORTED_BY.get(metric, metric.removeprefix("eval/"))
         check(name in cfg.eval.metrics, "metric", f"{metric} is reported with {name} in eval.metrics only")
-        check(metric != "eval/test_loglik" or cfg.model.name == "grbm", "metric",
-              "eval/test_loglik is reported for model.name=grbm with test_loglik in eval.metrics only")
+        check(
+            metric != "eval/test_loglik" or cfg.model.name == "grbm",
+            "metric",
+            "eval/test_loglik is reported for model.name=grbm with test_loglik in eval.metrics only",
+        )
         ok = all(s % every == 0 or s == t.steps for s in _report_steps(cfg))
-        check(ok, "metric", f"checkpoints (trainer.checkpoint_every={t.checkpoint_every}) report without {metric}: "
-              f"make checkpoint_every a multiple of eval.every={every}")
+        check(
+            ok,
+            "metric",
+            f"checkpoints (trainer.checkpoint_every={t.checkpoint_every}) report without {metric}: "
+            f"make checkpoint_every a multiple of eval.every={every}",
+        )
     else:
         ok = all(s % t.log_every == 0 or s % t.checkpoint_every == 0 or s == t.steps for s in _report_steps(cfg))
-        check(ok, "metric", f"evaluations (eval.every={every}) report without {metric}: "
-              f"make eval.every a multiple of trainer.log_every={t.log_every}")
+        check(
+            ok,
+            "metric",
+            f"evaluations (eval.every={every}) report without {metric}: "
+            f"make eval.every a multiple of trainer.log_every={t.log_every}",
+        )
 
 
 def _read_yaml(path: Path, key: str) -> dict[str, Any]:
@@ -329,9 +398,11 @@ def checked_sweep_name(spec: SweepSpec, name: str | None) -> str:
     """The sweep's name (--name, else the spec file's stem), checked as one path component: it
     names <output_dir>/sweeps/<name>/ and prefixes every trial's run name, <name>-<trial id>,
     which must fit trainer.name's bytes too."""
-    check_path_name(name if name is not None else spec.name,
-                    "--name" if name is not None else "sweep name (the spec file's stem; give another with --name)",
-                    limit=MAX_NAME_BYTES - TRIAL_SUFFIX_BYTES)
+    check_path_name(
+        name if name is not None else spec.name,
+        "--name" if name is not None else "sweep name (the spec file's stem; give another with --name)",
+        limit=MAX_NAME_BYTES - TRIAL_SUFFIX_BYTES,
+    )
     return name if name is not None else spec.name
 
 
@@ -352,8 +423,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: str | 
     fixed = raw.get("overrides") or {}
     check(isinstance(fixed, dict), "overrides", "expected a mapping of SECTION.FIELD: value")
     search = raw["search"]
-    check(isinstance(search, dict) and len(search) > 0, "search",
-          "expected a non-empty mapping of SECTION.FIELD: domain")
+    check(
+        isinstance(search, dict) and len(search) > 0, "search", "expected a non-empty mapping of SECTION.FIELD: domain"
+    )
     for key in fixed:
         _hint(str(key), f"overrides.{key}")
         check(key not in search, f"search.{key}", "also fixed in overrides; drop one of the two")
@@ -365,19 +437,28 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: str | 
     extra = sorted(set(sched_raw) - {"name"}) if scheduler.name == "fifo" else []
     check(not extra, f"scheduler.{extra[0]}" if extra else "", "only the asha scheduler takes it")
     spec = SweepSpec(
-        name=p.stem, base=base, base_data=base_data, overrides={str(k): v for k, v in fixed.items()},
+        name=p.stem,
+        base=base,
+        base_data=base_data,
+        overrides={str(k): v for k, v in fixed.items()},
         search={str(k): _domain(str(k), d, _hint(str(k), f"search.{k}")) for k, d in search.items()},
-        metric=metric, mode=mode, scheduler=scheduler,
+        metric=metric,
+        mode=mode,
+        scheduler=scheduler,
         searcher=from_dict(SearcherSpec, raw.get("searcher") or {}, "searcher."),
         num_samples=coerce(raw.get("num_samples", 1), int, "num_samples"),
         max_concurrent_trials=coerce(raw.get("max_concurrent_trials", 1), int, "max_concurrent_trials"),
-        resources=from_dict(Resources, raw.get("resources") or {}, "resources."))
+        resources=from_dict(Resources, raw.get("resources") or {}, "resources."),
+    )
     check(spec.num_samples >= 1, "num_samples", f"must be >= 1, got {spec.num_samples}")
     check(spec.max_concurrent_trials >= 1, "max_concurrent_trials", f"must be >= 1, got {spec.max_concurrent_trials}")
     if spec.searcher.name == "optuna":
         grids = [k for k, d in spec.search.items() if d.kind == "grid"]
-        check(not grids, f"search.{grids[0]}" if grids else "",
-              "grid domains need searcher random; use choice with optuna")
+        check(
+            not grids,
+            f"search.{grids[0]}" if grids else "",
+            "grid domains need searcher random; use choice with optuna",
+        )
     _validate(spec, base_path)
     return spec
 

@@ -31,10 +31,16 @@ def trial_config(ctx: SweepContext, params: dict[str, Any], trial_name: str) -> 
     cfg = ctx.spec.trial_config(params)
     r = ctx.spec.resources
     # spec.trial_config already sized the workers; the trial's driver takes DRIVER_CPU of one CPU
-    trainer = dataclasses.replace(cfg.trainer, name=trial_name, output_dir=ctx.output_dir,
-                                  cpus_per_worker=r.cpus_per_worker - DRIVER_CPU, max_failures=0)
-    tracking = dataclasses.replace(cfg.tracking, run_name=trial_name,
-                                   tracking_uri=ctx.tracking_uri or cfg.tracking.tracking_uri)
+    trainer = dataclasses.replace(
+        cfg.trainer,
+        name=trial_name,
+        output_dir=ctx.output_dir,
+        cpus_per_worker=r.cpus_per_worker - DRIVER_CPU,
+        max_failures=0,
+    )
+    tracking = dataclasses.replace(
+        cfg.tracking, run_name=trial_name, tracking_uri=ctx.tracking_uri or cfg.tracking.tracking_uri
+    )
     return dataclasses.replace(cfg, trainer=trainer, tracking=tracking)
 
 
