@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_bism.config import Config, ConfigError, load_config
-from distributed_bism.config.schema import MAX_EXAMPLES, MAX_INNER_STEPS
+from distributed_bism.config.limits import MAX_EXAMPLES, MAX_INNER_STEPS
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 Command = Callable[..., int]
@@ -73,8 +73,8 @@ def _train(cfg: Config, address: str | None) -> int:
 
 @_one_line_errors()
 def _tune(args: argparse.Namespace) -> int:
+    from distributed_bism.tune.load import checked_sweep_name, load_spec
     from distributed_bism.tune.runner import run_sweep
-    from distributed_bism.tune.spec import checked_sweep_name, load_spec
 
     spec = load_spec(args.spec, args.overrides)
     run_sweep(spec, name=checked_sweep_name(spec, args.name), output_dir=args.output_dir, address=args.address)

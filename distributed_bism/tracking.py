@@ -288,9 +288,22 @@ class RunLogger:
     def __init__(self, uri: str | None, run_id: str | None):
         self.run_id = run_id
         self.client = _client(uri) if (uri and run_id) else None
+        self.logged_through: dict[str, int] = {}  # metric key → the last step the run already holds
+
+    def skip_logged_steps(self) -> None:
+        """Read the run once: the last step of every metric it already holds (MLflow keeps each
+        key's point of highest step as its latest). Steps up to it were logged by an earlier launch
+        or attempt, past the checkpoint resumed from, and MLflow cannot delete points, so `metrics`
+        leaves them out from now on instead of logging them twice."""
+        if self.client is None:
+            return
+        for m in self.client.get_run(self.run_id).data.to_proto().metrics:
+            self.logged_through[m.key] = max(int(m.step), self.logged_through.get(m.key, -1))
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        if self.client is None:
+        """Log `values` at `step`, except keys the run already holds at this step or later."""
+        values = {k: v for k, v in values.items() if step > self.logged_through.get(sanitize(k), -1)}
+        if self.client is None or not values:
             return
         import time
 

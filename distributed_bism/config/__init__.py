@@ -19,22 +19,24 @@ loading returns is valid.
 
 from distributed_bism.config.errors import ConfigError, check, check_writable_dir
 from distributed_bism.config.loading import apply_overrides, coerce, from_dict, load_config
+from distributed_bism.config.run_schema import (
+    PLACEMENT_STRATEGIES,
+    PRECISIONS,
+    STRATEGIES,
+    EvalConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
 from distributed_bism.config.schema import (
     MARGINAL_MODELS,
     MODELS,
-    PLACEMENT_STRATEGIES,
     POSTERIORS,
-    PRECISIONS,
-    STRATEGIES,
     Config,
     DataConfig,
-    EvalConfig,
     ModelConfig,
     ObjectiveConfig,
     OptimConfig,
     PosteriorConfig,
-    TrackingConfig,
-    TrainerConfig,
 )
 from distributed_bism.config.validate import validate
 

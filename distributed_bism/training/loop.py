@@ -33,19 +33,18 @@ from distributed_bism.evaluation.progress import log_loglik_curve
 from distributed_bism.models import GaussianRBM, unwrap
 from distributed_bism.models.build import build_models
 from distributed_bism.objectives import Objective, get_objective
-from distributed_bism.tracking import RunLogger, sanitize
+from distributed_bism.tracking import RunLogger
 from distributed_bism.training.checkpointing import (
     CheckpointError,
     CheckpointSink,
-    CheckpointWriteError,
     NoCheckpoints,
+    agreed_write,
     all_finite,
     load_file,
     load_state,
     move_aside,
     optim_shard_file,
     save_state,
-    write_error,
 )
 from distributed_bism.training.optim import EMA, LRSchedule
 from distributed_bism.training.replica import Replica, build_replica, deepspeed_safe_globals
@@ -98,8 +97,6 @@ class TrainLoop:
         self.history = History()
         self.eval_notes: set[str] = set()  # notes of skipped metrics already printed
         self.last_eval: dict[str, float] = {}  # the newest evaluation's eval/* values (rank 0)
-        # metric key → the last step the MLflow run already has (a relaunch or restart does not log a step twice)
-        self.logged_through: dict[str, int] = {}
         # what a sample is drawn as: (C, H, W) even when a GRBM sees flat vectors
         self.image_shape = image_shape or tuple(batches.data.shape[1:])
 
@@ -250,30 +247,15 @@ class TrainLoop:
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """Save into a fresh directory and hand it to the sink (every rank). A write that fails
         (no space, no permission) on any rank raises CheckpointWriteError on every rank at the
-        same point, so no rank waits in a collective for one that gave up; nothing is pruned."""
+        same point (`agreed_write`), so no rank waits in a collective for one that gave up."""
         tmp: Path | None = None
         try:
-            tmp = self._agreed(lambda: Path(tempfile.mkdtemp(prefix="bism_ckpt_")), tempfile.gettempdir())
-            self._agreed(lambda: self.save(tmp), tmp)
-            self._agreed(lambda: self.sink.report(metrics, tmp, self.step), tmp)
+            tmp = agreed_write(self.step, lambda: Path(tempfile.mkdtemp(prefix="bism_ckpt_")), tempfile.gettempdir())
+            agreed_write(self.step, lambda: self.save(tmp), tmp)
+            agreed_write(self.step, lambda: self.sink.report(metrics, tmp, self.step), tmp)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-
-    def _agreed(self, write: Callable[[], Any], where: str | Path | None) -> Any:
-        """write(), then one collective: if it failed on any rank with an OS error, every rank
-        raises the first rank's CheckpointWriteError."""
-        result, error = None, None
-        try:
-            result = write()
-        except CheckpointWriteError as e:
-            error = str(e)
-        except OSError as e:
-            error = str(write_error(self.step, where or "", e))
-        errors = [e for e in gather_objects(error) if e]
-        if errors:
-            raise CheckpointWriteError(errors[0])
-        return result
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, *, final: bool = False) -> dict[str, float]:
@@ -308,7 +290,7 @@ class TrainLoop:
         if "samples" in ctx.artifacts:
             self.history.samples[self.step] = str(ctx.artifacts["samples"])
         if metrics:
-            self.log_to_run(metrics, self.step)
+            self.logger.metrics(metrics, self.step)
             self.last_eval = metrics
         if "eval/test_loglik" in metrics:
             self.history.test_loglik[self.step] = metrics["eval/test_loglik"]
@@ -368,24 +350,6 @@ class TrainLoop:
         self.log(f"resumed from {choice} at step {self.step}")
         return True
 
-    def read_logged_steps(self) -> None:
-        """Rank 0: the last step of every metric the MLflow run already holds (one read of the
-        run; MLflow keeps each key's point of highest step as its latest). Steps up to it were
-        logged by an earlier launch or attempt, past the checkpoint resumed from, and MLflow
-        cannot delete points, so `log_to_run` leaves them out instead of logging them twice."""
-        client = getattr(self.logger, "client", None)
-        if self.rank != 0 or client is None:
-            return
-        run = client.get_run(self.logger.run_id)
-        for m in run.data.to_proto().metrics:
-            self.logged_through[m.key] = max(int(m.step), self.logged_through.get(m.key, -1))
-
-    def log_to_run(self, metrics: dict[str, float], step: int) -> None:
-        """Log `metrics` at `step`, except keys the run already has at this step or later."""
-        new = {k: v for k, v in metrics.items() if step > self.logged_through.get(sanitize(k), -1)}
-        if new:
-            self.logger.metrics(new, step)
-
     def run(self) -> History:
         """Train to trainer.steps: progress lines, metrics every log_every, evaluation every
         eval.every, checkpoints every checkpoint_every and at the end."""
@@ -402,7 +366,7 @@ class TrainLoop:
             ckpt = s % t.checkpoint_every == 0 or at_end
             metrics = self._log_metrics(out, window) if (logging or ckpt) else {}
             if metrics:
-                self.log_to_run(metrics, s)
+                self.logger.metrics(metrics, s)
             if self.rank == 0 and (logging or now - last_print >= PROGRESS_EVERY_S):
                 done = s - start_step
                 eta = (now - start) / done * (t.steps - s)
@@ -435,7 +399,8 @@ class TrainLoop:
         values, the step, and the newest sample grid ("samples_path", None if none was drawn)."""
         t = self.cfg.trainer
         self.resume()
-        self.read_logged_steps()
+        if self.rank == 0:
+            self.logger.skip_logged_steps()  # a relaunch logs no step twice
         if self.step >= t.steps:
             self.log(
                 f"run {t.name!r} is already complete at step {self.step}: nothing to train. To train again, "

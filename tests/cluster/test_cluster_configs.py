@@ -165,7 +165,7 @@ def test_rayjob_entrypoints_load() -> None:
     """Each RayJob targets the RayCluster and runs `bism train|tune` on a file of this repo whose
     overrides load, with its outputs on the shared volume."""
     from distributed_bism.config import load_config
-    from distributed_bism.tune.spec import load_spec
+    from distributed_bism.tune.load import load_spec
 
     docs = documents()
     (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]

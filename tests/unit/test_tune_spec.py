@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from distributed_bism.config import Config, ConfigError
-from distributed_bism.tune.spec import REPO_ROOT, load_spec
+from distributed_bism.tune.load import load_spec
+from distributed_bism.tune.spec import REPO_ROOT
 
 SPECS = sorted((REPO_ROOT / "tune_spaces").glob("*.yaml"))
 EXPECTED_KEYS = {
