@@ -3,8 +3,7 @@ what a machine can hold, non-finite numbers, unreadable or ambiguous config file
 the overrides, and bf16 / corrupt data files found before the MLflow run opens.
 
 As in test_bad_input.py: exit status 2, one `bism: error:` line naming the key, `ray.init`
-replaced by a function that fails the test, and nothing written. The fixtures are copied from
-there, so this file stands on its own wherever the test layers move it.
+replaced by a function that fails the test, and nothing written (fixtures: tests/helpers/bad_input.py).
 """
 
 from __future__ import annotations
@@ -16,55 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distributed_bism.cli import main
 from distributed_bism.config import Config, ConfigError, OptimConfig, from_dict, load_config
 from distributed_bism.launch import preflight as launch
+from tests.helpers.bad_input import TINY, bism_error, config_file, no_ray  # noqa: F401 (no_ray and config_file are fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {
-    "data": {"name": "checkerboard", "n_train": 64, "n_test": 32},
-    "model": {"name": "grbm", "h_dim": 4},
-    "objective": {"name": "bidsm", "warmup_steps": 1, "unroll_steps": 0},
-    "trainer": {"name": "bad-input", "strategy": "local", "steps": 2, "batch_size": 8},
-    "tracking": {"enabled": False},
-    "eval": {"metrics": ["test_loglik"]},
-}
-
-
-@pytest.fixture(autouse=True)
-def no_ray(monkeypatch: pytest.MonkeyPatch):
-    """Fail the test if anything calls ray.init; after the test, Ray must not be initialised."""
-    import ray
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"ray.init{args}{kwargs} was called: the input check must come before Ray starts")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    assert not ray.is_initialized()
-
-
-@pytest.fixture
-def config_file(tmp_path: Path) -> Path:
-    """A valid tiny local config, its outputs under tmp_path/out."""
-    data = {**TINY, "trainer": {**TINY["trainer"], "output_dir": str(tmp_path / "out")}}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def bism_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    """Run `bism ARGV`; assert exit status 2 and exactly one `bism: error:` line on stderr; return it."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, f"exit status {code}, stderr: {err!r}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bism: error: "), f"expected one error line, got {err!r}"
-    return lines[0]
-
-
 def assert_nothing_written(tmp_path: Path) -> None:
     """No file at all under the output directory: no checkpoint, config record, MLflow store or sample."""
     out = tmp_path / "out"
