@@ -84,6 +84,13 @@ def report() -> Iterator[FaultReport]:
     r.write()
 
 
+@pytest.fixture(autouse=True)
+def timed(report: FaultReport) -> Iterator[None]:
+    """Each record's seconds end with its test."""
+    yield
+    report.close()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, ray_cluster: Any) -> Callable[[int], dict[str, Any]]:
     """The final parameters of one uninterrupted run of `ddp(...)` with trainer.steps=steps, run

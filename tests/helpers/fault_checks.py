@@ -98,12 +98,16 @@ class FaultReport:
         self.records.append(record)
         return record
 
+    def close(self) -> None:
+        """The open records' time, up to now (at the end of each test, passed or failed)."""
+        for r in self.records:
+            if r.seconds < 0:
+                r.seconds += time.monotonic()
+
     def write(self) -> None:
+        self.close()
         if not self.path:
             return
-        for r in self.records:
-            if r.seconds < 0:  # still running, or the test failed: time up to now
-                r.seconds += time.monotonic()
         Path(self.path).write_text(json.dumps({"records": [asdict(r) for r in self.records]}, indent=1))
 
 
