@@ -15,8 +15,6 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,98 +23,8 @@ import pytest
 
 from distributed_bism.tracking import ENDED_BY_TAG, RUN_TAG
 from tests.helpers.local_runs import checkpoint_dirs, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
-
-HOOK = '''
-import importlib.abc, os, sys, time
-
-
-def _patch(RunLogger):
-    at, marker, metrics = int(os.environ["BISM_TEST_BLOCK_AT"]), os.environ["BISM_TEST_MARKER"], RunLogger.metrics
-
-    def blocking(self, values, step):
-        metrics(self, values, step)
-        if step >= at:
-            with open(marker, "w") as f:
-                f.write(str(os.getpid()))
-            while True:  # until a signal
-                time.sleep(0.05)
-
-    RunLogger.metrics = blocking
-
-
-class _Hook(importlib.abc.MetaPathFinder):
-    """Patch distributed_bism.tracking as it is imported, without importing it anywhere else
-    (Ray's helper processes inherit PYTHONPATH too)."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "distributed_bism.tracking":
-            return None
-        for finder in sys.meta_path:
-            spec = None if finder is self else getattr(finder, "find_spec", lambda *a: None)(name, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            _patch(module.RunLogger)
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
-
-
-if os.environ.get("BISM_TEST_BLOCK_AT"):
-    sys.meta_path.insert(0, _Hook())
-'''
-
-
-class Driver:
-    """`python -m distributed_bism.cli ARGS` in a session of its own, output to `log`."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str]):
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "distributed_bism.cli", *args], stdout=log.open("w"),
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, marker: Path, timeout: float) -> None:
-        """Until the hook wrote `marker` (fails, with the log, if the driver ended or took too long)."""
-        deadline = time.monotonic() + timeout
-        while not marker.exists():
-            assert self.proc.poll() is None, f"driver ended (status {self.proc.returncode}):\n{self.output()}"
-            assert time.monotonic() < deadline, f"no step logged within {timeout} s:\n{self.output()}"
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        """Kill what is left of the driver's process tree, by PID (a failed test's leftovers)."""
-        try:
-            left = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            left = []
-        if self.proc.poll() is None:
-            self.proc.kill()
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(timeout=60)
-
-
-def _env(tmp_path: Path, *, block_at: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "BISM_TEST_BLOCK_AT")}
-    env |= extra or {}
-    if block_at is not None:
-        hook = tmp_path / "hook"
-        hook.mkdir(exist_ok=True)
-        (hook / "sitecustomize.py").write_text(HOOK)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH")) if p)
-        env |= {"BISM_TEST_BLOCK_AT": str(block_at), "BISM_TEST_MARKER": str(tmp_path / "blocked")}
-    return env
+from tests.helpers.step_hooks import Driver
+from tests.helpers.step_hooks import hook_env as _env
 
 
 def _run(uri: str, name: str):  # an mlflow Run
