@@ -160,6 +160,9 @@ class ObjectiveConfig:
     # Not the reference estimator: one noise draw for all inner steps of an iteration, so f(ṽ)
     # is computed once. Cheaper unrolling, more correlated inner steps.
     share_inner_noise: bool = False
+    # Recompute each unrolled step in the backward pass instead of keeping its activations:
+    # memory about flat in K, for about one more forward per unrolled step. Same hypergradient.
+    unroll_checkpoint: bool = False
     # BiDVL (Kan et al. 2022; METHODS.md §4). Upper level E(v) − E(P(ĥ)), or its hinge form
     # relu(m + E(v)) + relu(m − E(P(ĥ))); lower level E(P(ĥ)) + w·mean_j(μ_Q(P(ĥ)) − ĥ)_j²
     # + λ·(‖v − P(h)‖² + KL(Q(h|v) ‖ N(0, I))). N = warmup_steps lower-level steps per upper

@@ -1,12 +1,20 @@
 """One training iteration of bi-level score matching (docs/methods.md §1), with no distributed code.
 
+    0. Every noisy batch of the iteration is drawn first: ṽ_1..ṽ_N (warm-up), ṽ'_1..ṽ'_K
+       (unroll) and the outer batch (`InnerDraws`). None of them depends on φ.
     1. N warm-up steps: ordinary optimiser steps on φ minimising G(θ, φ), θ frozen. They persist.
     2. K unrolled steps: φ_{k+1} = step(φ_k, ∇_φ G(θ, φ_k)) with create_graph, on parameter
        dicts, so φ_K = φ_K(θ) is differentiable and the posterior module is never written.
     3. J(θ, φ_K(θ)) and its gradient, accumulated into θ's .grad only.
     4. φ_1..φ_K are dropped; the module keeps its warm-up value.
 
-Single-level objectives (DSM, SSM, CD ...) skip 1, 2 and 4. The caller steps θ's optimiser.
+Single-level objectives (DSM, SSM, CD ...) skip 0, 1, 2 and 4. The caller steps θ's optimiser.
+
+Exact batching. For an energy that splits into visible features f(v) and E(f, h) (the conv
+EBLVM), f at the N warm-up inputs is one no-grad call on the N·B stacked inputs, and f at the K
+unrolled inputs one call that keeps the graph: the inputs do not depend on φ, so this computes
+the same numbers as N + K separate calls, in 2 calls. The outer batch keeps its own call: its
+score needs ∇_v f, whose backward would otherwise run over all (K+1)·B inputs.
 
 `energy` and `posterior` may be DDP / DeepSpeed wrappers: the higher-level loss calls the
 energy's *wrapper* forward and the warm-up calls the posterior's wrapper forward, because a
@@ -16,7 +24,7 @@ the unwrapped modules.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -70,12 +78,39 @@ def inner_energy_fn(energy: nn.Module, x: Tensor, *, frozen: bool) -> EnergyFn:
     returned function ignores its first argument and is valid for this x only; other models
     are returned as they are.
     """
+    return inner_energy_fns(energy, [x], frozen=frozen)[0]
+
+
+def inner_energy_fns(energy: nn.Module, xs: Sequence[Tensor], *, frozen: bool, batched: bool = True) -> list[EnergyFn]:
+    """`inner_energy_fn` at each x of `xs` (each (B, ...)); f at all of them in one call when
+    `batched` (f is per example, so the stacked call gives the same numbers). An x that appears
+    more than once (shared inner noise) is computed once."""
     if not hasattr(energy, "visible_features"):
-        return energy
+        return [energy] * len(xs)
     featured = cast(_FeatureEnergy, energy)
+    unique: dict[int, Tensor] = {id(x): x.detach() for x in xs}
     with torch.no_grad() if frozen else nullcontext():
-        feats = featured.visible_features(x.detach())
-    return lambda _x, h: featured.energy_from_features(feats, h)
+        if batched and len(unique) > 1:
+            stacked = featured.visible_features(torch.cat(list(unique.values())))
+            chunks = stacked.split([x.shape[0] for x in unique.values()])
+        else:
+            chunks = tuple(featured.visible_features(x) for x in unique.values())
+    feats = dict(zip(unique, chunks))
+
+    def fn_for(f: Tensor) -> EnergyFn:
+        return lambda _x, h: featured.energy_from_features(f, h)
+
+    return [fn_for(feats[id(x)]) for x in xs]
+
+
+@dataclass
+class InnerDraws:
+    """The noisy batches of one iteration: N warm-up, K unrolled, and the outer batch of J. With
+    shared inner noise the N + K inner entries are one batch repeated."""
+
+    warmup: list[NoisyBatch]
+    unroll: list[NoisyBatch]
+    outer: NoisyBatch
 
 
 @dataclass
@@ -97,6 +132,11 @@ class BilevelStep:
         unroll_optimizer: the differentiable optimiser of step 2 (functional SGD or Adam).
         share_inner_noise: draw one noisy batch for all N + K inner steps of an iteration (not
             the reference estimator; makes the unroll much cheaper for the conv EBLVM).
+        batch_inner_passes: compute f at the N warm-up and at the K unrolled inputs in one call
+            each (exact; see the module docstring). False: one call per input.
+        unroll_checkpoint: recompute each unrolled step in the backward pass instead of keeping
+            its activations, so that memory stays about flat in K (same hypergradient; f is then
+            computed per step, inside its checkpoint).
     """
 
     def __init__(
@@ -107,6 +147,8 @@ class BilevelStep:
         unroll_steps: int = 0,
         unroll_optimizer: FunctionalOptimizer | None = None,
         share_inner_noise: bool = False,
+        batch_inner_passes: bool = True,
+        unroll_checkpoint: bool = False,
     ):
         if warmup_steps < 0 or unroll_steps < 0:
             raise ValueError(f"warm-up and unroll steps must be >= 0, got N={warmup_steps}, K={unroll_steps}")
@@ -114,38 +156,47 @@ class BilevelStep:
         self.warmup_steps, self.unroll_steps = warmup_steps, unroll_steps
         self.unroll_optimizer = unroll_optimizer or SGD(1e-3)
         self.share_inner_noise = share_inner_noise
+        self.batch_inner_passes = batch_inner_passes
+        self.unroll_checkpoint = unroll_checkpoint
 
     # ------------------------------------------------------------------ stages
+    def draw(self, v: Tensor) -> InnerDraws:
+        """Step 0: every noisy batch of one iteration on v (B, ...), in the order warm-up,
+        unroll, outer (the shared draw first when share_inner_noise)."""
+        perturb = self.objective.perturbation
+        if self.share_inner_noise:
+            shared = perturb(v)
+            return InnerDraws([shared] * self.warmup_steps, [shared] * self.unroll_steps, perturb(v))
+        warm = [perturb(v) for _ in range(self.warmup_steps)]
+        inner = [perturb(v) for _ in range(self.unroll_steps)]
+        return InnerDraws(warm, inner, perturb(v))
+
     def warmup(
         self,
         energy: nn.Module,
         posterior: nn.Module,
         v: Tensor,
         optimizer: Updater | torch.optim.Optimizer,
-        shared: NoisyBatch | None = None,
+        batches: Sequence[NoisyBatch] | None = None,
     ) -> Tensor | None:
-        """Step 1: N persistent optimiser steps on φ. Returns the last mean G (detached)."""
+        """Step 1: N persistent optimiser steps on φ, on `batches` (drawn from v when None).
+        Returns the last mean G (detached)."""
         if self.warmup_steps == 0:
             return None
         optimizer = as_updater(optimizer)
         core_q: Posterior = unwrap(posterior)  # type: ignore[assignment]
         q = PosteriorView(core_q, forward=posterior)
+        if batches is None:
+            batches = [self.objective.perturbation(v) for _ in range(self.warmup_steps)]
         with frozen(unwrap(energy)):
-            return self._warmup(energy, q, v, optimizer, shared)
-
-    def _warmup(
-        self, energy: nn.Module, q: PosteriorView, v: Tensor, optimizer: Updater, shared: NoisyBatch | None
-    ) -> Tensor | None:
-        frozen_fn = inner_energy_fn(unwrap(energy), shared.x, frozen=True) if shared else None
-        last = None
-        for _ in range(self.warmup_steps):
-            batch = shared or self.objective.perturbation(v)
-            energy_fn = frozen_fn or inner_energy_fn(unwrap(energy), batch.x, frozen=True)
-            loss = self.objective.inner_loss(energy_fn, q, batch).mean()
-            optimizer.zero_grad()
-            optimizer.backward(loss)  # φ only: θ is frozen at this level
-            optimizer.step()
-            last = loss.detach()
+            fns = inner_energy_fns(unwrap(energy), [b.x for b in batches], frozen=True, batched=self.batch_inner_passes)
+            last = None
+            for batch, energy_fn in zip(batches, fns):
+                loss = self.objective.inner_loss(energy_fn, q, batch).mean()
+                optimizer.zero_grad()
+                optimizer.backward(loss)  # φ only: θ is frozen at this level
+                optimizer.step()
+                last = loss.detach()
         return last
 
     def unrolled_posterior(
@@ -156,21 +207,28 @@ class BilevelStep:
         v: Tensor,
         optimizer_state: dict | None = None,
         shared: NoisyBatch | None = None,
+        batches: Sequence[NoisyBatch] | None = None,
     ) -> ParamDict:
-        """Step 2: φ_K(θ) from φ by K differentiable steps (φ itself when K = 0)."""
+        """Step 2: φ_K(θ) from φ by K differentiable steps (φ itself when K = 0), on `batches`
+        (K of them; `shared` repeated, or drawn from v step by step, when None)."""
         if self.unroll_steps == 0:
             return {n: p.detach() for n, p in phi.items()}
         core = unwrap(energy)
         phi0 = {n: p.detach().requires_grad_(True) for n, p in phi.items()}
-        shared_fn = inner_energy_fn(core, shared.x, frozen=False) if shared else None
+        if batches is None and shared is not None:
+            batches = [shared] * self.unroll_steps
+        fns: list[EnergyFn] | None = None
+        if batches is not None and not self.unroll_checkpoint:
+            fns = inner_energy_fns(core, [b.x for b in batches], frozen=False, batched=self.batch_inner_passes)
 
         def inner_loss(phi_k: ParamDict, k: int) -> Tensor:
-            batch = shared or self.objective.perturbation(v)
-            energy_fn = shared_fn or inner_energy_fn(core, batch.x, frozen=False)
+            batch = batches[k] if batches is not None else self.objective.perturbation(v)
+            energy_fn = fns[k] if fns is not None else inner_energy_fn(core, batch.x, frozen=False)
             return self.objective.inner_loss(energy_fn, PosteriorView(posterior, params=phi_k), batch).mean()
 
         state = self.unroll_optimizer.init(phi0, optimizer_state)
-        return unroll(phi0, inner_loss, self.unroll_steps, self.unroll_optimizer, state)
+        theta = [p for p in core.parameters() if p.requires_grad] if self.unroll_checkpoint else None
+        return unroll(phi0, inner_loss, self.unroll_steps, self.unroll_optimizer, state, checkpoint_theta=theta)
 
     def hypergradient(
         self,
@@ -182,16 +240,16 @@ class BilevelStep:
         shared: NoisyBatch | None = None,
         energy_updater: Updater | None = None,
         outer_batch: NoisyBatch | None = None,
+        unroll_batches: Sequence[NoisyBatch] | None = None,
     ) -> StepOutput:
         """Steps 2-3: J(θ, φ_K(θ)) and dJ/dθ, accumulated into θ's .grad (not φ's) by
-        `energy_updater.backward`, or by backward(inputs=θ) when there is none. `outer_batch`:
-        the noisy batch of J, drawn from v when None (diagnostics pass one to compare K on the
-        same noise)."""
+        `energy_updater.backward`, or by backward(inputs=θ) when there is none. The unroll runs
+        on `unroll_batches` (drawn step by step when None); J on `outer_batch`, drawn from v
+        when None (diagnostics pass one to compare K on the same noise)."""
         q = None
         if posterior is not None and phi is not None:
-            q = PosteriorView(
-                posterior, params=self.unrolled_posterior(energy, posterior, phi, v, optimizer_state, shared)
-            )
+            phi_k = self.unrolled_posterior(energy, posterior, phi, v, optimizer_state, shared, unroll_batches)
+            q = PosteriorView(posterior, params=phi_k)
         loss = self.objective.outer(energy, q, outer_batch or self.objective.perturbation(v)).mean()
         if energy_updater is not None:
             energy_updater.backward(loss)
@@ -216,13 +274,22 @@ class BilevelStep:
         if posterior is None or posterior_optimizer is None:
             raise ValueError(f"objective {self.objective.name!r} needs a posterior and its optimiser")
         posterior_optimizer = as_updater(posterior_optimizer)
-        shared = self.objective.perturbation(v) if self.share_inner_noise else None
-        inner = self.warmup(energy, posterior, v, posterior_optimizer, shared)
+        draws = self.draw(v)
+        inner = self.warmup(energy, posterior, v, posterior_optimizer, draws.warmup)
         core_q: Posterior = unwrap(posterior)  # type: ignore[assignment]
         phi: ParamDict = dict(core_q.named_parameters())
         # Only the unroll reads the optimiser state; at K = 0 skip collecting it.
         warm_state = posterior_optimizer.optimizer_state(phi) if self.unroll_steps else None
-        out = self.hypergradient(energy, core_q, phi, v, warm_state, shared, energy_updater)
+        out = self.hypergradient(
+            energy,
+            core_q,
+            phi,
+            v,
+            warm_state,
+            energy_updater=energy_updater,
+            outer_batch=draws.outer,
+            unroll_batches=draws.unroll,
+        )
         out.inner_loss = inner
         return out
 
@@ -244,4 +311,5 @@ def step_from_config(
         unroll_steps=cfg.unroll_steps,
         unroll_optimizer=opt,
         share_inner_noise=cfg.share_inner_noise,
+        unroll_checkpoint=cfg.unroll_checkpoint,
     )

@@ -9,12 +9,15 @@ Nothing here touches module parameters: optimisers take and return dicts of tens
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from distributed_bism.core.recompute import checkpointed_step
 
 ParamDict = dict[str, Tensor]
 OptState = dict[str, Any]
@@ -103,16 +106,30 @@ def unroll(
     steps: int,
     optimizer: FunctionalOptimizer,
     state: OptState,
+    *,
+    checkpoint_theta: Sequence[Tensor] | None = None,
 ) -> ParamDict:
     """Run `steps` differentiable optimiser steps from φ and return φ_K.
 
     inner_loss(φ_k, k) must return a scalar. A parameter that the loss does not reach gets a
     zero gradient. The graph of every step is kept so that φ_K can be differentiated in θ.
+
+    checkpoint_theta: when given, keep only each step's inputs (φ_k and the optimiser state)
+    and recompute the step, inner loss included, when the backward pass reaches it
+    (core/recompute.py); these are the θ tensors the inner loss reads. Peak memory then holds
+    one step's activations instead of K, for about one more step's forward per step.
     """
+
+    def one_step(phi_k: ParamDict, state_k: OptState, k: int) -> tuple[ParamDict, OptState]:
+        loss = inner_loss(phi_k, k)
+        names = list(phi_k)
+        grads = torch.autograd.grad(loss, [phi_k[n] for n in names], create_graph=True, allow_unused=True)
+        grad_dict = {n: torch.zeros_like(phi_k[n]) if g is None else g for n, g in zip(names, grads)}
+        return optimizer.step(phi_k, grad_dict, state_k)
+
     for k in range(steps):
-        loss = inner_loss(phi, k)
-        names = list(phi)
-        grads = torch.autograd.grad(loss, [phi[n] for n in names], create_graph=True, allow_unused=True)
-        grad_dict = {n: torch.zeros_like(phi[n]) if g is None else g for n, g in zip(names, grads)}
-        phi, state = optimizer.step(phi, grad_dict, state)
+        if checkpoint_theta is not None:
+            phi, state = checkpointed_step(functools.partial(one_step, k=k), phi, state, checkpoint_theta)
+        else:
+            phi, state = one_step(phi, state, k)
     return phi

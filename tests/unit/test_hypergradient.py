@@ -38,9 +38,9 @@ def plain_J(energy, posterior, objective, v, K: int, opt_name: str, lr: float = 
     return objective.outer(energy, PosteriorView(q, params=phi), objective.perturbation(v)).mean().item()
 
 
-def autograd_grad(energy, posterior, objective, v, K: int, opt_name: str, lr: float = LR) -> torch.Tensor:
+def autograd_grad(energy, posterior, objective, v, K: int, opt_name: str, lr: float = LR, **step_kw) -> torch.Tensor:
     opt = SGD(lr) if opt_name == "sgd" else Adam(lr)
-    step = BilevelStep(objective, unroll_steps=K, unroll_optimizer=opt)
+    step = BilevelStep(objective, unroll_steps=K, unroll_optimizer=opt, **step_kw)
     energy.zero_grad()
     torch.manual_seed(SEED)
     step.hypergradient(energy, posterior, dict(posterior.named_parameters()), v)
@@ -67,8 +67,8 @@ def fd_directional(energy, posterior, objective, v, K, opt_name, direction: torc
     return value
 
 
-def check(energy, posterior, objective, v, K, opt_name, directions, lr: float = LR):
-    g = autograd_grad(energy, posterior, objective, v, K, opt_name, lr)
+def check(energy, posterior, objective, v, K, opt_name, directions, lr: float = LR, **step_kw):
+    g = autograd_grad(energy, posterior, objective, v, K, opt_name, lr, **step_kw)
     fd = torch.tensor([fd_directional(energy, posterior, objective, v, K, opt_name, d, lr=lr) for d in directions])
     ad = torch.stack([g @ d for d in directions])
     rel = (fd - ad).norm() / ad.norm()
@@ -97,6 +97,19 @@ def test_conv_hypergradient_matches_finite_differences(float64, K, opt_name):
     # SGD at 0.01: at 0.05 three unrolled Fisher steps diverge on the reference model's wider coupling head
     lr = 0.01 if opt_name == "sgd" else LR
     check(energy, q, objective, v, K, opt_name, [torch.randn(n, generator=gen) for _ in range(3)], lr=lr)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_checkpointed_unroll_hypergradient_matches_finite_differences(float64, opt_name):
+    """objective.unroll_checkpoint recomputes each unrolled step in the backward pass: same dJ/dθ."""
+    energy, q = tiny_conv()
+    objective = get_objective(ObjectiveConfig(name="bimdsm", sigma_begin=0.05, sigma_end=1.2, lower_level="fisher"))
+    v = torch.rand(4, 1, 8, 8)
+    n = sum(p.numel() for p in energy.parameters())
+    gen = torch.Generator().manual_seed(1)
+    lr = 0.01 if opt_name == "sgd" else LR
+    directions = [torch.randn(n, generator=gen) for _ in range(3)]
+    check(energy, q, objective, v, 3, opt_name, directions, lr=lr, unroll_checkpoint=True)
 
 
 def test_unrolled_posterior_depends_on_theta(float64):

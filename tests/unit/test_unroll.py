@@ -63,14 +63,16 @@ def test_step_leaves_posterior_at_its_warmup_value_and_touches_only_theta(float6
     v = torch.rand(20, 2)
     N = 3
 
-    # Reference: N plain Adam steps on a copy, with the same draws.
+    opt = torch.optim.Adam(q.parameters(), lr=0.01)
+    step = BilevelStep(objective, warmup_steps=N, unroll_steps=K, unroll_optimizer=Adam(0.01))
+
+    # Reference: N plain Adam steps on a copy, with the same draws (the step draws every noisy
+    # batch of the iteration first).
     q_ref = copy.deepcopy(q)
     opt_ref = torch.optim.Adam(q_ref.parameters(), lr=0.01)
     torch.manual_seed(7)
-    BilevelStep(objective, warmup_steps=N).warmup(energy, q_ref, v, opt_ref)
+    BilevelStep(objective, warmup_steps=N).warmup(energy, q_ref, v, opt_ref, step.draw(v).warmup)
 
-    opt = torch.optim.Adam(q.parameters(), lr=0.01)
-    step = BilevelStep(objective, warmup_steps=N, unroll_steps=K, unroll_optimizer=Adam(0.01))
     theta_before = [p.detach().clone() for p in energy.parameters()]
     torch.manual_seed(7)
     out = step(energy=energy, v=v, posterior=q, posterior_optimizer=opt)
