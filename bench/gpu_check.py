@@ -52,7 +52,7 @@ a CPU torch, far over the 64 MiB that may be carried):
 
     make gpu-wheels      # here, once: .whl/ with deepspeed 0.19.8 (built with DS_BUILD_OPS=0, pure
                          # Python) and what it needs that the image lacks (hjson, pydantic,
-                         # pydantic-core for cp312, annotated-types, typing-inspection), ~3 MiB
+                         # pydantic-core for cp312, annotated-types, typing-inspection), ~5 MiB
     # on the device, carry [".whl"], timeout_s 600 (install ~20 s, start-up of the machine ~1-2 min
     # of device time on top):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \\
