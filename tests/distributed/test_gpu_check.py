@@ -26,7 +26,7 @@ def test_cpu_smoke_runs_every_stage_and_the_gradient_check_passes(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=330,
     )
     log = done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(out.read_text())
