@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench bench-deps bench-trainer clean-venv
+.PHONY: setup test test-fast demo bench bench-deps bench-trainer gpu-check gpu-wheels clean-venv
 
 setup: $(STAMP)
 
@@ -49,6 +49,21 @@ bench: bench-deps
 # Worker scaling, harness overhead and time to first step of the distributed trainer (~9 min).
 bench-trainer: setup
 	$(PY) bench/bench_trainer.py
+
+# The GPU check of bench/gpu_check.py (~7 min; GPU_CHECK_ARGS=--quick: ~3.5 min). It needs CUDA: this
+# .venv's torch is the CPU build, so here it stops with a message; `GPU_CHECK_ARGS=--cpu-smoke` rehearses it.
+gpu-check: setup
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Wheels for the lent GPU machine (no network there; its python3 is 3.12 with a CUDA torch but no
+# DeepSpeed): deepspeed built as pure Python, and its needs that the image lacks, into .whl/ (~5 MiB).
+# How they are installed there: bench/gpu_check.py's docstring.
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 
 clean-venv:
 	rm -rf $(VENV)
