@@ -47,8 +47,13 @@ def project_version() -> str:
 
 def test_the_files_exist() -> None:
     assert {p.name for p in RAY_UP} == {"aws.yaml", "gcp.yaml"}
-    assert {p.name for p in MANIFESTS} == {"storage.yaml", "raycluster.yaml", "rayjob.yaml", "rayjob-batch.yaml",
-                                           "mlflow.yaml"}
+    assert {p.name for p in MANIFESTS} == {
+        "storage.yaml",
+        "raycluster.yaml",
+        "rayjob.yaml",
+        "rayjob-batch.yaml",
+        "mlflow.yaml",
+    }
 
 
 # --------------------------------------------------------------------------- ray up
@@ -66,8 +71,11 @@ def test_ray_up_config_matches_rays_schema(path: Path) -> None:
     assert config["head_node_type"] in types
     workers = [t for name, t in types.items() if name != config["head_node_type"]]
     assert any(t.get("max_workers", 0) > 0 for t in workers)
-    spot = [t for t in workers if "InstanceMarketOptions" in t["node_config"]
-            or t["node_config"].get("scheduling", {}).get("preemptible")]
+    spot = [
+        t
+        for t in workers
+        if "InstanceMarketOptions" in t["node_config"] or t["node_config"].get("scheduling", {}).get("preemptible")
+    ]
     assert spot, f"{path.name}: no spot/preemptible worker type"
     assert config["file_mounts"][SYNCED] == "."
 
@@ -77,8 +85,17 @@ def test_ray_up_commands_refer_to_this_repo(path: Path) -> None:
     """Paths under the synced checkout exist here (.venv/bin/* as `make setup` builds it, which
     is the same recipe here), and `make` targets exist in the Makefile."""
     config = yaml.safe_load(path.read_text())
-    commands = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
-                              "head_start_ray_commands", "worker_start_ray_commands") for c in config.get(key, [])]
+    commands = [
+        c
+        for key in (
+            "setup_commands",
+            "head_setup_commands",
+            "worker_setup_commands",
+            "head_start_ray_commands",
+            "worker_start_ray_commands",
+        )
+        for c in config.get(key, [])
+    ]
     assert any("make -C " + SYNCED in c for c in config["setup_commands"]), "setup_commands do not install the project"
     makefile = (REPO / "Makefile").read_text()
     checked = 0
@@ -203,7 +220,9 @@ def test_volumes_and_claims_resolve() -> None:
     # every Ray pod (of the long-lived cluster and of batch jobs' clusters) mounts the shared volume at
     # /shared: workers on any node write the same storage_path
     for pod in [pod for d in docs for pod in pod_specs(d) if d["kind"] != "Deployment"]:
-        shared = {v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "bism-shared"}
+        shared = {
+            v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "bism-shared"
+        }
         assert any(m["name"] in shared and m["mountPath"] == "/shared" for m in pod["containers"][0]["volumeMounts"])
 
 
@@ -217,8 +236,9 @@ def test_gpu_workers_and_mlflow_service() -> None:
     uris = set()
     for spec in specs:
         groups = spec["workerGroupSpecs"]
-        assert groups and all(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-                              for g in groups)
+        assert groups and all(
+            g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for g in groups
+        )
         assert any("nodeSelector" in g["template"]["spec"] for g in groups), "no spot worker group"
         for pod in ray_pods(spec):
             uris |= {e["value"] for e in pod["containers"][0]["env"] if e["name"] == "MLFLOW_TRACKING_URI"}
@@ -323,13 +343,16 @@ def placement_config(**trainer: Any) -> Any:
     return from_dict(Config, {"trainer": {"num_workers": 2, **trainer}})
 
 
-@pytest.mark.parametrize("trainer, key", [
-    ({"placement_strategy": "RANDOM"}, "trainer.placement_strategy"),
-    ({"resources_per_worker": {"CPU": 2}}, "trainer.resources_per_worker.CPU"),
-    ({"resources_per_worker": {"bism_slot": 0}}, "trainer.resources_per_worker.bism_slot"),
-    ({"resources_per_worker": {"bism_slot": "one"}}, "trainer.resources_per_worker.bism_slot"),
-    ({"resources_per_worker": ["bism_slot"]}, "trainer.resources_per_worker"),
-])
+@pytest.mark.parametrize(
+    "trainer, key",
+    [
+        ({"placement_strategy": "RANDOM"}, "trainer.placement_strategy"),
+        ({"resources_per_worker": {"CPU": 2}}, "trainer.resources_per_worker.CPU"),
+        ({"resources_per_worker": {"bism_slot": 0}}, "trainer.resources_per_worker.bism_slot"),
+        ({"resources_per_worker": {"bism_slot": "one"}}, "trainer.resources_per_worker.bism_slot"),
+        ({"resources_per_worker": ["bism_slot"]}, "trainer.resources_per_worker"),
+    ],
+)
 def test_bad_placement_keys_are_named(trainer: dict[str, Any], key: str) -> None:
     from distributed_bism.config import ConfigError
 
@@ -341,8 +364,15 @@ def test_scaling_config_carries_placement_and_resources() -> None:
     from distributed_bism.config import load_config
     from distributed_bism.launch.ray_backend import scaling_config
 
-    cfg = load_config(None, ["trainer.num_workers=2", "trainer.placement_strategy=SPREAD",
-                             "trainer.resources_per_worker.bism_slot=1", "trainer.cpus_per_worker=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "trainer.num_workers=2",
+            "trainer.placement_strategy=SPREAD",
+            "trainer.resources_per_worker.bism_slot=1",
+            "trainer.cpus_per_worker=0.5",
+        ],
+    )
     cpu = scaling_config(cfg, use_gpu=False)
     assert cpu.placement_strategy == "SPREAD" and cpu.num_workers == 2
     assert cpu._resources_per_worker_not_none == {"CPU": 0.5, "bism_slot": 1.0}
@@ -368,12 +398,18 @@ def test_check_resources_names_what_the_cluster_lacks() -> None:
     from distributed_bism.launch.ray_backend import check_resources
 
     ray_2_nodes = FakeRay({"CPU": 4, "bism_slot": 2}, nodes=2)
-    check_resources(placement_config(resources_per_worker={"bism_slot": 1}, placement_strategy="STRICT_SPREAD",
-                                     use_gpu=False), ray_2_nodes)
-    with pytest.raises(ConfigError, match=r"^trainer.resources_per_worker.bism_slot: 2 workers × 1.5 need 3, the cluster has 2"):
+    check_resources(
+        placement_config(resources_per_worker={"bism_slot": 1}, placement_strategy="STRICT_SPREAD", use_gpu=False),
+        ray_2_nodes,
+    )
+    with pytest.raises(
+        ConfigError, match=r"^trainer.resources_per_worker.bism_slot: 2 workers × 1.5 need 3, the cluster has 2"
+    ):
         check_resources(placement_config(resources_per_worker={"bism_slot": 1.5}, use_gpu=False), ray_2_nodes)
     with pytest.raises(ConfigError, match=r"^trainer.resources_per_worker.other: .* the cluster has 0"):
         check_resources(placement_config(resources_per_worker={"other": 1}, use_gpu=False), ray_2_nodes)
     with pytest.raises(ConfigError, match=r"^trainer.placement_strategy: STRICT_SPREAD .* 3 workers .* 2 node"):
-        check_resources(placement_config(num_workers=3, placement_strategy="STRICT_SPREAD", cpus_per_worker=1.0,
-                                         use_gpu=False), FakeRay({"CPU": 4}, nodes=2))
+        check_resources(
+            placement_config(num_workers=3, placement_strategy="STRICT_SPREAD", cpus_per_worker=1.0, use_gpu=False),
+            FakeRay({"CPU": 4}, nodes=2),
+        )
