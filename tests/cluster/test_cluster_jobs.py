@@ -30,9 +30,9 @@ import pytest
 import torch
 import yaml
 
+from tests.distributed.test_tune import TINY
 from tests.helpers.ray_nodes import REPO, RayCluster
 from tests.unit.test_bad_input import no_ray  # noqa: F401  (no_ray: autouse, nothing here may call ray.init)
-from tests.distributed.test_tune import TINY
 
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 PROBE_STEPS, PROBE_EVERY = 600, 100
@@ -78,8 +78,16 @@ def mlflow_runs(output_dir: Path) -> list[Any]:
 def test_train_job(cluster: RayCluster, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = copy.deepcopy(TINY)
-    cfg["trainer"].update({"name": "job", "num_workers": 2, "placement_strategy": "SPREAD", "steps": 20,
-                           "checkpoint_every": 10, "output_dir": str(out)})
+    cfg["trainer"].update(
+        {
+            "name": "job",
+            "num_workers": 2,
+            "placement_strategy": "SPREAD",
+            "steps": 20,
+            "checkpoint_every": 10,
+            "output_dir": str(out),
+        }
+    )
     cfg["eval"]["every"] = 20
     logs = run_job(cluster, "train-job", "bism", "train", str(write_yaml(tmp_path / "tiny.yaml", cfg)))
     assert "step 20/20" in logs and "done: run 'job' at step 20" in logs, logs[-3000:]
@@ -90,7 +98,10 @@ def test_train_job(cluster: RayCluster, tmp_path: Path) -> None:
 
     # The uploaded package: the code, not .venv, outputs or .git (gitignore and Ray's own excludes).
     pkgs = list(Path(cluster.temp_dir, "session_latest", "runtime_resources", "working_dir_files").glob("_ray_pkg_*"))
-    assert any((p / "distributed_bism" / "launch" / "ray_backend.py").is_file() and (p / "cluster" / "README.md").is_file() for p in pkgs)
+    assert any(
+        (p / "distributed_bism" / "launch" / "ray_backend.py").is_file() and (p / "cluster" / "README.md").is_file()
+        for p in pkgs
+    )
     for pkg in pkgs:
         assert not [p for p in (".venv", "outputs", ".git", "bench/results") if (pkg / p).exists()], pkg
         size = sum(p.stat().st_size for p in pkg.rglob("*") if p.is_file())
@@ -99,11 +110,23 @@ def test_train_job(cluster: RayCluster, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tune_job(cluster: RayCluster, tmp_path: Path) -> None:
-    base = write_yaml(tmp_path / "tiny.yaml", {**TINY, "trainer": {**TINY["trainer"], "steps": 10, "checkpoint_every": 10}})
-    spec = write_yaml(tmp_path / "sweep.yaml", {
-        "base": str(base), "search": {"optim.lr": {"grid": [3e-2, 1e-2]}}, "metric": "eval/test_loglik", "mode": "max",
-        "scheduler": {"name": "fifo"}, "searcher": {"name": "random"}, "num_samples": 1, "max_concurrent_trials": 2,
-        "resources": {"workers_per_trial": 1, "gpus_per_worker": 0}})
+    base = write_yaml(
+        tmp_path / "tiny.yaml", {**TINY, "trainer": {**TINY["trainer"], "steps": 10, "checkpoint_every": 10}}
+    )
+    spec = write_yaml(
+        tmp_path / "sweep.yaml",
+        {
+            "base": str(base),
+            "search": {"optim.lr": {"grid": [3e-2, 1e-2]}},
+            "metric": "eval/test_loglik",
+            "mode": "max",
+            "scheduler": {"name": "fifo"},
+            "searcher": {"name": "random"},
+            "num_samples": 1,
+            "max_concurrent_trials": 2,
+            "resources": {"workers_per_trial": 1, "gpus_per_worker": 0},
+        },
+    )
     out = tmp_path / "out"
     run_job(cluster, "tune-job", "bism", "tune", str(spec), "--name", "jt", "--output-dir", str(out))
     rows = json.loads((out / "sweeps" / "jt" / "results.json").read_text())
@@ -115,10 +138,21 @@ def test_tune_job(cluster: RayCluster, tmp_path: Path) -> None:
 def probe_config(tmp_path: Path, name: str, shared: Path) -> Path:
     cfg = copy.deepcopy(TINY)
     cfg["objective"]["unroll_steps"] = 1
-    cfg["trainer"].update({"name": name, "strategy": "deepspeed", "zero_stage": 1, "num_workers": 2,
-                           "resources_per_worker": {"bism_slot": 1}, "steps": PROBE_STEPS,
-                           "checkpoint_every": PROBE_EVERY, "log_every": PROBE_EVERY, "max_failures": 2,
-                           "output_dir": str(tmp_path / "out"), "storage_path": str(shared)})
+    cfg["trainer"].update(
+        {
+            "name": name,
+            "strategy": "deepspeed",
+            "zero_stage": 1,
+            "num_workers": 2,
+            "resources_per_worker": {"bism_slot": 1},
+            "steps": PROBE_STEPS,
+            "checkpoint_every": PROBE_EVERY,
+            "log_every": PROBE_EVERY,
+            "max_failures": 2,
+            "output_dir": str(tmp_path / "out"),
+            "storage_path": str(shared),
+        }
+    )
     cfg["tracking"] = {"enabled": False}
     cfg["eval"]["every"] = PROBE_STEPS
     return write_yaml(tmp_path / f"{name}.yaml", cfg)
@@ -133,7 +167,15 @@ def started(out: Path) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_two_nodes_one_worker_each_survive_losing_a_node(cluster: RayCluster, tmp_path: Path) -> None:
     shared, out = tmp_path / "shared", tmp_path / "probe"  # shared: both nodes' storage_path, as NFS would be
-    submit(cluster, "probe", "python", "-m", "tests.helpers.cluster_probe", str(probe_config(tmp_path, "probe", shared)), str(out))
+    submit(
+        cluster,
+        "probe",
+        "python",
+        "-m",
+        "tests.helpers.cluster_probe",
+        str(probe_config(tmp_path, "probe", shared)),
+        str(out),
+    )
     first = shared / "probe" / f"checkpoint_{PROBE_EVERY:08d}"
     deadline = time.monotonic() + 240
     while not all((first / f).exists() for f in ("state.pt", "optim_rank0.pt", "optim_rank1.pt")):
@@ -143,7 +185,9 @@ def test_two_nodes_one_worker_each_survive_losing_a_node(cluster: RayCluster, tm
     # directory of the shared storage_path; one worker runs on the head, the other on the worker node
     before = {s["rank"]: s["node"] for s in started(out)}
     assert len(before) == 2 and set(before.values()) == {cluster.node_ids["head"], cluster.node_ids["worker1"]}, (
-        before, cluster.node_ids)
+        before,
+        cluster.node_ids,
+    )
 
     # The worker node vanishes mid-run, as a preempted spot VM would; a replacement joins, as the
     # autoscaler would start one. Without it the restarted group would wait for a bism_slot.
@@ -154,7 +198,10 @@ def test_two_nodes_one_worker_each_survive_losing_a_node(cluster: RayCluster, tm
     assert len(started(out)) >= 4, f"the worker group was not restarted: {started(out)}"
     assert f"resumed from {shared / 'probe'}/checkpoint_" in logs, "the restarted workers did not load a checkpoint"
     ranks = [torch.load(out / f"final_rank{r}.pt", weights_only=True) for r in range(2)]
-    assert {r["node"] for r in ranks} == {cluster.node_ids["head"], cluster.node_ids["worker1"]}, (ranks, cluster.node_ids)
+    assert {r["node"] for r in ranks} == {cluster.node_ids["head"], cluster.node_ids["worker1"]}, (
+        ranks,
+        cluster.node_ids,
+    )
     assert cluster.node_ids["worker1"] not in before.values()  # the replacement node ran a worker after the kill
     assert ranks[0]["step"] == ranks[1]["step"] == PROBE_STEPS
     for n, p in ranks[0]["params"].items():
