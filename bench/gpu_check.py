@@ -17,9 +17,9 @@ runs out of time is recorded as such and the others still run:
                   says which ran.
   deepspeed_bf16  one DeepSpeed step, bf16, ZeRO-1, through the package's build_replica
                   (deepspeed.initialize) and TrainLoop.run_step, on the tiny GRBM: loss finite,
-                  step not skipped, θ changed. Two probes beside it, recorded but not part of the
-                  stage's status: K = 1 (the unrolled Adam in bf16) and the batch in fp32 as the
-                  trainer passes it (on CPU both fail today: a dtype mismatch).
+                  step not skipped, θ changed; at K = 1 (the unrolled Adam on bf16 φ) with the
+                  fp32 batch the trainer passes. A probe beside it (K = 0, batch already bf16)
+                  is recorded but not part of the stage's status.
   step_bench      seconds per bi-level iteration (N = 5 warm-up steps, K unrolled steps, J and its
                   backward, θ's Adam step; distributed_bism.core.bilevel.step_from_config) and
                   peak CUDA memory (torch.cuda.max_memory_allocated over the iteration, minus
@@ -383,11 +383,12 @@ def stage_deepspeed_bf16(args: argparse.Namespace, budget: float, report: Callab
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo" if args.cpu_smoke else "nccl", init_method="env://", rank=0, world_size=1)
     with tempfile.TemporaryDirectory(prefix="gpu_check_ds_") as tmp:
-        res["step"] = ds_case(0, True, device, tmp)  # the stage's check
+        # The stage's check: the trainer's own path, an fp32 batch into bf16 engines, K = 1.
+        res["step"] = ds_case(1, False, device, tmp)
         report(res)
-        # Probes of the bilevel step beyond that (recorded, not the stage's status).
+        # A probe beside it (recorded, not the stage's status): K = 0 with the batch already bf16.
         res["probes"] = {}
-        for name, k, cast in (("unroll_k1_bf16_batch", 1, True), ("trainer_fp32_batch_k0", 0, False)):
+        for name, k, cast in (("k0_bf16_batch", 0, True),):
             res["probes"][name] = ds_case(k, cast, device, tmp)
             report(res)
     dist.destroy_process_group()

@@ -39,7 +39,7 @@ class SGD:
         return {}
 
     def step(self, params: ParamDict, grads: ParamDict, state: OptState) -> tuple[ParamDict, OptState]:
-        return {n: p - self.lr * grads[n] for n, p in params.items()}, state
+        return {n: (p - self.lr * grads[n]).to(p.dtype) for n, p in params.items()}, state
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ class Adam:
             # clamp keeps √ differentiable where s is exactly 0; it never changes a value that
             # matters, as √1e-30 is far below eps.
             denom = (s[n] / (1 - b2 ** t[n])).clamp_min(1e-30).sqrt() + self.eps
-            new[n] = p - self.lr * (m[n] / (1 - b1 ** t[n])) / denom
+            # .to: a bf16 engine's φ stays bf16 under its fp32 moments (a no-op in fp32)
+            new[n] = (p - self.lr * (m[n] / (1 - b1 ** t[n])) / denom).to(p.dtype)
         return new, {"m": m, "s": s, "t": t}
 
 

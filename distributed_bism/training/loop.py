@@ -141,9 +141,11 @@ class TrainLoop:
         """One bi-level iteration: φ's warm-up steps, then dJ/dθ (averaged over ranks) in θ's .grad."""
         r = self.replica
         r.energy_updater.zero_grad()
+        # DeepSpeed bf16/fp16 engines hold low-precision weights: feed them data of their dtype.
+        dtype = next(unwrap(r.energy).parameters()).dtype
         return self.step_fn(
             energy=r.energy,
-            v=v,
+            v=v.to(dtype) if v.is_floating_point() else v,
             posterior=r.posterior,
             posterior_optimizer=r.posterior_updater,
             energy_updater=r.energy_updater,
