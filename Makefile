@@ -39,9 +39,10 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/bism demo
 
-# The `higher` library is the reference implementation's unroll; only the benchmark uses it.
+# The `higher` library is the reference implementation's unroll, torchopt a newer one; only the
+# step benchmark uses them. torchopt's compiled op does not load on our torch: its Python path runs.
 bench-deps: setup
-	$(PIP) install -q --no-deps higher==0.2.1
+	$(PIP) install -q --no-deps higher==0.2.1 torchopt==0.7.3 optree==0.20.0 graphviz==0.21
 
 bench: bench-deps
 	$(PY) bench/bench_bilevel.py

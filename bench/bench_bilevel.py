@@ -1,20 +1,20 @@
 #!/usr/bin/env python
 """Wall time and peak memory of ONE bi-level training iteration against the unroll depth K.
 
-One iteration = N = 5 warm-up steps on φ + K unrolled (differentiable) steps + the higher-level
-loss + its backward + the θ optimiser step (docs/methods.md §1). It is measured for
+One iteration = N warm-up steps on φ + K unrolled (differentiable) steps + the higher-level
+loss + its backward + the θ optimiser step (docs/methods.md §1). It is measured for every
+implementation in bilevel_impls.py: ours (the default step, with exact batching of the inner
+feature passes), ours unbatched, ours with unroll_checkpoint, ours with share_inner_noise (a
+different estimator, reported as its own series, never as "ours"), the reference formulation on
+`higher`, the same on torchopt's functional Adam, and a "floor" that runs the same passes as
+straight-line code. All but ours_shared compute one estimator: the equivalence check compares
+their θ-gradients on one RNG stream in every run.
 
-    ours          distributed_bism.core.bilevel.step_from_config (functional Adam unroll on dicts)
-    ours_shared   the same with share_inner_noise=True. NOT the same estimator: one noise draw
-                  serves all N + K inner steps. Reported as its own series, never as "ours".
-    higher        the reference formulation written on the `higher` library (innerloop_ctx +
-                  DifferentiableAdam), reusing our loss functions so that the estimator is the
-                  same as "ours" (checked: same θ-gradient under the same RNG stream).
-
-on three configurations: the checkerboard Gaussian RBM (batch 100) and the conv EBLVM at
-1×32×32 (batch 16 and 64). Each configuration runs in a fresh subprocess; inside it the three
-implementations hold their own identically seeded models and are timed in interleaved,
-rotated order, so that a drifting machine load hits them alike.
+Configurations: the checkerboard Gaussian RBM (batch 100, N=5); the demo's conv EBLVM (1×8×8,
+ch 16, batch 50, N=2, K ∈ {0,1,2,5}); the reference's conv EBLVM (1×32×32, ch 64, batch 16 and
+64, N=5, K ∈ {0,1,5,10}). Each configuration runs in a fresh subprocess; inside it the
+implementations hold their own identically seeded models and are timed in interleaved, rotated
+order, so that a drifting machine load hits them alike.
 
 Peak memory: torch's CPU allocations bypass tracemalloc, so we measure resident memory. Before
 each timed iteration we run gc + malloc_trim(0) (hand freed heap pages back to the OS), reset
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_machine import busy_cores_now, machine_cpu_s, machine_info, package_version
-from bench_report import plot, print_headline, print_table, summarise
+from bench_report import headline, plot, print_headline, print_table, summarise
 from bilevel_impls import IMPL_LABELS, IMPLS, equivalence_check, make_impl
 
 RESULT_MARK = "@@BENCH_RESULT@@ "
@@ -77,14 +77,18 @@ class BenchConfig:
 # 11M-parameter ResNet, differentiated twice), over a minute at batch 64 and K=10, so the conv
 # configurations get one or two repeats; raise them with --repeats on a bigger machine. The
 # GRBM costs milliseconds and gets many.
+REFERENCE_KS = (0, 1, 5, 10)
 FULL_CONFIGS = (
     BenchConfig("grbm", "grbm", 100, warmup_iters=3, warmup_per_k=3, repeats=30, plain_repeats=100),
-    BenchConfig("conv-b16", "conv", 16, repeats=2, plain_repeats=3),
+    # configs/demo.yaml's model and batch at N = 2 (build_setup in bilevel_impls.py).
+    BenchConfig("demo", "demo", 50, ks=(0, 1, 2, 5), warmup_iters=2, warmup_per_k=1, repeats=9, plain_repeats=20),
+    BenchConfig("conv-b16", "conv", 16, ks=REFERENCE_KS, repeats=2, plain_repeats=3),
     # No equivalence check here: the estimator does not depend on the batch size (checked at 16).
-    BenchConfig("conv-b64", "conv", 64, repeats=1, plain_repeats=2, check=False),
+    BenchConfig("conv-b64", "conv", 64, ks=REFERENCE_KS, repeats=1, plain_repeats=2, check=False),
 )
 QUICK_CONFIGS = (
     BenchConfig("grbm", "grbm", 100, warmup_iters=2, warmup_per_k=1, repeats=5, plain_repeats=10),
+    BenchConfig("demo", "demo", 50, ks=(0, 1), warmup_iters=1, repeats=3, plain_repeats=3),
     BenchConfig("conv-b16", "conv", 16, ks=(0, 1), warmup_iters=1, repeats=1, plain_repeats=1),
 )
 
@@ -212,9 +216,19 @@ def rotate(items: list[str], r: int) -> list[str]:
 
 
 # ============================================================================ orchestration
+def torchopt_path() -> str:
+    """Which torchopt Adam ran: its C++ op, or the Python fallback where the op does not load."""
+    try:
+        from torchopt._C import adam_op  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"python (the compiled op does not load: {str(e).splitlines()[0][:120]})"
+    return "compiled C++ op available (the bench uses use_accelerated_op=False: the Python path)"
+
+
 def bilevel_machine_info(threads: int) -> dict[str, Any]:
     info = machine_info()
-    info.update(torch_threads=threads, higher=package_version("higher"))
+    info.update(torch_threads=threads, higher=package_version("higher"), torchopt=package_version("torchopt"),
+                torchopt_path=torchopt_path())
     return info
 
 
@@ -248,10 +262,10 @@ def spawn_child(spec: ChildSpec) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: GRBM + conv batch 16 at K∈{0,1}, ~1 min")
+    p.add_argument("--quick", action="store_true", help="smoke run: GRBM, demo + conv batch 16 at K∈{0,1}, ~3 min")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="output folder for bilevel.json and bilevel.png (default bench/results)")
-    p.add_argument("--configs", nargs="+", help="subset of configurations (grbm conv-b16 conv-b64)")
+    p.add_argument("--configs", nargs="+", help="subset of configurations (grbm demo conv-b16 conv-b64)")
     p.add_argument("--ks", type=int, nargs="+", help="override the K values (0 is needed for marginal costs)")
     p.add_argument("--repeats", type=int, help="override the timed repeats of every configuration")
     p.add_argument("--threads", type=int, default=1,
@@ -273,9 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         import higher  # noqa: F401
-    except ImportError:
-        sys.exit("the `higher` library is missing: run `make bench-deps` "
-                 "(.venv/bin/pip install --no-deps higher==0.2.1)")
+        import torchopt  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"{e.name} is missing: run `make bench-deps` (higher 0.2.1 and torchopt 0.7.3, bench only)")
 
     configs = list(QUICK_CONFIGS if args.quick else FULL_CONFIGS)
     if args.configs:
@@ -305,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {
-        "what": "one bi-level iteration: N=5 warm-up + K unrolled steps + higher-level loss + backward + θ step",
+        "what": "one bi-level iteration: N warm-up (5; 2 for demo) + K unrolled steps + higher-level loss + "
+                "backward + θ step",
         "machine": info,
         "implementations": IMPL_LABELS,
         "timing": "median wall time (time.perf_counter) over `repeats` iterations after untimed warm-up; "
@@ -313,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory": "peak RSS growth during one iteration: gc + malloc_trim(0), reset VmHWM via "
                   "/proc/self/clear_refs, VmHWM - VmRSS(start); max over repeats",
         "results": results,
+        "headline": headline(results),
     }
     (args.out / "bilevel.json").write_text(json.dumps(doc, indent=1))
     plot(results, args.out / "bilevel.png")
