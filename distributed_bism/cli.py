@@ -27,7 +27,23 @@ from typing import Any
 from distributed_bism.config import Config, ConfigError, load_config
 from distributed_bism.config.limits import MAX_EXAMPLES, MAX_INNER_STEPS
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# The embedded default: configs/demo.yaml of the source checkout the package runs from (an
+# editable install), else of the working directory (an installed package run from a checkout).
+DEMO_CONFIG = Path("configs") / "demo.yaml"
+
+
+def demo_config() -> Path:
+    """The demo's config file; a ConfigError naming where it looked when there is none."""
+    candidates = [Path(__file__).resolve().parents[1] / DEMO_CONFIG, Path.cwd() / DEMO_CONFIG]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(
+            f"bism demo: {DEMO_CONFIG} is in neither {candidates[0].parents[1]} nor the working directory; "
+            "run it from the repository, or train a config with `bism train PATH`"
+        )
+    return found
+
+
 Command = Callable[..., int]
 
 
@@ -222,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return _tune(args)
     if args.command == "diagnose":
         return _diagnose(args)
-    path = args.config if args.command == "train" else DEMO_CONFIG
     try:
+        path = args.config if args.command == "train" else demo_config()
         cfg = load_config(path, args.overrides)
     except ConfigError as e:
         print(f"bism: error: {e}", file=sys.stderr)

@@ -15,7 +15,6 @@ from distributed_bism.config.loading import parse_yaml, read_yaml_file
 from distributed_bism.tune.spec import (
     ARITY,
     METRICS,
-    REPO_ROOT,
     REPORTED_BY,
     SPEC_KEYS,
     Domain,
@@ -158,9 +157,23 @@ def checked_sweep_name(spec: SweepSpec, name: str | None) -> str:
     return name if name is not None else spec.name
 
 
+def _base_path(base: str, spec_path: Path, root: str | Path | None) -> Path:
+    """Where a spec's `base` is. A relative one resolves against `root` when given; otherwise
+    against the project the spec sits in (tune_spaces/'s parent, where configs/ is), then the
+    spec's own folder, then the working directory: the first that has it. That holds for a
+    source checkout and for an installed package run from a checkout alike."""
+    if Path(base).is_absolute():
+        return Path(base)
+    if root is not None:
+        return Path(root) / base
+    folder = spec_path.resolve().parent
+    candidates = [folder.parent / base, folder / base, Path.cwd() / base]
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None, root: str | Path | None = None) -> SweepSpec:
-    """Read and check a sweep spec; `overrides` as in the module docstring; `base` resolves against
-    `root` (default: the repository root). Every problem is a one-line ConfigError naming the key."""
+    """Read and check a sweep spec; `overrides` as in the module docstring; a relative `base`
+    resolves as `_base_path` says. Every problem is a one-line ConfigError naming the key."""
     p = Path(path)
     raw = _read_yaml(p, "spec")
     for item in overrides or []:
@@ -170,7 +183,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, root: str | 
     for key in ("base", "search", "metric", "mode"):
         check(key in raw, key, "missing")
     base = coerce(raw["base"], str, "base")
-    base_path = Path(base) if Path(base).is_absolute() else Path(root or REPO_ROOT) / base
+    base_path = _base_path(base, p, root)
     base_data = _read_yaml(base_path, "base")
     fixed = raw.get("overrides") or {}
     check(isinstance(fixed, dict), "overrides", "expected a mapping of SECTION.FIELD: value")

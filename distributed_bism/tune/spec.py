@@ -1,6 +1,7 @@
 """Sweep definitions: one declarative YAML file per study under tune_spaces/ (examples there).
 
-Keys: base (a training config, relative to the repository root), overrides ({SECTION.FIELD:
+Keys: base (a training config; a relative path is looked up beside tune_spaces/, where configs/
+is, then in the spec's folder, then the working directory), overrides ({SECTION.FIELD:
 value} for every trial), search ({SECTION.FIELD: {KIND: ARGS}}), metric, mode, scheduler, searcher,
 num_samples, max_concurrent_trials, resources. Domains as in Ray Tune: choice, grid (a non-empty
 list); randint [low, high) (integers); uniform, loguniform [low, high); quniform [low, high, q]
@@ -32,7 +33,6 @@ import yaml
 
 from distributed_bism.config import Config, ConfigError, check, from_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ARITY = {"choice": None, "grid": None, "randint": 2, "uniform": 2, "loguniform": 2, "quniform": 3}
 SPEC_KEYS = (
     "base",

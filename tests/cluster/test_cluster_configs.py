@@ -255,13 +255,12 @@ def test_gpu_workers_and_mlflow_service() -> None:
 def test_rayjob_entrypoints_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each RayJob targets the RayCluster and runs `bism train|tune` on a file of this repo whose
     overrides load, with its outputs on the shared volume. The image installs the package, not
-    editable, so a relative sweep `base` would resolve against site-packages, not the checkout:
-    here it resolves against an empty directory, and the entrypoint must name its base in the image."""
-    import distributed_bism.tune.load
+    editable: the working directory is elsewhere here, so a sweep's relative `base` must resolve
+    from the spec's own place in the checkout, as it does in the image."""
     from distributed_bism.config import load_config
     from distributed_bism.tune.load import load_spec
 
-    monkeypatch.setattr(distributed_bism.tune.load, "REPO_ROOT", tmp_path)  # where site-packages would be
+    monkeypatch.chdir(tmp_path)  # not the checkout
     docs = documents()
     (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
     jobs = [d for d in docs if d["kind"] == "RayJob"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from distributed_bism.cli import DEMO_CONFIG
+from distributed_bism.cli import demo_config
 from distributed_bism.config import load_config
 from distributed_bism.evaluation.metrics import EvalContext, run_metrics
 from distributed_bism.models import unwrap
@@ -35,7 +35,7 @@ def signals(loop: TrainLoop) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_the_demo_recipe_learns_digits(one_thread: None) -> None:
-    cfg = load_config(DEMO_CONFIG, ["trainer.strategy=local", "trainer.num_workers=1", f"trainer.steps={STEPS}",
+    cfg = load_config(demo_config(), ["trainer.strategy=local", "trainer.num_workers=1", f"trainer.steps={STEPS}",
                                     "tracking.enabled=false"])
     loop = TrainLoop.from_config(cfg, log=lambda s: None)
     before = signals(loop)

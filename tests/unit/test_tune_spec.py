@@ -11,8 +11,8 @@ import yaml
 
 from distributed_bism.config import Config, ConfigError
 from distributed_bism.tune.load import load_spec
-from distributed_bism.tune.spec import REPO_ROOT
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted((REPO_ROOT / "tune_spaces").glob("*.yaml"))
 EXPECTED_KEYS = {
     "grbm_checkerboard_unroll": {"objective.unroll_steps", "objective.warmup_steps", "optim.lr", "optim.posterior_lr"},
@@ -290,3 +290,37 @@ def test_optuna_searcher_is_built_when_installed():
 
     spec = load_spec(REPO_ROOT / "tune_spaces" / "cifar10_bimdsm.yaml")
     assert isinstance(spec.build_searcher(), OptunaSearch)
+
+
+def test_relative_base_resolves_beside_tune_spaces_wherever_the_package_and_cwd_are(tmp_path, monkeypatch):
+    """An installed (not editable) package run elsewhere: `base: configs/x.yaml` is found from the
+    spec's place in its project, not from the package's or the working directory."""
+    project = tmp_path / "project"
+    (project / "tune_spaces").mkdir(parents=True)
+    (project / "configs").mkdir()
+    (project / "configs" / "demo.yaml").write_text((REPO_ROOT / "configs" / "demo.yaml").read_text())
+    spec = project / "tune_spaces" / "s.yaml"
+    spec.write_text((REPO_ROOT / "tune_spaces" / "digits_bimdsm.yaml").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_spec(spec).base_data["trainer"]["name"] == "demo"
+    (project / "configs" / "demo.yaml").unlink()
+    with pytest.raises(ConfigError, match="base"):
+        load_spec(spec)
+
+
+def test_bism_demo_finds_its_config_in_the_working_directory_or_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    import distributed_bism.cli as cli
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "distributed_bism" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="configs/demo.yaml is in neither"):
+        cli.demo_config()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("x: 1\n")
+    assert cli.demo_config() == tmp_path / "configs" / "demo.yaml"
+    (tmp_path / "configs" / "demo.yaml").unlink()
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bism: error: bism demo: configs/demo.yaml is in neither") and err.count("\n") == 1
