@@ -25,7 +25,6 @@ import importlib.util
 import math
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
