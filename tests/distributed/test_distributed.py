@@ -121,6 +121,10 @@ OTHER_OBJECTIVES: dict[str, tuple[dict, tuple[int, ...]]] = {
                              "decoder_output": "none"},
                "objective": {"name": "bidvl", "warmup_steps": 2, "unroll_steps": 3, "unroll_optimizer": "adam",
                              "bidvl_lambda": 0.5}}, KS),
+    # BiDSM with the memory-bounded unroll: dJ/dθ reaches θ through the recomputed steps, and must
+    # still arrive once at each parameter for DDP's and DeepSpeed's hooks to average it
+    "bidsm_unroll_checkpoint": ({"objective": {"name": "bidsm", "sigma": 0.1, "warmup_steps": 2, "unroll_steps": 3,
+                                               "unroll_optimizer": "adam", "unroll_checkpoint": True}}, (3,)),
 }
 
 
