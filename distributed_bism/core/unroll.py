@@ -62,7 +62,8 @@ class Adam:
         for n, p in params.items():
             prev = (warm_state or {}).get(n)
             if prev and "exp_avg" in prev:
-                m[n], s[n] = prev["exp_avg"].detach().clone(), prev["exp_avg_sq"].detach().clone()
+                # no copy: the unroll never writes m, s in place (each step makes new tensors)
+                m[n], s[n] = prev["exp_avg"].detach(), prev["exp_avg_sq"].detach()
                 t[n] = float(prev["step"])
             else:
                 m[n], s[n], t[n] = torch.zeros_like(p), torch.zeros_like(p), 0.0
