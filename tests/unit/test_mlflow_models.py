@@ -164,13 +164,20 @@ def test_unknown_model_is_one_line_exit_2(registered: Registered, ref: str, caps
     assert err.startswith("bism: error: ") and ref in err and "\n" not in err, err
 
 
-class Payload:
-    """Runs code when unpickled: what a pickled model could do on opening."""
+RAN: list[str] = []  # what Payload's code did when unpickled
 
-    ran: list[str] = []
+
+def _run_on_unpickling(what: str) -> str:
+    RAN.append(what)
+    return what
+
+
+class Payload:
+    """Runs code when unpickled (a module function, pickled by reference): what a pickled model
+    could do on opening."""
 
     def __reduce__(self):  # type: ignore[override]
-        return (Payload.ran.append, ("unpickled",))
+        return (_run_on_unpickling, ("unpickled",))
 
 
 def test_loading_reads_weights_only(registered: Registered, tmp_path: Path) -> None:
@@ -189,10 +196,10 @@ def test_loading_reads_weights_only(registered: Registered, tmp_path: Path) -> N
     torch.save(state, files / "state.pt")
     client.log_model_artifacts(model.model_id, str(files))
     client.finalize_logged_model(model.model_id, "READY")
-    Payload.ran.clear()
+    RAN.clear()
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_trained(model.model_id, tracking_uri=registered.uri)
-    assert Payload.ran == []
+    assert RAN == []
 
 
 @pytest.mark.parametrize("name, why", [("a/b", "'/'"), ("a:b", "':'"), ("a@b", "'@'"), ("", "must not be empty"),
