@@ -42,7 +42,6 @@ from distributed_bism.training.checkpointing import (
     all_finite,
     load_file,
     load_state,
-    move_aside,
     optim_shard_file,
     save_state,
 )
@@ -329,8 +328,10 @@ class TrainLoop:
             )
 
     def resume(self) -> bool:
-        """Load the newest readable checkpoint of the sink, if any. Rank 0 chooses and every rank
-        loads the same one; one cut short by a crash is renamed *.unreadable (kept, never
+        """Load the newest readable checkpoint of the sink, if any (under Ray: of Ray's own list
+        first, so that URI storage resumes too; launch/ray_backend.RaySink). Rank 0 chooses and
+        every rank loads the same one (`sink.local`: its own copy where rank 0's is out of reach);
+        one cut short by a crash is set aside (locally renamed *.unreadable: kept, never
         overwritten by the retrained step, never counted by retention) and the next older one is
         tried. A candidate that no longer exists (Ray may still list one moved aside) is passed over."""
         choice: str | None = None
@@ -341,16 +342,16 @@ class TrainLoop:
                 try:
                     load_state(candidate)
                 except CheckpointError as e:
-                    aside = move_aside(candidate)
-                    self.log(f"skipping unreadable checkpoint ({e}); kept as {aside}")
+                    self.log(f"skipping unreadable checkpoint ({e}); {self.sink.set_aside(candidate)}")
                     continue
                 choice = str(candidate)
                 break
         choice = broadcast_object(choice)
         if choice is None:
             return False
-        self.load(Path(choice))
-        self.sink.resumed(Path(choice))
+        directory = self.sink.local(Path(choice))
+        self.load(directory)
+        self.sink.resumed(directory)
         self.log(f"resumed from {choice} at step {self.step}")
         return True
 
