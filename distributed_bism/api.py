@@ -26,7 +26,7 @@ from distributed_bism.launch.local import print_line, train_local
 from distributed_bism.launch.preflight import completed_checkpoint, local_run_dir, preflight, record_run, storage_path
 from distributed_bism.launch.ray_backend import train_on_ray
 from distributed_bism.launch.signals import Interrupted, deferred, stop_by_request, stop_on_signals, unwinding
-from distributed_bism.tracking import close_run, open_run, tracking_uri
+from distributed_bism.tracking import close_run, open_run, register_model, tracking_uri
 from distributed_bism.training.checkpointing import LocalCheckpoints, load_state
 
 
@@ -42,6 +42,7 @@ class TrainSummary:
     checkpoint: str | None
     samples: str | None
     metrics: dict[str, Any]
+    registered: str | None = None  # models:/NAME/VERSION of the final model (tracking.registered_model_name)
 
 
 def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = None) -> TrainSummary:
@@ -90,6 +91,7 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
         if run_id:
             with deferred():
                 close_run(cfg, run_id, failed=False, checkpoint=checkpoint)
+    registered = register_model(cfg, run_id) if run_id else None  # a finished run's model only
 
     summary = TrainSummary(
         name=str(t.name),
@@ -100,6 +102,7 @@ def train(cfg: Config | dict[str, Any] | str | Path, *, address: str | None = No
         checkpoint=checkpoint,
         samples=out.get("samples_path"),
         metrics=out,
+        registered=f"models:/{registered[0]}/{registered[1]}" if registered else None,
     )
     print_line(describe(summary))
     return summary
@@ -187,6 +190,8 @@ def describe(s: TrainSummary) -> str:
         lines.append(f"sample grid (its title names the sampler, eval.sampler): {s.samples}")
     if s.checkpoint:
         lines.append(f"last checkpoint: {s.checkpoint}")
+    if s.registered:
+        lines.append(f"registered model: {s.registered}  (bism eval {s.registered})")
     if s.run_id:
         lines.append(f"MLflow run id: {s.run_id}")
         mlflow = Path(sys.executable).parent / "mlflow"  # the venv's, which need not be on PATH

@@ -4,12 +4,16 @@
     bism demo [key=value ...]      the embedded default: configs/demo.yaml (conv EBLVM, BiMDSM, digits, 2 DDP workers)
     bism tune SPEC.yaml [key=value ...] [--name N] [--output-dir D] [--address HOST:PORT]
                                    a Ray Tune sweep defined in tune_spaces/
-    bism diagnose CHECKPOINT_OR_RUN_ID [--k 0,1,5,10] [--batches 5] [--reference exact|unroll]
+    bism diagnose MODEL [--k 0,1,5,10] [--batches 5] [--reference exact|unroll]
                                    bias of the K-step hypergradient at a trained model (diagnose.py)
-    bism eval CHECKPOINT_OR_RUN_ID [--metrics M ...]
-                                   evaluate a checkpoint; the table is logged into its own MLflow run
-    bism sample CHECKPOINT [-n 64] [--sampler NAME] -o grid.png|samples.npz|samples.pt [--force]
+    bism eval MODEL [--metrics M ...]
+                                   evaluate a model; the table is logged into its own MLflow run
+    bism sample MODEL [-n 64] [--sampler NAME] -o grid.png|samples.npz|samples.pt [--force]
                                    a sample figure titled with the sampler, or the samples themselves
+
+MODEL: a checkpoint directory, a run directory (its newest readable checkpoint), or an MLflow
+model: models:/NAME/VERSION, models:/NAME@alias, a logged-model id (m-...) or a run id (its final
+model), looked up in --tracking-uri (default $MLFLOW_TRACKING_URI, else outputs/mlflow.db).
 
 Options may stand anywhere among a command's overrides. Bad input (config, data set, paths,
 tracking store, cluster) is one line on stderr and exit 2, before any worker starts.
@@ -45,6 +49,10 @@ def demo_config() -> Path:
 
 
 Command = Callable[..., int]
+MODEL_HELP = (
+    "checkpoint directory, run directory, or an MLflow model: models:/NAME/VERSION, models:/NAME@alias, "
+    "a logged-model id m-... or a run id"
+)
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help=f"train the embedded default ({DEMO_CONFIG.name})")
     p_demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=500")
     p_diag = sub.add_parser("diagnose", help="bias of the K-step hypergradient at a checkpoint")
-    p_diag.add_argument("checkpoint", help="checkpoint directory, run directory or MLflow run id")
+    p_diag.add_argument("checkpoint", help=MODEL_HELP)
     p_diag.add_argument("--k", default="0,1,5,10", help="unroll depths, comma-separated (default 0,1,5,10)")
     p_diag.add_argument("--batches", type=int, default=5, help="training batches to average over (default 5)")
     p_diag.add_argument(
@@ -206,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     p_diag.add_argument("--output-dir", type=Path, help="also keep the plot and JSON here")
     p_diag.add_argument("--no-log", action="store_true", help="do not log to the checkpoint's MLflow run")
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint and log the table into its MLflow run")
-    p_eval.add_argument("checkpoint", help="checkpoint directory, run directory or MLflow run id")
+    p_eval.add_argument("checkpoint", help=MODEL_HELP)
     p_eval.add_argument("--metrics", nargs="+", help="metrics to run (default: the run's eval.metrics)")
     p_eval.add_argument("--tracking-uri", help="MLflow store (default: the one the run's config names)")
     p_eval.add_argument("--no-log", action="store_true", help="print only; log nothing to MLflow")
     p_eval.add_argument("--ema", action="store_true", help="evaluate the EMA weights of θ")
     p_sample = sub.add_parser("sample", help="draw samples of a checkpoint into a figure")
-    p_sample.add_argument("checkpoint", help="checkpoint directory, run directory or MLflow run id")
+    p_sample.add_argument("checkpoint", help=MODEL_HELP)
     p_sample.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p_sample.add_argument(
         "--sampler", default="conditional", help="conditional (default), gibbs, joint_langevin or marginal_langevin"
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_sample.add_argument("--force", action="store_true", help="replace an existing output file")
     p_sample.add_argument("--seed", type=int, default=0)
-    p_sample.add_argument("--tracking-uri", help="MLflow store, to resolve a run id")
+    p_sample.add_argument("--tracking-uri", help="MLflow store, to resolve a model or run id")
     p_sample.add_argument("--ema", action="store_true", help="sample from the EMA weights of θ")
     args = parse(parser, {p.prog.split()[-1]: p for p in (p_train, p_tune, p_demo, p_diag, p_eval, p_sample)}, argv)
     if args.command == "eval":

@@ -26,7 +26,7 @@ from distributed_bism.core.unroll import torch_optimizer_state
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.models import BernoulliPosterior, GaussianRBM, Posterior
 from distributed_bism.registry.objectives import objective_spec
-from distributed_bism.training.checkpointing import CheckpointError, load_state
+from distributed_bism.training.checkpointing import CheckpointError
 
 DEFAULT_KS = (0, 1, 5, 10)
 
@@ -60,7 +60,7 @@ def _posterior_betas(trained: TrainedModel) -> tuple[float, float]:
 def posterior_optimizer_state(trained: TrainedModel) -> dict[str, dict] | None:
     """The checkpoint's posterior Adam state by parameter name (the unroll continues from it, as in
     training); None when the checkpoint has none (ZeRO-sharded, or a single-level objective)."""
-    saved = load_state(trained.checkpoint).get("posterior_optimizer")
+    saved = trained.posterior_optimizer
     if not saved or trained.posterior is None:
         return None
     opt = torch.optim.Adam(
@@ -121,7 +121,8 @@ def diagnose(
     output_dir: Path | None = None,
     log: bool = True,
 ) -> Diagnosis:
-    """Diagnose checkpoint `ref` (a checkpoint or run directory, or an MLflow run id). Input
+    """Diagnose the model `ref` names (a checkpoint or run directory, or an MLflow model: see
+    commands/trained.py). Input
     errors (a bad reference, a single-level model, K < 0) are raised before any measurement."""
     if num_batches < 1:
         raise ValueError(f"--batches must be >= 1, got {num_batches}")
@@ -131,7 +132,7 @@ def diagnose(
     cfg = trained.cfg
     if not objective_spec(cfg.objective.name).bilevel or trained.posterior is None:
         raise CheckpointError(
-            f"{trained.checkpoint}: objective {cfg.objective.name} is not bi-level, "
+            f"{trained.source}: objective {cfg.objective.name} is not bi-level, "
             "so there is no hypergradient to diagnose"
         )
     reference = reference or default_reference(trained)
@@ -175,7 +176,7 @@ def _publish(
         js = where / f"{stem}.json"
         js.write_text(
             json.dumps(
-                {"checkpoint": str(trained.checkpoint), "step": trained.step, "rows": report.rows(), **asdict(report)},
+                {"checkpoint": trained.source, "step": trained.step, "rows": report.rows(), **asdict(report)},
                 indent=1,
             )
         )

@@ -1,8 +1,9 @@
 """`bism eval` and `bism sample`: evaluation and sampling of a trained model, outside training.
 
-bism eval CHECKPOINT_OR_RUN_ID [--metrics m1 m2 ...]    a table, logged into the checkpoint's
-    own MLflow run at the checkpoint's step (no new run; artifacts under eval/step_XXXXXXXX_<time>/,
-    beside, never over, what training logged)
+bism eval CHECKPOINT_OR_MODEL [--metrics m1 m2 ...]    a table, logged into the model's own MLflow
+    run at the model's step (no new run; artifacts under eval/step_XXXXXXXX_<time>/, beside, never
+    over, what training logged) and, for a model named through MLflow (models:/..., m-..., a run
+    id), linked to that LoggedModel too
 bism sample CHECKPOINT -n 64 --sampler NAME -o grid.png|samples.npz|samples.pt [--force]
     .png: the figure; .npz / .pt: the samples themselves (see `write_samples`) and the figure
     beside them (same name, .png)
@@ -31,7 +32,7 @@ class EvalReport:
 
     values: dict[str, float]
     step: int
-    checkpoint: Path
+    source: str  # the checkpoint directory, or the MLflow model, evaluated
     run_id: str | None
     notes: list[str] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
@@ -39,7 +40,7 @@ class EvalReport:
     def table(self) -> str:
         width = max([len(k) for k in self.values] + [6])
         lines = [
-            f"checkpoint {self.checkpoint} (step {self.step})",
+            f"model {self.source} (step {self.step})",
             f"{'metric':<{width}}  value",
             f"{'-' * width}  {'-' * 12}",
         ]
@@ -91,8 +92,8 @@ def evaluate_checkpoint(
     )
     values = run_metrics(names, ctx)
     if logger is not None and values:
-        logger.metrics(values, trained.step)
-    return EvalReport(values, trained.step, trained.checkpoint, run_id, ctx.notes, ctx.artifacts)
+        logger.metrics(values, trained.step, model_id=trained.model_id)
+    return EvalReport(values, trained.step, trained.source, run_id, ctx.notes, ctx.artifacts)
 
 
 SAMPLE_SUFFIXES = (".png", ".npz", ".pt")

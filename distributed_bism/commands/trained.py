@@ -1,20 +1,29 @@
-"""A trained model, rebuilt from a checkpoint: what `bism eval`, `bism sample` and `bism diagnose` start from.
+"""A trained model, rebuilt from a checkpoint or an MLflow model: what `bism eval`, `bism sample`
+and `bism diagnose` start from.
 
     load_trained("outputs/ray_results/run/checkpoint_00001000")   a checkpoint directory
     load_trained("outputs/ray_results/run")                       its newest checkpoint
-    load_trained("3f2a...")                                        an MLflow run id, through the
-                                                                  run's `checkpoint_path` tag
+    load_trained("models:/grbm/3"), ("models:/grbm@best")         a registered model version
+    load_trained("m-3f2a..."), ("models:/m-3f2a...")              a logged model (MLflow 3 LoggedModel)
+    load_trained("3f2a...")                                        an MLflow run id: its final model
+                                                                  (an older run that logged none: its
+                                                                  `checkpoint_path` tag)
 
-The modules are built from the config stored in the checkpoint by the same builder the trainer
-uses (`models.build.build_models`), then loaded with the checkpoint's θ (or its EMA) and φ.
+MLflow references are resolved in the store --tracking-uri names (else $MLFLOW_TRACKING_URI, else
+outputs/mlflow.db) and the model's files downloaded from wherever its artifacts are (a local
+directory, s3://, gs://, an MLflow server), into a temporary directory that is gone once loaded.
+Either way the modules are built from the config stored beside the weights by the same builder the
+trainer uses (`models.build.build_models`), then loaded with θ (or its EMA) and φ read by
+`torch.load(weights_only=True)`: opening a model runs no code from it.
 """
 
 from __future__ import annotations
 
-import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -25,7 +34,7 @@ from distributed_bism.data.prepare import example_shapes
 from distributed_bism.models.build import build_models
 from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, LocalCheckpoints, load_state
 
-RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids
+MODEL_REFS = "models:/NAME/VERSION, models:/NAME@alias, a model id m-... or an MLflow run id"
 
 
 @dataclass
@@ -41,31 +50,41 @@ class TrainedModel:
     posterior: nn.Module | None
     step: int
     run_id: str | None
-    checkpoint: Path
+    checkpoint: Path | None  # the local checkpoint directory; None for a model loaded through MLflow
     data_shape: tuple[int, ...]
     image_shape: tuple[int, ...] = ()
+    source: str = ""  # what it was loaded from, for messages: the directory, or the reference and its model id
+    model_id: str | None = None  # the MLflow LoggedModel, when loaded through MLflow
+    posterior_optimizer: dict[str, Any] | None = None  # φ's Adam state, when stored
 
 
-def _checkpoint_of_run(run_id: str, tracking_uri: str | None) -> Path:
+def _state_through_mlflow(ref: str, tracking_uri: str | None) -> tuple[dict[str, Any], str, Path | None, str | None]:
+    """(state, source, local checkpoint directory or None, model id) of an MLflow reference (see
+    the module's docstring), resolved in the store at `tracking_uri`."""
+    from distributed_bism.tracking import ModelNotFound, checkpoint_tag, download_model, resolve_model
     from distributed_bism.tracking import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri(Config())
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():  # never create a store here
         raise CheckpointError(
-            f"{run_id}: not a checkpoint directory, and there is no MLflow store at {uri} "
-            "to look the run id up in (pass --tracking-uri)"
+            f"{ref}: not a checkpoint directory, and there is no MLflow store at {uri} "
+            "to look it up in (pass --tracking-uri)"
         )
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     try:
-        run = MlflowClient(uri).get_run(run_id)
-    except MlflowException as e:
-        raise CheckpointError(f"{run_id}: neither a checkpoint directory nor an MLflow run in {uri}") from e
-    tag = run.data.tags.get("checkpoint_path")
-    if not tag:
-        raise CheckpointError(f"MLflow run {run_id} has no checkpoint_path tag (it never finished with a checkpoint)")
-    return Path(tag)
+        source = resolve_model(ref, uri)
+    except ModelNotFound as e:
+        raise CheckpointError(str(e)) from e
+    if source is None:  # a run trained before models were logged: the checkpoint its driver tagged
+        tag = checkpoint_tag(uri, ref)
+        if not tag:
+            raise CheckpointError(
+                f"MLflow run {ref} has no logged model and no checkpoint_path tag (it never finished with a checkpoint)"
+            )
+        return load_state(tag), tag, Path(tag), None
+    with tempfile.TemporaryDirectory(prefix="bism_model_") as tmp:
+        state = load_state(download_model(source, uri, Path(tmp)))
+    named = source.model_id and source.model_id not in ref
+    return state, ref + (f" (model {source.model_id})" if named else ""), None, source.model_id
 
 
 def newest_readable(run_dir: Path) -> Path:
@@ -83,30 +102,37 @@ def newest_readable(run_dir: Path) -> Path:
     raise CheckpointError(f"{run_dir}: no {STATE_FILE} and no checkpoint_XXXXXXXX/ directory in it")
 
 
-def resolve_checkpoint(ref: str | Path, *, tracking_uri: str | None = None) -> Path:
-    """The checkpoint directory `ref` names: a checkpoint directory, a run directory (its newest
-    readable checkpoint), or an MLflow run id. A one-line CheckpointError naming `ref` otherwise."""
+def resolve_checkpoint(ref: str | Path) -> Path:
+    """The local checkpoint directory `ref` names: a checkpoint directory, or a run directory (its
+    newest readable checkpoint). A one-line CheckpointError naming `ref` otherwise."""
     path = Path(ref).expanduser()
-    if path.is_dir():
-        if (path / STATE_FILE).is_file():
-            return path
-        return newest_readable(path)
-    if path.exists() or not RUN_ID.fullmatch(str(ref)):
-        raise CheckpointError(f"{ref}: neither a checkpoint directory nor an MLflow run id")
-    return _checkpoint_of_run(str(ref), tracking_uri)
+    if not path.is_dir():
+        raise CheckpointError(f"{ref}: not a checkpoint directory")
+    if (path / STATE_FILE).is_file():
+        return path
+    return newest_readable(path)
 
 
 def load_trained(
     ref: str | Path, *, tracking_uri: str | None = None, use_ema: bool = False, device: str | torch.device = "cpu"
 ) -> TrainedModel:
-    """Rebuild the model of checkpoint `ref` (see resolve_checkpoint); θ is the EMA weights when
+    """Rebuild the model `ref` names (see the module's docstring); θ is the EMA weights when
     `use_ema` and the checkpoint kept them. Raises CheckpointError with one line naming `ref`."""
-    directory = resolve_checkpoint(ref, tracking_uri=tracking_uri)
-    state = load_state(directory)
+    from distributed_bism.tracking import is_model_ref
+
+    path = Path(ref).expanduser()
+    directory: Path | None
+    if path.is_dir():
+        directory = resolve_checkpoint(path)
+        state, source, model_id = load_state(directory), str(directory), None
+    elif path.exists() or not is_model_ref(str(ref)):
+        raise CheckpointError(f"{ref}: neither a checkpoint directory nor an MLflow model ({MODEL_REFS})")
+    else:
+        state, source, directory, model_id = _state_through_mlflow(str(ref), tracking_uri)
     try:
         cfg = from_dict(Config, yaml.safe_load(state["config"]))
     except (ConfigError, yaml.YAMLError, KeyError) as e:
-        raise CheckpointError(f"{directory}: its stored config is not usable ({e})") from e
+        raise CheckpointError(f"{source}: its stored config is not usable ({e})") from e
     image_shape, input_shape = example_shapes(cfg)
     energy, posterior = build_models(cfg, input_shape, with_posterior=state.get("posterior") is not None)
     try:
@@ -117,7 +143,7 @@ def load_trained(
             posterior.load_state_dict(state["posterior"])
     except RuntimeError as e:  # shapes that do not match the stored config
         raise CheckpointError(
-            f"{directory}: weights do not fit the stored config ({str(e).strip().splitlines()[0]})"
+            f"{source}: weights do not fit the stored config ({str(e).strip().splitlines()[0]})"
         ) from e
     energy.to(device).eval()
     if posterior is not None:
@@ -131,4 +157,7 @@ def load_trained(
         checkpoint=directory,
         data_shape=input_shape,
         image_shape=image_shape,
+        source=source,
+        model_id=model_id,
+        posterior_optimizer=state.get("posterior_optimizer"),
     )

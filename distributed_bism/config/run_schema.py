@@ -107,6 +107,10 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
     experiment: str = "distributed_bism"
     run_name: str | None = None  # None: trainer.name
+    # Register the final model (an MLflow LoggedModel) under this name, a new version per finished
+    # run: `bism eval models:/NAME/VERSION`. None: logged, not registered
+    registered_model_name: str | None = None
+    log_checkpoint_models: bool = False  # also log each checkpoint's weights as a LoggedModel
 
     def __post_init__(self) -> None:
         check_values(self, "tracking.")
@@ -114,6 +118,33 @@ class TrackingConfig:
         check_label(self.experiment, "tracking.experiment")
         if self.run_name is not None:
             check_label(self.run_name, "tracking.run_name")
+        if self.registered_model_name is not None:
+            check_registered_model_name(self.registered_model_name, "tracking.registered_model_name")
+            check(
+                self.enabled,
+                "tracking.registered_model_name",
+                "registers the model a tracked run logs, but tracking.enabled is false",
+            )
+
+
+# `/` and `:` MLflow refuses in a registered model's name; `@` would read as an alias in models:/NAME@alias
+MODEL_NAME_BAD = "/:@"
+
+
+def check_registered_model_name(name: str, key: str) -> None:
+    """A ConfigError naming `key` unless `name` is a registered model name that `models:/NAME/VERSION`
+    and `models:/NAME@alias` can name again: a label (check_label) without / : @, and neither `.`
+    nor `..` (MLflow refuses those as path-like)."""
+    check_label(name, key)
+    bad = sorted({c for c in name if c in MODEL_NAME_BAD})
+    check(
+        not bad,
+        key,
+        f"{name!r} has {', '.join(repr(c) for c in bad)}: a registered model is named in models:/NAME/VERSION "
+        "and models:/NAME@alias, so its name may not hold / : or @",
+    )
+    check(name.strip() == name, key, f"{name!r} starts or ends with a space")
+    check(name not in (".", ".."), key, f"{name!r} is not a model name")
 
 
 @dataclass

@@ -4,6 +4,7 @@ with it (its torch threads, how it prints)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,14 @@ class WholeCheckpoints:
     def __init__(self, sink: CheckpointSink) -> None:
         self.sink = sink
 
-    def candidates(self) -> list[Path]:
+    def candidates(self) -> Iterable[Path]:
         return self.sink.candidates()
+
+    def local(self, directory: Path) -> Path:
+        return self.sink.local(directory)
+
+    def set_aside(self, directory: Path) -> str:
+        return self.sink.set_aside(directory)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         with deferred():

@@ -23,10 +23,12 @@ from distributed_bism.launch.preflight import check_address, check_local_cpus, l
 from distributed_bism.launch.signals import handling, on_stop, reinstall
 from distributed_bism.tracking import RunLogger
 from distributed_bism.training.checkpointing import (
+    CheckpointError,
     CheckpointWriteError,
     LocalCheckpoints,
     Retention,
     checkpoint_dir_name,
+    move_aside,
     write_error,
 )
 from distributed_bism.training.loop import TrainLoop
@@ -253,29 +255,87 @@ def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
     )
 
 
-class RaySink:
-    """ray.train.report and get_checkpoint. A rank with no files reports no checkpoint.
+RAY_LIST_TIMEOUT_S = 60.0  # how long a worker waits for Ray's list of checkpoints before it scans alone
 
-    Ray registers a reported checkpoint only when its controller next polls (every ~2 s in Ray
-    2.60), so a worker killed just after reporting can come back with get_checkpoint() None,
-    or an older one, although the files were already written (uploads are synchronous). With
-    local storage the run directory is therefore also searched, and the newest wins; and rank 0
-    prunes it by `retention` once Ray has the new checkpoint (Ray's num_to_keep is unset)."""
+
+class RaySink:
+    """ray.train.report, and Ray's own list of the run's checkpoints. A rank with no files reports
+    no checkpoint.
+
+    Resuming asks Ray first (`ray.train.get_all_reported_checkpoints`, committed checkpoints
+    only; `get_checkpoint` where that is unavailable), which works whatever the storage: with
+    URI storage (s3://, gs://) there is no directory this process could scan, and each candidate
+    is downloaded only when resume reaches it. Ray registers a reported checkpoint only when its
+    controller next polls (every ~2 s in Ray 2.60), so a worker killed just after reporting can
+    come back to a list without its newest checkpoint although the files were written (uploads
+    are synchronous); with local storage the run directory is therefore searched too, and the
+    newest wins (and the driver removes Ray's list before each launch: `forget_ray_checkpoints`).
+    Rank 0 prunes the run directory by `retention` once Ray has the new checkpoint (Ray's
+    num_to_keep is unset for local storage)."""
 
     def __init__(self, run_dir: Path | None = None, retention: Retention | None = None) -> None:
         self.run_dir, self.retention = run_dir, retention
-        self._stack = contextlib.ExitStack()
+        self._stack = contextlib.ExitStack()  # downloaded copies, removed when the worker ends
 
-    def candidates(self) -> list[Path]:
+    def reported(self) -> dict[str, Any]:
+        """Ray's committed checkpoints of this run by directory name (checkpoint_XXXXXXXX)."""
         import ray.train
+        from ray.train.v2.api.report_config import CheckpointConsistencyMode
+        from ray.train.v2.api.reported_checkpoint import ReportedCheckpointStatus
 
-        found = {p.resolve() for p in LocalCheckpoints(self.run_dir).named()} if self.run_dir else set()
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            path = Path(self._stack.enter_context(ckpt.as_directory())).resolve()
-            if path.is_dir():  # Ray may list one moved aside since
-                found.add(path)
-        return sorted(found, key=lambda p: p.name, reverse=True)  # checkpoint_XXXXXXXX: by step
+        usable = (ReportedCheckpointStatus.COMMITTED, ReportedCheckpointStatus.VALIDATED)
+        listed = ray.train.get_all_reported_checkpoints(
+            consistency_mode=CheckpointConsistencyMode.COMMITTED, timeout_s=RAY_LIST_TIMEOUT_S
+        )
+        found = {Path(r.checkpoint.path).name: r.checkpoint for r in listed if r.status in usable}
+        latest = ray.train.get_checkpoint()  # the one Ray hands a restarted group, listed or not
+        if latest is not None:
+            found.setdefault(Path(latest.path).name, latest)
+        return found
+
+    def _copy(self, ckpt: Any) -> Path:
+        """A directory this process can read `ckpt` from: its own path on local storage, else a
+        downloaded copy under the checkpoint's own name (so messages name the step), kept until
+        the worker ends."""
+        import pyarrow.fs  # type: ignore[import-untyped]  # (Ray's storage layer; no stubs)
+
+        if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(ckpt.path)
+        import tempfile
+
+        root = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="bism_resume_")))
+        return Path(ckpt.to_directory(str(root / Path(ckpt.path).name)))
+
+    def candidates(self) -> Iterator[Path]:
+        """Checkpoint directories newest first (by name, checkpoint_XXXXXXXX: by step): Ray's
+        committed ones and, with local storage, the run directory's. A checkpoint of Ray's on URI
+        storage is downloaded when reached; one Ray lists but that is gone locally (moved aside
+        since) is passed over."""
+        by_name: dict[str, Any] = self.reported()
+        if self.run_dir is not None:  # local: the directories themselves, Ray's entries included
+            by_name = {n: Path(c.path) for n, c in by_name.items() if Path(c.path).is_dir()}
+            by_name |= {p.name: p for p in LocalCheckpoints(self.run_dir).named()}
+        for name in sorted(by_name, reverse=True):
+            found = by_name[name]
+            yield found if isinstance(found, Path) else self._copy(found)
+
+    def local(self, directory: Path) -> Path:
+        """The checkpoint rank 0 chose, as this rank can read it: `directory` itself when it is
+        here (local or shared storage, or rank 0's node), else this rank's own copy of Ray's
+        checkpoint of that name."""
+        if directory.is_dir():
+            return directory
+        reported = self.reported()
+        if directory.name not in reported:
+            raise CheckpointError(f"checkpoint {directory.name}: neither at {directory} nor in Ray's list of the run")
+        return self._copy(reported[directory.name])
+
+    def set_aside(self, directory: Path) -> str:
+        """An unreadable candidate: on local storage renamed *.unreadable (kept, never counted or
+        overwritten); a downloaded copy is left as it is in the storage."""
+        if self.run_dir is not None and directory.resolve().parent == self.run_dir.resolve():
+            return f"kept as {move_aside(directory)}"
+        return "left as it is in the storage" if self.run_dir is None else f"left at {directory}"
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         import ray.train

@@ -35,7 +35,7 @@ import math
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
@@ -233,8 +233,15 @@ def move_aside(directory: Path) -> Path:
 class CheckpointSink(Protocol):
     """Where checkpoints go. Every rank calls `report` at the same steps."""
 
-    def candidates(self) -> list[Path]:
-        """Checkpoint directories to resume from, newest first."""
+    def candidates(self) -> Iterable[Path]:
+        """Checkpoint directories to resume from, newest first, each readable here (a sink may
+        fetch one only when it is reached). Rank 0 only."""
+
+    def local(self, directory: Path) -> Path:
+        """The candidate rank 0 chose, as this rank can read it (another node may need a copy)."""
+
+    def set_aside(self, directory: Path) -> str:
+        """Put an unreadable candidate where nothing resumes from, counts or overwrites it; says where."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         """Hand over this step's metrics and, at checkpoints, a directory `TrainLoop.save` filled
@@ -249,6 +256,12 @@ class NoCheckpoints:
 
     def candidates(self) -> list[Path]:
         return []
+
+    def local(self, directory: Path) -> Path:
+        return directory
+
+    def set_aside(self, directory: Path) -> str:
+        return f"kept as {move_aside(directory)}"
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         return None
@@ -269,6 +282,12 @@ class LocalSink:
 
     def candidates(self) -> list[Path]:
         return self.checkpoints.named()[::-1]
+
+    def local(self, directory: Path) -> Path:
+        return directory
+
+    def set_aside(self, directory: Path) -> str:
+        return f"kept as {move_aside(directory)}"
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None:

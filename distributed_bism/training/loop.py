@@ -42,7 +42,6 @@ from distributed_bism.training.checkpointing import (
     all_finite,
     load_file,
     load_state,
-    move_aside,
     optim_shard_file,
     save_state,
 )
@@ -258,6 +257,8 @@ class TrainLoop:
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+        if self.rank == 0 and self.cfg.tracking.log_checkpoint_models:
+            self.log_model("checkpoint")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, *, final: bool = False) -> dict[str, float]:
@@ -327,8 +328,10 @@ class TrainLoop:
             )
 
     def resume(self) -> bool:
-        """Load the newest readable checkpoint of the sink, if any. Rank 0 chooses and every rank
-        loads the same one; one cut short by a crash is renamed *.unreadable (kept, never
+        """Load the newest readable checkpoint of the sink, if any (under Ray: of Ray's own list
+        first, so that URI storage resumes too; launch/ray_backend.RaySink). Rank 0 chooses and
+        every rank loads the same one (`sink.local`: its own copy where rank 0's is out of reach);
+        one cut short by a crash is set aside (locally renamed *.unreadable: kept, never
         overwritten by the retrained step, never counted by retention) and the next older one is
         tried. A candidate that no longer exists (Ray may still list one moved aside) is passed over."""
         choice: str | None = None
@@ -339,16 +342,16 @@ class TrainLoop:
                 try:
                     load_state(candidate)
                 except CheckpointError as e:
-                    aside = move_aside(candidate)
-                    self.log(f"skipping unreadable checkpoint ({e}); kept as {aside}")
+                    self.log(f"skipping unreadable checkpoint ({e}); {self.sink.set_aside(candidate)}")
                     continue
                 choice = str(candidate)
                 break
         choice = broadcast_object(choice)
         if choice is None:
             return False
-        self.load(Path(choice))
-        self.sink.resumed(Path(choice))
+        directory = self.sink.local(Path(choice))
+        self.load(directory)
+        self.sink.resumed(directory)
         self.log(f"resumed from {choice} at step {self.step}")
         return True
 
@@ -419,25 +422,43 @@ class TrainLoop:
         samples = self.history.samples
         return {**self.last_eval, "step": self.step, "samples_path": samples[max(samples)] if samples else None}
 
+    def weights(self) -> dict[str, Any]:
+        """What a model is, without what only resuming needs (θ's optimiser, RNG streams, PCD
+        chains): θ, EMA θ, φ and φ's Adam state (`bism diagnose` continues the unroll from it, as
+        training does; None when ZeRO shards it), the step, the config and the MLflow run id.
+        Rank 0's; a checkpoint dict (checkpointing.py) in every key it has."""
+        r = self.replica
+        sharded = r.sharded_optimizer
+        return {
+            "step": self.step,
+            "energy": unwrap(r.energy).state_dict(),
+            "ema": self.ema.state_dict(),
+            "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
+            "posterior_optimizer": None if sharded or r.posterior_updater is None else r.posterior_updater.state_dict(),
+            "config": self.cfg.to_yaml(),
+            "mlflow_run_id": self.run_id,
+        }
+
+    def log_model(self, kind: str) -> str | None:
+        """Rank 0: the weights at this step as an MLflow LoggedModel of the run (tracking.log_model:
+        state.pt, loaded with weights_only=True), with the config as its params and this step's
+        metrics; `kind` "final" or "checkpoint". Returns its id; None without a run, or when the
+        run already holds this model."""
+        with tempfile.TemporaryDirectory(prefix="bism_model_") as tmp:
+            save_state(tmp, self.weights())
+            return self.logger.model(Path(tmp), step=self.step, kind=kind, params=self.cfg.flat())
+
     def export(self, *, trained: bool) -> Path | None:
         """Rank 0: the final weights (θ, EMA θ, φ) and config as one safe-to-load file,
-        <output_dir>/models/<name>/model.pt, logged to MLflow as the artifact "model". A relaunch
-        that trained nothing (`trained` false) leaves an existing file alone. Returns the path
-        written, None when nothing was."""
-        r = self.replica
+        <output_dir>/models/<name>/model.pt, and as the run's final MLflow LoggedModel (`log_model`;
+        logged once per step, so a relaunch that trained nothing adds none). A relaunch that
+        trained nothing (`trained` false) leaves an existing file alone. Returns the path written,
+        None when nothing was."""
+        self.log_model("final")
         path = Path(self.cfg.trainer.output_dir).resolve() / "models" / str(self.cfg.trainer.name) / "model.pt"
         if path.exists() and not trained:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "step": self.step,
-                "energy": unwrap(r.energy).state_dict(),
-                "ema": self.ema.state_dict(),
-                "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
-                "config": self.cfg.to_yaml(),
-            },
-            path,
-        )
-        self.logger.artifact(path, "model")
+        weights = self.weights()
+        torch.save({k: weights[k] for k in ("step", "energy", "ema", "posterior", "config")}, path)
         return path

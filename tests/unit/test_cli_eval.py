@@ -164,8 +164,8 @@ def test_sample_writes_the_samples_themselves_beside_the_figure(finished: Finish
 
 @pytest.mark.parametrize("args, message", [
     (["sample", "{ckpt}", "-o", "{noext}"], "the file name must end in .png, .npz, .pt"),
-    (["eval", "{missing}"], "neither a checkpoint directory nor an MLflow run id"),
-    (["eval", "0123456789abcdef0123456789abcdef", "--tracking-uri", "{uri}"], "nor an MLflow run in"),
+    (["eval", "{missing}"], "neither a checkpoint directory nor an MLflow model (models:/NAME/VERSION"),
+    (["eval", "0123456789abcdef0123456789abcdef", "--tracking-uri", "{uri}"], "no such model or run in the MLflow store"),
     (["eval", "{ckpt}", "--metrics", "test_loglik", "nope"], "--metrics: unknown metric 'nope'"),
     (["sample", "{ckpt}", "--sampler", "nope", "-o", "{png}"], "--sampler: unknown sampler 'nope'"),
     (["sample", "{run_dir}/checkpoint_99999999", "-o", "{png}"], "neither a checkpoint directory"),

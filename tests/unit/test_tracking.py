@@ -101,21 +101,25 @@ def test_mlflow_metrics_by_step(tracked: TrackedRun) -> None:
 
 
 def test_mlflow_artifacts_under_output_dir(tracked: TrackedRun) -> None:
-    """config.yaml, a sample figure per evaluation and model/model.pt are artifacts; the
-    experiment's artifact location is under trainer.output_dir, and no ./mlruns appears."""
+    """config.yaml and a sample figure per evaluation are artifacts of the run, and the final model
+    is the run's LoggedModel (test_mlflow_models.py), not a run artifact; the experiment's artifact
+    location is under trainer.output_dir, and no ./mlruns appears."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracked.uri)
     run_id = str(tracked.first.run_id)
     top = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "samples", "model"} <= top, top
+    assert {"config.yaml", "samples"} <= top and "model" not in top, top
     samples = sorted(a.path for a in client.list_artifacts(run_id, "samples"))
     assert samples == [f"samples/step_{s:08d}.png" for s in (0, 4, 8, 12)]
-    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
+    # one final model per launch that trained (steps 8 and 12), each under the output_dir too
+    models = [client.get_logged_model(o.model_id) for o in client.get_run(run_id).outputs.model_outputs]
+    assert sorted(int(m.tags["bism.step"]) for m in models) == [8, 12]
 
     out = Path(tracked.cfg.trainer.output_dir).resolve()
     location = client.get_experiment(client.get_run(run_id).info.experiment_id).artifact_location
     assert location.startswith(out.as_uri() + "/"), location
+    assert all(m.artifact_location.startswith(out.as_uri() + "/") for m in models)
     logged_config = next(out.rglob("artifacts/config.yaml"))
     assert yaml.safe_load(logged_config.read_text())["objective"]["unroll_steps"] == 1
     assert not (tracked.cwd / "mlruns").exists()
