@@ -287,6 +287,9 @@ def close_children(cfg: Config, parent_run_id: str, failed: Callable[[str], bool
     return len(left)
 
 
+IMAGE_PREFIX = "image:"  # RunLogger.logged_through's keys of images (metric keys have no ':')
+
+
 class RunLogger:
     """Metrics and artifacts to one run, from rank 0. `None`-safe: a logger with no run id logs nothing."""
 
@@ -304,6 +307,11 @@ class RunLogger:
             return
         for m in self.client.get_run(self.run_id).data.to_proto().metrics:
             self.logged_through[m.key] = max(int(m.step), self.logged_through.get(m.key, -1))
+        for f in self.client.list_artifacts(self.run_id, "images"):  # images/<key, / as ~>+step+<step>+...
+            key, _, rest = Path(f.path).name.partition("+step+")
+            if rest.split("+", 1)[0].isdigit():
+                key = IMAGE_PREFIX + key.replace("~", "/")
+                self.logged_through[key] = max(int(rest.split("+", 1)[0]), self.logged_through.get(key, -1))
 
     def metrics(self, values: dict[str, float], step: int, *, model_id: str | None = None) -> None:
         """Log `values` at `step`, except keys the run already holds at this step or later; linked
@@ -327,6 +335,27 @@ class RunLogger:
         if self.client is None or self.run_id is None:
             return None
         return log_model(self.client, self.run_id, directory, step=step, kind=kind, params=params)
+
+    def image(self, path: Path, key: str, step: int) -> None:
+        """The PNG at `path` as image `key` at `step` (`log_image(key=, step=)`): the run page's
+        step slider then shows e.g. the sample grids over training. Logged synchronously, so the
+        image is in the store when the evaluation returns."""
+        key = sanitize(key)
+        if self.client is None or step <= self.logged_through.get(IMAGE_PREFIX + key, -1):
+            return  # a relaunch's evaluation at a step the run has the image of already
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.client.log_image(self.run_id, im.convert("RGB"), key=key, step=step, synchronous=True)
+
+    def table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """`rows` (one dict per row, the same keys) as an MLflow table `artifact_file` (.json), which
+        the run's Artifacts tab (and the Evaluations view) shows as a table; MLflow appends rows
+        when the file exists."""
+        if self.client is None or not rows:
+            return
+        columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+        self.client.log_table(self.run_id, columns, artifact_file)
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.client is not None:

@@ -81,11 +81,9 @@ def default_reference(trained: TrainedModel) -> str:
 
 def plot_report(report: BiasReport, path: Path, *, title: str) -> Path:
     """cos-sim (left) and relative error (right) against K: per-batch mean ± sd and pooled."""
-    import matplotlib
+    from distributed_bism.evaluation.figures import finish_figure, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report.rows()
     ks = [r["k"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -102,10 +100,8 @@ def plot_report(report: BiasReport, path: Path, *, title: str) -> Path:
         ax.set(xlabel="unrolled steps K", ylabel=f"{label} to the reference")
         ax.legend(fontsize=7)
     fig.suptitle(f"{title}\nreference: {report.reference}", fontsize=9)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, path, dpi=110)
     return path
 
 

@@ -3,7 +3,8 @@
 bism eval CHECKPOINT_OR_MODEL [--metrics m1 m2 ...]    a table, logged into the model's own MLflow
     run at the model's step (no new run; artifacts under eval/step_XXXXXXXX_<time>/, beside, never
     over, what training logged) and, for a model named through MLflow (models:/..., m-..., a run
-    id), linked to that LoggedModel too
+    id), linked to that LoggedModel too; and as rows of the run's MLflow table eval_results.json
+    (evaluation, step, metric, value), which gains rows with each `bism eval`
 bism sample CHECKPOINT -n 64 --sampler NAME -o grid.png|samples.npz|samples.pt [--force]
     .png: the figure; .npz / .pt: the samples themselves (see `write_samples`) and the figure
     beside them (same name, .png)
@@ -24,6 +25,8 @@ from distributed_bism.evaluation.metrics import EvalContext, check_metric_names,
 from distributed_bism.evaluation.sample_grid import draw_samples
 from distributed_bism.samplers import SAMPLERS
 from distributed_bism.training.checkpointing import STATE_FILE
+
+EVAL_TABLE = "eval_results.json"  # the MLflow table of every `bism eval` of a run, one row per metric (appended)
 
 
 @dataclass
@@ -93,6 +96,10 @@ def evaluate_checkpoint(
     values = run_metrics(names, ctx)
     if logger is not None and values:
         logger.metrics(values, trained.step, model_id=trained.model_id)
+        logger.table(
+            [{"evaluation": stamp, "step": trained.step, "metric": k, "value": v} for k, v in values.items()],
+            EVAL_TABLE,
+        )
     return EvalReport(values, trained.step, trained.source, run_id, ctx.notes, ctx.artifacts)
 
 

@@ -11,13 +11,49 @@ import torch
 from torch import Tensor
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def fit_titles(fig: Any) -> None:
+    """Wrap every axes title and the suptitle of `fig` onto as many lines as it takes for each line
+    to fit the figure's width (measured as drawn), so that a long title (a sampler's label, a sweep's
+    name) is never cut off at the figure's edges. Call before tight_layout, which then makes room."""
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    room = fig.bbox.width * 0.96
+    texts = [ax.title for ax in fig.axes if ax.get_title()]
+    if getattr(fig, "_suptitle", None) is not None:
+        texts.append(fig._suptitle)
+    for text in texts:
+        lines = [" ".join(line.split()) for line in text.get_text().split("\n")]  # its own breaks kept
+        limit = max(len(line) for line in lines)
+        while limit > 8 and text.get_window_extent(renderer).width > room * _axes_share(fig, text):
+            limit = int(limit * 0.85)
+            text.set_text("\n".join(textwrap.fill(line, limit) for line in lines))
+
+
+def _axes_share(fig: Any, text: Any) -> float:
+    """The fraction of the figure's width a title has: its axes' share for an axes title (one of
+    several side by side), the whole width for the suptitle."""
+    for ax in fig.axes:
+        if ax.title is text:
+            return max(ax.get_position().width / 0.9, 1 / max(len(fig.axes), 1))
+    return 1.0
+
+
+def finish_figure(fig: Any, path: Path, **savefig: Any) -> None:
+    """Titles wrapped to fit, the layout tightened around them, then the figure written and closed."""
+    fit_titles(fig)
+    fig.tight_layout()
+    fig.savefig(path, **savefig)
+    pyplot().close(fig)
 
 
 def as_images(samples: Tensor, data_shape: Sequence[int]) -> Tensor:
@@ -56,7 +92,7 @@ def save_sample_figure(
 ) -> Path:
     """Write samples (B, ...) as an image grid when the data are images, as a scatter plot over
     `reference` data for 2-D data. The title names the sampler."""
-    plt = _pyplot()
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     x = samples.detach().float().cpu()
     if len(data_shape) == 1 and data_shape[0] == 2:
@@ -72,9 +108,7 @@ def save_sample_figure(
         _show(ax, tile(imgs, int(len(imgs) ** 0.5) or 1))
         ax.axis("off")
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Title": title})  # the sampler, readable without looking
-    plt.close(fig)
+    finish_figure(fig, path, dpi=110, metadata={"Title": title})  # the sampler, readable without looking
     return path
 
 
@@ -83,7 +117,7 @@ def save_sample_strip(
 ) -> Path:
     """Samples over training: one row of the first `per_row` samples per evaluation step
     (step → samples (B, ...)), labelled with the step. 2-D data: one small scatter per step."""
-    plt = _pyplot()
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     steps = sorted(rows)
     if len(data_shape) == 1 and data_shape[0] == 2:
@@ -104,9 +138,7 @@ def save_sample_strip(
             _show(ax, tile(as_images(rows[s][:per_row], data_shape), per_row))
             ax.set_ylabel(f"step {s}", fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_figure(fig, path, dpi=100)
     return path
 
 
@@ -120,7 +152,7 @@ def save_curve(
     spread: Mapping[int | float, float] | None = None,
 ) -> Path:
     """A line plot of y against x (sorted by x), with ± `spread` error bars when given."""
-    plt = _pyplot()
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     xs = sorted(points)
     fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -133,7 +165,5 @@ def save_curve(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, path, dpi=110)
     return path

@@ -73,6 +73,12 @@ class EvalContext:
         if self.logger is not None and self.rank == 0:
             self.logger.artifact(path, "/".join(p for p in (self.artifact_root, artifact_path) if p))
 
+    def log_image(self, path: Path, key: str) -> None:
+        """Log a PNG as MLflow image `key` at this evaluation's step (rank 0 with a logger only): the
+        run page's image step slider shows it beside the other steps' images of the same key."""
+        if self.logger is not None and self.rank == 0:
+            self.logger.image(path, key, self.step)
+
 
 MetricFn = Callable[[EvalContext], dict[str, float]]
 

@@ -4,8 +4,10 @@ of the grids over training.
 
 Files (training): <output_dir>/samples/<run>/step_XXXXXXXX.png, the samples themselves as
 step_XXXXXXXX.pt (the strip's source), and <output_dir>/plots/<run>/samples_over_training.png;
-logged as MLflow artifacts samples/step_XXXXXXXX.png and plots/samples_over_training.png. Each
-sampler of eval.compare_samplers adds its grid as samples/<run>/<sampler>/step_XXXXXXXX.png.
+logged as MLflow artifacts samples/step_XXXXXXXX.png and plots/samples_over_training.png, and
+each grid as MLflow image "samples" at its step (`log_image(key=, step=)`: the run page's step
+slider shows the samples over training). Each sampler of eval.compare_samplers adds its grid as
+samples/<run>/<sampler>/step_XXXXXXXX.png, image "samples/<sampler>".
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def samples_metric(ctx: EvalContext) -> dict[str, float]:
     torch.save(drawn.samples.detach().cpu(), path.with_suffix(".pt"))
     ctx.artifacts["samples"] = path
     ctx.log_artifact(path, "samples")
+    ctx.log_image(path, "samples")
     for name in ctx.cfg.eval.compare_samplers:  # e.g. model samples beside conditional ones, in a folder each
         if name != ctx.cfg.eval.sampler:
             other = draw_samples(ctx.cfg, ctx.energy, ctx.posterior, data, n, sampler=name, seed=ctx.cfg.trainer.seed)
@@ -113,6 +116,7 @@ def samples_metric(ctx: EvalContext) -> dict[str, float]:
             )
             ctx.artifacts[f"samples_{name}"] = grid
             ctx.log_artifact(grid, f"samples/{name}")
+            ctx.log_image(grid, f"samples/{name}")
     strip = _strip(
         directory, ctx.image_shape, ctx.output_dir / "plots" / ctx.run_name / "samples_over_training.png", drawn.label
     )

@@ -1,6 +1,7 @@
 """What a sweep leaves: a results table (best first), the best trial as a training YAML, and
 plots of the metric against each searched key (unroll depth K, learning rates ...), written
-under <output_dir>/sweeps/<sweep>/ and logged to the parent MLflow run."""
+under <output_dir>/sweeps/<sweep>/ and logged to the parent MLflow run (the table also as the
+MLflow table sweep_results.json, which the run's Artifacts tab shows as a table)."""
 
 from __future__ import annotations
 
@@ -58,11 +59,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def plot(spec: SweepSpec, rows: list[dict[str, Any]], path: Path) -> Path:
     """The best metric of each trial against each searched key (log x for loguniform keys)."""
-    import matplotlib
+    from distributed_bism.evaluation.figures import finish_figure, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = list(spec.search)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -74,13 +73,12 @@ def plot(spec: SweepSpec, rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel(f"{spec.metric} ({spec.mode})")
         ax.grid(alpha=0.3)
     fig.suptitle(f"sweep {spec.name}: {len(rows)} trials", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, path, dpi=110)
     return path
 
 
 LOGLIK = "eval/test_loglik"
+SWEEP_TABLE = "sweep_results.json"  # the results table as an MLflow table of the parent run
 UNROLL_KEY = "objective.unroll_steps"
 
 
@@ -151,6 +149,7 @@ def write_results(
     by_k = loglik_vs_unroll(spec, grid, sweep_dir / "test_loglik_vs_K.png")
     plots += [by_k] if by_k else []
     logger = RunLogger(parent_uri, ctx.parent_run_id)
+    logger.table(rows, SWEEP_TABLE)
     for f in [sweep_dir / "results.md", sweep_dir / "results.json", *([best_path] if best_path else []), *plots]:
         logger.artifact(f)
     print(f"sweep {sweep!r}: {len(rows)} trials, best first\n{table}", flush=True)

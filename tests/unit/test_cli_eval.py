@@ -69,6 +69,18 @@ def test_training_logs_eval_metrics_and_plots(finished: Finished) -> None:
     assert "conditional" in Image.open(grids[-1]).text["Title"]
 
 
+def test_sample_grids_are_step_indexed_images(finished: Finished) -> None:
+    """Each evaluation's grid is MLflow image "samples" at its step (log_image(key=, step=)), which
+    the run page's step slider browses: one PNG per step 0, 4, 8, and the run tagged as holding images."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(finished.uri)
+    names = [Path(a.path).name for a in client.list_artifacts(finished.run_id, "images")]
+    steps = sorted(int(n.split("+")[2]) for n in names if n.startswith("samples+step+") and n.endswith(".png"))
+    assert steps == [0, 4, 8], names
+    assert client.get_run(finished.run_id).data.tags.get("mlflow.loggedImages") == "True"
+
+
 def _runs(uri: str) -> list[str]:
     from mlflow import MlflowClient
 
@@ -77,11 +89,12 @@ def _runs(uri: str) -> list[str]:
 
 
 def test_eval_logs_into_the_checkpoints_run(finished: Finished, capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """By run id and by checkpoint directory: the printed table holds the same test log-likelihood
     training logged at step 8 (same weights); each call adds one value at step 8 to the same run
-    (the run count unchanged), its grid goes under eval/step_00000008_<time>/, and training's
-    artifacts are untouched."""
+    (the run count unchanged) and its rows to the run's MLflow table eval_results.json, its grid
+    goes under eval/step_00000008_<time>/, and training's artifacts are untouched."""
+    import pandas as pd
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -97,6 +110,14 @@ def test_eval_logs_into_the_checkpoints_run(finished: Finished, capsys: pytest.C
     assert f"logged to MLflow run {finished.run_id} at step 8" in printed
     assert main(["eval", str(finished.checkpoint), "--metrics", "test_loglik"]) == 0  # the config's store
     capsys.readouterr()
+    # both evaluations are rows of the run's MLflow table (metric, value, step, which evaluation)
+    # (read as load_table reads it; load_table itself searches the global tracking URI, not the client's)
+    table = pd.read_json(client.download_artifacts(finished.run_id, "eval_results.json", str(tmp_path)), orient="split")
+    assert '"type": "table"' in client.get_run(finished.run_id).data.tags["mlflow.loggedArtifacts"]
+    loglik = table[table["metric"] == "eval/test_loglik"]
+    assert list(loglik["step"]) == [8, 8] and loglik["evaluation"].nunique() == 2, table
+    assert list(loglik["value"]) == pytest.approx([logged, logged], abs=1e-5)
+    assert "eval/samples_out_of_range" in set(table["metric"])
 
     assert _runs(finished.uri) == runs_before
     history = client.get_metric_history(finished.run_id, "eval/test_loglik")
@@ -114,7 +135,8 @@ def test_eval_logs_into_the_checkpoints_run(finished: Finished, capsys: pytest.C
     capsys.readouterr()
     folders = [a.path for a in client.list_artifacts(finished.run_id, "eval")]
     assert len(folders) == 2 and folder.path in folders, folders
-    assert snapshot(finished.out / "mlartifacts").items() >= after.items()
+    kept = {k: v for k, v in after.items() if not k.endswith("/eval_results.json")}  # the table gains rows
+    assert snapshot(finished.out / "mlartifacts").items() >= kept.items()
 
 
 def test_sample_writes_a_labelled_figure_and_refuses_to_overwrite(finished: Finished, tmp_path: Path,

@@ -1,0 +1,109 @@
+"""What a person sees of a run in the MLflow UI and on a terminal: figure titles that fit, a
+sweep's results as an MLflow table, the experiment marked as classic ML (training), log_every
+defaults that draw a curve, system metrics, and progress bars. (Step-indexed sample images and
+`bism eval`'s table: test_cli_eval.py, on its tracked run.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GRBM_BASE = str(REPO_ROOT / "configs" / "checkerboard_grbm_bidsm.yaml")
+LONG = ("step 123456 — conditional samples v ~ p(v | h), h = E_q[h | v_test] of the test set, "
+        "Langevin with annealing from T=10 over 500 steps and a denoising step σ0=0.1 at the end")
+
+
+def _titles_fit(fig) -> None:
+    """Every title of `fig`, drawn, lies inside the figure's bounding box."""
+    renderer = fig.canvas.get_renderer()
+    texts = [ax.title for ax in fig.axes if ax.get_title()]
+    texts += [fig._suptitle] if fig._suptitle is not None else []
+    assert texts
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (text.get_text(), box, fig.bbox)
+
+
+@pytest.mark.parametrize("kind", ["grid", "scatter", "strip"])
+def test_long_titles_fit_the_figure(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sampler label longer than the figure is wide is wrapped, not cut off at both edges."""
+    import torch
+
+    from distributed_bism.evaluation import figures
+
+    closed = []
+    plt = figures.pyplot()
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", closed.append)  # kept open to measure; closed below
+    if kind == "strip":
+        rows = {s: torch.rand(10, 64) for s in (0, 100, 200)}
+        figures.save_sample_strip(rows, (64,), tmp_path / "s.png", title=LONG)
+    else:
+        shape = (64,) if kind == "grid" else (2,)
+        figures.save_sample_figure(torch.rand(16, shape[0]), shape, tmp_path / "g.png", title=LONG)
+    (fig,) = closed
+    _titles_fit(fig)
+    assert "\n" in (fig._suptitle if kind == "strip" else fig.axes[0].title).get_text()
+    real_close(fig)
+
+
+def test_short_titles_stay_on_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from distributed_bism.evaluation import figures
+
+    closed = []
+    plt = figures.pyplot()
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", closed.append)  # kept open to measure; closed below
+    figures.save_sample_figure(torch.rand(16, 64), (64,), tmp_path / "g.png", title="step 4 — conditional")
+    assert closed[0].axes[0].title.get_text() == "step 4 — conditional"
+    real_close(closed[0])
+
+
+def _fake_grid(spec_metric: str) -> list[SimpleNamespace]:
+    import pandas as pd
+
+    return [
+        SimpleNamespace(
+            metrics_dataframe=pd.DataFrame({spec_metric: [-3.0, -2.0 - i]}),
+            metrics={"training_iteration": 2, "trial_id": f"t{i}"},
+            error=None,
+            path=None,
+            config={"optim.lr": 10 ** -(i + 2), "objective.unroll_steps": 5 * i},
+        )
+        for i in range(3)
+    ]
+
+
+def test_sweep_results_are_an_mlflow_table(tmp_path: Path) -> None:
+    """write_results logs the results table to the parent run as MLflow table sweep_results.json:
+    one row per trial, best first, with the searched keys as columns."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from distributed_bism.tune.load import load_spec
+    from distributed_bism.tune.report import SWEEP_TABLE, write_results
+    from distributed_bism.tune.trials import SweepContext
+
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "base": GRBM_BASE, "overrides": {"eval.every": 1000, "trainer.steps": 4000},
+        "search": {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "objective.unroll_steps": {"choice": [0, 5, 10]}},
+        "metric": "eval/test_loglik", "mode": "max"}))
+    spec = load_spec(spec_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweeps", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp).info.run_id
+    ctx = SweepContext(spec=spec, sweep="study", output_dir=str(tmp_path), parent_run_id=parent, tracking_uri=uri)
+    write_results(spec, "study", tmp_path / "sweep", _fake_grid(spec.metric), ctx, parent_uri=uri)
+    table = pd.read_json(client.download_artifacts(parent, SWEEP_TABLE, str(tmp_path / "dl")), orient="split")
+    assert list(table["trial"]) == ["t0", "t1", "t2"]  # best (highest) eval/test_loglik first
+    assert list(table["eval/test_loglik"]) == [-2.0, -3.0, -3.0]
+    assert {"optim.lr", "objective.unroll_steps", "status"} <= set(table.columns)
+    assert '"type": "table"' in client.get_run(parent).data.tags["mlflow.loggedArtifacts"]
