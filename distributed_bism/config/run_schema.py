@@ -21,6 +21,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 
 
+LOG_POINTS = 100  # points of a run's metric curves when trainer.log_every is not set
+
+
 @dataclass
 class TrainerConfig:
     name: str | None = None  # run name; running again with the same name resumes. None: a fresh timestamped name
@@ -31,7 +34,9 @@ class TrainerConfig:
     steps: int = 2_000
     batch_size: int = 100  # per worker: the global batch is batch_size × num_workers
     seed: int = 0
-    log_every: int = 200
+    # Metrics to MLflow (and a progress line) every log_every steps. None: steps // LOG_POINTS (at
+    # least 1), so that every run's train/* charts are curves of about LOG_POINTS points
+    log_every: int | None = None
     checkpoint_every: int = 1_000
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
@@ -53,8 +58,14 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_values(self, "trainer.")
-        for key in ("num_workers", "steps", "batch_size", "log_every", "checkpoint_every", "num_to_keep"):
+        for key in ("num_workers", "steps", "batch_size", "checkpoint_every", "num_to_keep"):
             check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.log_every is not None:
+            check(
+                self.log_every > 0,
+                "trainer.log_every",
+                f"must be > 0 (or null: steps // {LOG_POINTS}), got {self.log_every}",
+            )
         for key in ("max_failures", "max_bad_steps"):
             check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
         check_count(self.steps, "trainer.steps", MAX_STEPS, "training steps")
@@ -99,6 +110,11 @@ class TrainerConfig:
                 "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu",
             )
             check(amount > 0, f"trainer.resources_per_worker.{res}", f"must be > 0, got {amount}")
+
+    @property
+    def log_interval(self) -> int:
+        """Steps between metric logs: log_every, or when unset steps // LOG_POINTS (at least 1)."""
+        return self.log_every if self.log_every is not None else max(1, self.steps // LOG_POINTS)
 
 
 @dataclass

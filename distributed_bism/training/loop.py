@@ -367,7 +367,7 @@ class TrainLoop:
             out = self.run_step(self.batches(self.step))
             now = time.perf_counter()
             s, at_end = self.step, self.step == t.steps
-            logging = s % t.log_every == 0 or at_end
+            logging = s % t.log_interval == 0 or at_end
             ckpt = s % t.checkpoint_every == 0 or at_end
             metrics = self._log_metrics(out, window) if (logging or ckpt) else {}
             if metrics:

@@ -128,12 +128,12 @@ def _check_metric(metric: str, cfg: Config) -> None:
             f"make checkpoint_every a multiple of eval.every={every}",
         )
     else:
-        ok = all(s % t.log_every == 0 or s % t.checkpoint_every == 0 or s == t.steps for s in _report_steps(cfg))
+        ok = all(s % t.log_interval == 0 or s % t.checkpoint_every == 0 or s == t.steps for s in _report_steps(cfg))
         check(
             ok,
             "metric",
             f"evaluations (eval.every={every}) report without {metric}: "
-            f"make eval.every a multiple of trainer.log_every={t.log_every}",
+            f"make eval.every a multiple of trainer.log_every={t.log_interval}",
         )
 
 

@@ -107,3 +107,47 @@ def test_sweep_results_are_an_mlflow_table(tmp_path: Path) -> None:
     assert list(table["eval/test_loglik"]) == [-2.0, -3.0, -3.0]
     assert {"optim.lr", "objective.unroll_steps", "status"} <= set(table.columns)
     assert '"type": "table"' in client.get_run(parent).data.tags["mlflow.loggedArtifacts"]
+
+
+def test_experiment_is_marked_as_training(tmp_path: Path) -> None:
+    """open_run creates the experiment with mlflow.experimentKind = custom_model_development (the
+    MLflow 3 UI then opens its runs and charts, not the GenAI view), and marks an existing unmarked
+    one; a kind someone chose is kept."""
+    from mlflow import MlflowClient
+
+    from distributed_bism.config import load_config
+    from distributed_bism.tracking import EXPERIMENT_KIND_TAG, TRAINING_KIND, open_run, tracking_uri
+
+    cfg = load_config(None, [f"trainer.output_dir={tmp_path}", "trainer.name=kind"])
+    open_run(cfg, "kind")
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND == "custom_model_development"
+
+    old = client.create_experiment("older", artifact_location=(tmp_path / "art").as_uri())  # made before we marked ours
+    other = load_config(None, [f"trainer.output_dir={tmp_path}", "tracking.experiment=older"])
+    open_run(other, "a")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development")
+    open_run(other, "b")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+@pytest.mark.parametrize("steps, expected", [(300, 3), (20_000, 200), (50, 1), (7, 1)])
+def test_log_every_defaults_to_a_curve(steps: int, expected: int) -> None:
+    """Unset, trainer.log_every is steps // 100 (at least 1): >= 50 points however long the run."""
+    from distributed_bism.config import load_config
+
+    t = load_config(None, [f"trainer.steps={steps}"]).trainer
+    assert t.log_every is None and t.log_interval == expected
+    assert min(steps, 50) <= len([s for s in range(1, steps + 1) if s % t.log_interval == 0])
+    assert load_config(None, [f"trainer.steps={steps}", "trainer.log_every=7"]).trainer.log_interval == 7
+
+
+def test_shipped_configs_log_a_curve() -> None:
+    """Every config under configs/ logs train/* at least 50 times a run."""
+    from distributed_bism.config import load_config
+
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        t = load_config(path).trainer
+        assert t.steps // t.log_interval >= 50, (path.name, t.steps, t.log_every)
