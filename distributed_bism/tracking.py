@@ -32,7 +32,12 @@ ENDED_BY_TAG = "bism.ended_by"  # the signal that stopped the driver (run KILLED
 MODEL_KIND_TAG = "bism.kind"  # on a LoggedModel: "final" (the run's model) or "checkpoint"
 MODEL_STEP_TAG = "bism.step"  # on a LoggedModel: the training step of its weights
 MODEL_ID_TAG = "bism.model_id"  # on a registered model version: the LoggedModel it registers
-MODEL_TYPE = "distributed_bism"  # LoggedModel.model_type, and the flavor name in its MLmodel file
+MODEL_TYPE = "distributed_bism"
+# The MLflow 3 UI opens an experiment by its kind: without this tag it guesses, and a run with no
+# traces opened in the GenAI view ("Evaluations"); "custom_model_development" (the UI's "Machine
+# learning" kind; mlflow/server/js ExperimentKind) opens the runs and their training charts.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # LoggedModel.model_type, and the flavor name in its MLmodel file
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -197,13 +202,19 @@ def _client(uri: str) -> Any:
 
 
 def _experiment_id(client: Any, cfg: Config, uri: str) -> str:
+    """The id of experiment tracking.experiment, created if missing, and marked as a training
+    experiment (EXPERIMENT_KIND_TAG) unless it already says what kind it is."""
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before we marked ours, or by someone else
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:"):
         location = (Path(cfg.trainer.output_dir).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return client.create_experiment(
+        cfg.tracking.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND}
+    )
 
 
 def artifact_stamp(step: int) -> str:

@@ -79,6 +79,9 @@ def default_reference(trained: TrainedModel) -> str:
     )
 
 
+DIAGNOSE_TABLE = "diagnose_gradient_bias.json"  # MLflow table of the run's diagnoses, one row per K
+
+
 def plot_report(report: BiasReport, path: Path, *, title: str) -> Path:
     """cos-sim (left) and relative error (right) against K: per-batch mean ± sd and pooled."""
     from distributed_bism.evaluation.figures import finish_figure, pyplot
@@ -183,6 +186,8 @@ def _publish(
                 metrics[f"diagnose/cos_sim_k{r['k']}"] = r["cos_mean"]
                 metrics[f"diagnose/rel_error_k{r['k']}"] = r["rel_mean"]
             logger.metrics(metrics, trained.step)
+            # the same rows as an MLflow table, one row per K and diagnosis (the file gains rows)
+            logger.table([{"diagnosis": stem, "step": trained.step, **r} for r in report.rows()], DIAGNOSE_TABLE)
             logger.artifact(png, "diagnose")
             logger.artifact(js, "diagnose")
         kept = output_dir is not None

@@ -138,7 +138,9 @@ def trained_run(tmp_path: Path):
     return Path(summary.checkpoint), uri, summary.run_id
 
 
-def test_cli_prints_the_table_and_logs_to_the_checkpoints_run(trained_run, capsys):
+def test_cli_prints_the_table_and_logs_to_the_checkpoints_run(trained_run, capsys, tmp_path):
+    import json
+
     from mlflow import MlflowClient
 
     from distributed_bism.cli import main
@@ -163,6 +165,10 @@ def test_cli_prints_the_table_and_logs_to_the_checkpoints_run(trained_run, capsy
     assert main(["diagnose", str(checkpoint), "--k", "0", "--batches", "1"]) == 0  # a second diagnosis adds files
     assert len(client.list_artifacts(run_id, "diagnose")) == len(files) + 2
     assert len(client.search_runs([run.info.experiment_id])) == runs_before  # no new run
+    # both diagnoses as rows of the run's MLflow table, one per K (3 rows: K 0 and 2, then K 0)
+    table = json.loads(Path(client.download_artifacts(run_id, "diagnose_gradient_bias.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert [r["k"] for r in rows] == [0, 2, 0] and len({r["diagnosis"] for r in rows}) == 2
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
