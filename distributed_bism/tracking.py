@@ -13,13 +13,14 @@ Default store: sqlite:///<output_dir>/mlflow.db, with artifacts under <output_di
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -299,6 +300,36 @@ def close_children(cfg: Config, parent_run_id: str, failed: Callable[[str], bool
 
 
 IMAGE_PREFIX = "image:"  # RunLogger.logged_through's keys of images (metric keys have no ':')
+
+
+@contextlib.contextmanager
+def system_metrics(cfg: Config, uri: str | None, run_id: str | None, node: int | None) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml finds one) of this
+    machine, logged to the run as system/node_<node>/... while the block runs, when
+    tracking.system_metrics is on and `node` is given.
+
+    One monitor per node, not per process: the trainer starts it in the worker of local rank 0 of
+    each node (node = its node rank) and in the one process of the local strategy (node 0); the
+    driver starts none, since it may sit on a head node that trains nothing. The node_<N> level is
+    what the MLflow UI groups system charts by. Its step continues from the run's last system
+    step (resume_logging), so a relaunch adds to the curves instead of starting them over."""
+    if not (cfg.tracking.system_metrics and uri and run_id and node is not None):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=cfg.tracking.system_metrics_interval_s,
+        resume_logging=True,
+        node_id=f"node_{node}",
+        tracking_uri=uri,
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 class RunLogger:

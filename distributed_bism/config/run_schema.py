@@ -127,11 +127,20 @@ class TrackingConfig:
     # run: `bism eval models:/NAME/VERSION`. None: logged, not registered
     registered_model_name: str | None = None
     log_checkpoint_models: bool = False  # also log each checkpoint's weights as a LoggedModel
+    # MLflow system metrics of a training run (CPU, memory, disk, network; GPU with pynvml), one set
+    # per node: system/node_<node rank>/..., sampled every system_metrics_interval_s seconds
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         check_values(self, "tracking.")
         # MLflow names, never paths (artifacts go under <output_dir>/mlartifacts/<experiment id>)
         check_label(self.experiment, "tracking.experiment")
+        check(
+            self.system_metrics_interval_s > 0,
+            "tracking.system_metrics_interval_s",
+            f"must be > 0, got {self.system_metrics_interval_s}",
+        )
         if self.run_name is not None:
             check_label(self.run_name, "tracking.run_name")
         if self.registered_model_name is not None:

@@ -13,7 +13,7 @@ import torch
 from distributed_bism.config import Config
 from distributed_bism.launch.preflight import storage_path
 from distributed_bism.launch.signals import deferred
-from distributed_bism.tracking import RunLogger
+from distributed_bism.tracking import RunLogger, system_metrics
 from distributed_bism.training.checkpointing import CheckpointSink, LocalSink
 from distributed_bism.training.loop import TrainLoop
 
@@ -68,7 +68,8 @@ def train_local(cfg: Config, run_id: str | None, uri: str | None) -> tuple[dict[
     threads = torch.get_num_threads()
     torch.set_num_threads(worker_threads(cfg))
     try:
-        out = loop.fit()
+        with system_metrics(cfg, uri, run_id, 0):  # this machine, the run's only node
+            out = loop.fit()
     finally:
         torch.set_num_threads(threads)
     if loop.history.test_loglik:

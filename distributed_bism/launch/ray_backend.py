@@ -21,7 +21,7 @@ from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.launch.local import print_line, worker_threads
 from distributed_bism.launch.preflight import check_address, check_local_cpus, local_run_dir, storage_path
 from distributed_bism.launch.signals import handling, on_stop, reinstall
-from distributed_bism.tracking import RunLogger
+from distributed_bism.tracking import RunLogger, system_metrics
 from distributed_bism.training.checkpointing import (
     CheckpointError,
     CheckpointWriteError,
@@ -218,8 +218,14 @@ def worker_main(loop_config: dict[str, Any]) -> dict[str, Any]:
     written stops every rank at the same step (TrainLoop.checkpoint); they return the error
     instead of raising it, so Ray does not restart the group to fail the same way again, and the
     driver raises it (train_on_ray)."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    node = ctx.get_node_rank() if ctx.get_local_rank() == 0 else None  # one system monitor per node
+    cfg = from_dict(Config, loop_config["config"])
     try:
-        return worker_loop(loop_config).fit()  # rank 0's return value is the driver's result
+        with system_metrics(cfg, loop_config["tracking_uri"], loop_config["run_id"], node):
+            return worker_loop(loop_config).fit()  # rank 0's return value is the driver's result
     except CheckpointWriteError as e:  # the driver prints it, once
         return {WRITE_ERROR: str(e)}
 

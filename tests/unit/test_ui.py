@@ -151,3 +151,47 @@ def test_shipped_configs_log_a_curve() -> None:
     for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
         t = load_config(path).trainer
         assert t.steps // t.log_interval >= 50, (path.name, t.steps, t.log_every)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_system_metrics_per_node(on: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracked run logs MLflow system metrics under system/node_0/ (the local strategy's one
+    node) by default, and none with tracking.system_metrics false."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from distributed_bism import train
+    from distributed_bism.tracking import system_metrics
+    from tests.helpers.local_runs import tiny
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny(tmp_path, **{"tracking.enabled": True, "trainer.steps": 2, "eval.metrics": [],
+                            "tracking.system_metrics": on, "tracking.system_metrics_interval_s": 0.05})
+    real = system_metrics
+
+    def slow(*args, **kwargs):  # the tiny run ends within a sample or two: give the monitor time
+        ctx = real(*args, **kwargs)
+
+        class Held:
+            def __enter__(self):
+                return ctx.__enter__()
+
+            def __exit__(self, *exc):
+                time.sleep(0.5)
+                return ctx.__exit__(*exc)
+
+        return Held()
+
+    monkeypatch.setattr("distributed_bism.launch.local.system_metrics", slow)
+    summary = train(cfg)
+    keys = set(MlflowClient(str(summary.tracking_uri)).get_run(str(summary.run_id)).data.metrics)
+    system = {k for k in keys if k.startswith("system/")}
+    if on:
+        assert "system/node_0/cpu_utilization_percentage" in system, keys
+        assert "system/node_0/system_memory_usage_megabytes" in system, keys
+        assert all(k.startswith("system/node_0/") for k in system)
+    else:
+        assert not system, system
