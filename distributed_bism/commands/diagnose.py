@@ -25,6 +25,7 @@ from distributed_bism.core.diagnostics import BiasReport, gradient_bias
 from distributed_bism.core.unroll import torch_optimizer_state
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.models import BernoulliPosterior, GaussianRBM, Posterior
+from distributed_bism.progress_bars import bar
 from distributed_bism.registry.objectives import objective_spec
 from distributed_bism.training.checkpointing import CheckpointError
 
@@ -143,7 +144,7 @@ def diagnose(
         trained.energy,
         posterior,
         cfg.objective,
-        training_batches(trained, num_batches, seed=seed),
+        bar(training_batches(trained, num_batches, seed=seed), "diagnose", total=num_batches, unit="batch"),
         ks,
         posterior_lr=cfg.optim.posterior_lr,
         posterior_betas=_posterior_betas(trained),

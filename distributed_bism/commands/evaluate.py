@@ -93,7 +93,7 @@ def evaluate_checkpoint(
         logger=logger,
         artifact_root=f"eval/{stamp}",
     )
-    values = run_metrics(names, ctx)
+    values = run_metrics(names, ctx, progress=True)
     if logger is not None and values:
         logger.metrics(values, trained.step, model_id=trained.model_id)
         logger.table(

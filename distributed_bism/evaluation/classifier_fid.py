@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from distributed_bism.config import DataConfig
 from distributed_bism.data.common import DataError
+from distributed_bism.progress_bars import bar
 
 ARCH_VERSION = 1  # bump when FeatureNet or its training changes: old caches are then ignored
 CLASSIFIER_SETS = ("digits", "fashion_mnist")
@@ -86,7 +87,8 @@ class FeatureClassifier:
         x = x.reshape(-1, c, h, w).float().cpu()
         self.net.eval()
         with _threads(TRAINING[self.dataset][2]):
-            return torch.cat([self.net.body(chunk) for chunk in x.split(batch_size)]).double()
+            chunks = bar(x.split(batch_size), "classifier features", unit="batch")
+            return torch.cat([self.net.body(chunk) for chunk in chunks]).double()
 
 
 @contextlib.contextmanager
@@ -148,7 +150,7 @@ def _train(net: FeatureNet, x: Tensor, y: Tensor, epochs: int, batch: int, seed:
         steps = epochs * math.ceil(len(x) / batch)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         net.train()
-        for _ in range(epochs):
+        for _ in bar(range(epochs), "classifier training", unit="epoch"):
             for idx in torch.randperm(len(x)).split(batch):
                 opt.zero_grad()
                 F.cross_entropy(net(x[idx]), y[idx]).backward()

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distributed_bism.progress_bars import bar
+
 INCEPTION_SIZE = 299
 
 
@@ -27,7 +29,7 @@ class InceptionFeatures:
     @torch.no_grad()
     def features(self, images: Tensor, *, batch_size: int = 50) -> Tensor:
         out = []
-        for x in images.detach().float().cpu().clamp(0, 1).split(batch_size):
+        for x in bar(images.detach().float().cpu().clamp(0, 1).split(batch_size), "Inception features", unit="batch"):
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)

@@ -51,6 +51,7 @@ from torch import Tensor
 from distributed_bism.distributed import gather_rows, rank_and_world
 from distributed_bism.evaluation.metrics import EvalContext, register_metric
 from distributed_bism.models.grbm import MAX_ENUMERABLE_H, GaussianRBM
+from distributed_bism.progress_bars import bar
 
 # docs/methods.md: the reference evaluates with 2000 chains and 2000 linearly spaced β.
 DEFAULT_NUM_CHAINS = 2000
@@ -149,7 +150,7 @@ def ais_log_weights(
     noise = torch.randn((num_chains, grbm.v_dim), generator=generator, dtype=sigma.dtype, device=sigma.device)
     v = grbm.b + sigma * noise  # exact draws of the base
     log_w = torch.zeros(num_chains, dtype=sigma.dtype, device=sigma.device)
-    for k in range(1, len(beta_values)):
+    for k in bar(range(1, len(beta_values)), "AIS", unit="β"):
         log_w += _log_f_delta(grbm, v, beta_values[k], beta_values[k - 1])
         if k < len(beta_values) - 1:  # the state after the last β is never weighed
             v = _sweep(grbm, v, beta_values[k], generator)
@@ -164,7 +165,8 @@ def raise_log_weights(
     beta_values: list[float] = _check_betas(betas).tolist()
     v = grbm._check_v(data).unsqueeze(0).expand(num_chains, *data.shape).reshape(-1, grbm.v_dim)
     log_w = -grbm.free_energy(v) - base_log_partition(grbm)
-    for k in range(len(beta_values) - 1, 0, -1):  # v_k → v_{k−1} by the sweep at β_k, weighed at β_{k−1}
+    # v_k → v_{k−1} by the sweep at β_k, weighed at β_{k−1}
+    for k in bar(range(len(beta_values) - 1, 0, -1), "RAISE", unit="β"):
         v = _sweep(grbm, v, beta_values[k], generator)
         log_w += _log_f_delta(grbm, v, beta_values[k - 1], beta_values[k])
     return log_w.view(num_chains, len(data))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from distributed_bism.progress_bars import bar
 from distributed_bism.registry import resolve
 from distributed_bism.registry.metrics import METRICS
 
@@ -124,11 +125,12 @@ def get_metric(name: str) -> Metric:
     return metric
 
 
-def run_metrics(names: list[str], ctx: EvalContext) -> dict[str, float]:
-    """Run the metrics `names` in order; {"eval/...": value} on rank 0, {} on the other ranks."""
+def run_metrics(names: list[str], ctx: EvalContext, *, progress: bool = False) -> dict[str, float]:
+    """Run the metrics `names` in order; {"eval/...": value} on rank 0, {} on the other ranks.
+    `progress`: a bar over the metrics on a terminal (`bism eval`; training prints its own lines)."""
     check_metric_names(names)
     values: dict[str, float] = {}
-    for name in names:
+    for name in bar(names, "eval", unit="metric") if progress else names:
         metric = get_metric(name)
         if metric.all_ranks or ctx.rank == 0:
             out = metric.fn(ctx)

@@ -195,3 +195,58 @@ def test_system_metrics_per_node(on: bool, tmp_path: Path, monkeypatch: pytest.M
         assert all(k.startswith("system/node_0/") for k in system)
     else:
         assert not system, system
+
+
+class _Terminal:
+    """A stand-in for stderr: records what is written; isatty() says whether it is a terminal."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> str:
+        return "".join(self.text)
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_bars_on_a_terminal_only(tty: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AIS, RAISE, the FID classifier's training and `bism eval`'s metrics draw a tqdm bar on a
+    terminal and write nothing when stderr is not one (logs, Ray workers); the work is the same."""
+    import torch
+
+    from distributed_bism.evaluation import classifier_fid, loglik, metrics
+    from tests.helpers.tiny_models import tiny_grbm
+
+    err = _Terminal(tty)
+    monkeypatch.setattr("sys.stderr", err)
+    grbm, _ = tiny_grbm()
+    betas = loglik.linear_betas(50)
+    log_w = loglik.ais_log_weights(grbm, betas, 8, torch.Generator().manual_seed(0))
+    loglik.raise_log_weights(grbm, torch.randn(4, 2), betas, 2, torch.Generator().manual_seed(0))
+    net = classifier_fid.FeatureNet(1, width=4, features=8)
+    classifier_fid._train(net, torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,)), 2, 10, 0)
+    seen = []
+    fake = metrics.Metric("fake", lambda ctx: seen.append(1) or {"eval/fake": 1.0})
+    monkeypatch.setattr(metrics, "get_metric", lambda name: fake)
+    monkeypatch.setattr(metrics, "check_metric_names", lambda names, key="eval.metrics": None)
+    ctx = SimpleNamespace(rank=0)
+    assert metrics.run_metrics(["fake", "fake"], ctx, progress=True) == {"eval/fake": 1.0} and len(seen) == 2
+    out = err.getvalue()
+    if tty:
+        for name in ("AIS", "RAISE", "classifier training", "eval"):
+            assert f"{name}:" in out, out
+        assert "/49 " in out  # the AIS bar counts the 49 β steps
+    else:
+        assert out == ""
+    monkeypatch.setattr("sys.stderr", _Terminal(not tty))  # same weights with or without the bar
+    again = loglik.ais_log_weights(grbm, betas, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(log_w, again)
