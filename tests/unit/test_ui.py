@@ -250,3 +250,34 @@ def test_progress_bars_on_a_terminal_only(tty: bool, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("sys.stderr", _Terminal(not tty))  # same weights with or without the bar
     again = loglik.ais_log_weights(grbm, betas, 8, torch.Generator().manual_seed(0))
     assert torch.equal(log_w, again)
+
+
+def test_relaunch_logs_no_image_twice(tmp_path: Path) -> None:
+    """After skip_logged_steps (a relaunch), an image at a step the run already has for that key
+    is not logged again; later steps and other keys are."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from distributed_bism.tracking import RunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    png = tmp_path / "g.png"
+    Image.new("RGB", (8, 8), "white").save(png)
+    first = RunLogger(uri, run_id)
+    first.image(png, "samples", 3)
+    first.image(png, "samples/langevin", 3)
+    again = RunLogger(uri, run_id)
+    again.skip_logged_steps()
+    again.image(png, "samples", 3)  # skipped: the run has it
+    again.image(png, "samples/langevin", 3)  # skipped
+    again.image(png, "samples", 4)
+
+    def steps(key: str) -> list[int]:
+        names = [Path(a.path).name for a in client.list_artifacts(run_id, "images")]
+        return sorted(int(n.split("+")[2]) for n in names if n.startswith(key + "+step+") and n.endswith(".png"))
+
+    assert steps("samples") == [3, 4]
+    assert steps("samples~langevin") == [3]
