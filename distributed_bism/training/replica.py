@@ -58,8 +58,24 @@ def deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+# DDP's reducer warns once per process that a gradient's strides differ from its bucket's, e.g.
+# grad [16, 1, 3, 3] strides [9, 144, 3, 1] against [9, 9, 3, 1] for the first conv of a 1-channel
+# model: they differ only in a dimension of size 1, where a stride means nothing, so the copy into
+# the bucket is the same either way. The warning's six lines buried the workers' progress lines.
+GRAD_STRIDES_WARNING = r"Grad strides do not match bucket view strides"
+
+
+def quiet_grad_strides_warning() -> None:
+    """Ignore DDP's grad-strides warning (GRAD_STRIDES_WARNING) in this process; others still show."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=GRAD_STRIDES_WARNING, category=UserWarning)
+
+
 def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
+
+    quiet_grad_strides_warning()
 
     ids = [device.index] if device.type == "cuda" else None
     # Every backward reaches every parameter (touch_all), so there are no unused ones to search for.

@@ -281,3 +281,18 @@ def test_relaunch_logs_no_image_twice(tmp_path: Path) -> None:
 
     assert steps("samples") == [3, 4]
     assert steps("samples~langevin") == [3]
+
+
+def test_ddp_grad_strides_warning_is_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DDP reducer's grad-strides warning (harmless for our size-1 dims) no longer buries the
+    progress lines; any other UserWarning still shows."""
+    import warnings
+
+    from distributed_bism.training.replica import quiet_grad_strides_warning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_grad_strides_warning()
+        warnings.warn("Grad strides do not match bucket view strides. This may indicate ...", UserWarning)
+        warnings.warn("something else", UserWarning)
+    assert [str(w.message) for w in caught] == ["something else"]
