@@ -16,6 +16,8 @@ cluster in Ray's default temp dir (as a `ray start` without --temp-dir leaves it
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,36 @@ def test_private_ray_neither_joins_another_cluster_nor_lets_its_workers_find_one
         assert found == ours, f"a worker's address-less lookup finds {found}, not its own cluster {ours}"
 
     assert {k: os.environ.get(k) for k in pointing_there} == pointing_there, "the environment was not restored"
+
+
+def test_private_ray_retries_a_start_that_timed_out_and_kills_what_that_start_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray 2.60 gives a new raylet 30 s to register, then raises and leaves its processes running
+    (reproduced under load, beside another Ray and a CPU hog). Here the first start fails that way,
+    leaving a process that names the cluster's temp dir, as Ray's GCS and raylet do."""
+    import ray
+
+    real_init, calls, stray = ray.init, [], []
+
+    def init(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("address"))
+        if len(calls) == 1:
+            log_dir = os.path.join(os.environ["RAY_TMPDIR"], "ray", "session_x", "logs")
+            stray.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", log_dir]))
+            raise Exception(
+                "The current node timed out during startup. This could happen because some of the raylet "
+                "failed to startup or the GCS has become overloaded."
+            )
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", init)
+    try:
+        with private_ray(num_cpus=1) as started:
+            assert calls == ["local", "local"], f"ray.init calls: {calls}"
+            assert stray[0].poll() is not None, "the failed start's process was left running"
+            assert started.cluster_resources().get("CPU") == 1
+    finally:
+        if stray and stray[0].poll() is None:
+            stray[0].kill()
+            stray[0].wait()
