@@ -3,7 +3,8 @@
 to the first step.
 
     worker scaling    steady-state samples/s with 1 and 2 workers at the same per-worker batch,
-                      for strategies ddp and deepspeed (ZeRO-1); efficiency = r(2) / (2 r(1))
+                      for strategies ddp and deepspeed (ZeRO-1, or each of --zero-stages);
+                      efficiency = r(2) / (2 r(1)); each deepspeed rate / the ddp rate at as many workers
     harness overhead  ddp with 1 worker against local on the same work; overhead = 1 - r_ddp1/r_local
     time to 1st step  `bism train CONFIG ... trainer.address=local` as a fresh subprocess (a new
                       local Ray cluster), until the first progress line of a step >= 1 appears
@@ -64,10 +65,19 @@ def log(msg: str) -> None:
 
 
 # ============================================================================ throughput runs
-def run_overrides(args: argparse.Namespace, strategy: str, workers: int | str, name: str, output_dir: Path) -> list[str]:
-    """The dotted overrides of one throughput run (on top of --config and --set)."""
+def split_label(label: str) -> tuple[str, int | None]:
+    """A run label and its strategy and ZeRO stage: "ddp" -> (ddp, None); "deepspeed-z2" -> (deepspeed, 2)."""
+    strategy, _, stage = label.partition("-z")
+    return strategy, int(stage) if stage else None
+
+
+def run_overrides(args: argparse.Namespace, label: str, workers: int | str, name: str, output_dir: Path) -> list[str]:
+    """The dotted overrides of one throughput run (on top of --config and --set). `label`: a
+    strategy, or deepspeed-zS for deepspeed at ZeRO stage S (--zero-stages)."""
+    strategy, stage = split_label(label)
     return [
         f"trainer.name={name}", f"trainer.output_dir={output_dir}", f"trainer.strategy={strategy}",
+        *([f"trainer.zero_stage={stage}"] if stage is not None else []),
         f"trainer.num_workers={workers}", "trainer.cpus_per_worker=1", f"trainer.steps={args.steps}",
         f"trainer.log_every={args.log_every}",
         # Checkpoints only at the end, after the last window: the windows time training alone.
@@ -121,6 +131,7 @@ def throughput_run(args: argparse.Namespace, ray: Any, strategy: str, workers: i
     rates = [w["samples_per_s"] for w in steady]
     out = {
         "strategy": strategy, "workers": workers, "repeat": repeat, "name": name,
+        "zero_stage": cfg.trainer.zero_stage if cfg.trainer.strategy == "deepspeed" else None,
         "run_id": summary.run_id, "steps": summary.step, "wall_s": wall, "waited_for_idle_cluster_s": waited,
         "torch_threads_driver": torch.get_num_threads(),
         "windows": windows, "steady_rates": rates, "median_samples_per_s": statistics.median(rates),
@@ -255,8 +266,23 @@ def trainer_machine_info() -> dict[str, Any]:
         # DeepSpeed compiles its shared-memory comm op once per machine (~45 s); where it was not
         # cached yet, the first deepspeed launch pays it (before its first step).
         "deepspeed_shm_comm_cached_at_start": any(ext_root.glob("*/deepspeed_shm_comm")),
+        **package_source(),
     })
     return info
+
+
+def package_source() -> dict[str, Any]:
+    """Which distributed_bism this process imports (PYTHONPATH may point at another checkout, e.g.
+    an unchanged copy for a before/after comparison), and that checkout's commit if it is one."""
+    import distributed_bism
+
+    where = Path(distributed_bism.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."], capture_output=True,
+                           text=True)
+    return {"distributed_bism": str(where),
+            "distributed_bism_commit": head.stdout.strip() if head.returncode == 0 else None,
+            "distributed_bism_dirty": bool(dirty.stdout.strip()) if head.returncode == 0 else None}
 
 
 def ray_worker_threads(ray: Any) -> dict[str, Any]:
@@ -267,8 +293,12 @@ def ray_worker_threads(ray: Any) -> dict[str, Any]:
     def probe() -> dict[str, Any]:
         import torch
 
+        import distributed_bism
+
         return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"), "torch_threads": torch.get_num_threads()}
+                "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"), "torch_threads": torch.get_num_threads(),
+                # which code the workers run (PYTHONPATH may point at another checkout)
+                "distributed_bism": str(Path(distributed_bism.__file__).parent)}
 
     return ray.get(probe.remote())
 
@@ -288,6 +318,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-windows", type=int, help="start-up windows dropped from each run (default 1)")
     p.add_argument("--repeats", type=int, help="runs per (strategy, workers), interleaved (default 2)")
     p.add_argument("--strategies", nargs="+", default=["ddp", "deepspeed"], choices=["ddp", "deepspeed"])
+    p.add_argument("--zero-stages", type=int, nargs="+", choices=[0, 1, 2],
+                   help="deepspeed at each of these ZeRO stages, side by side (runs labelled deepspeed-zS; "
+                        "default: the config's trainer.zero_stage, labelled deepspeed)")
+    p.add_argument("--no-local", action="store_true", help="skip the local run (and the harness overhead)")
+    p.add_argument("--stem", help="output file stem (default trainer_scaling, or trainer_scaling_quick with --quick)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2; 1 is needed)")
     p.add_argument("--ttfs", nargs="*", choices=["ddp", "deepspeed", "local"],
                    help="strategies timed to the first step (default ddp deepspeed; none: skip)")
@@ -320,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distributed_bism.config import load_config
 
     base = load_config(args.config, args.set)
-    stem = "trainer_scaling_quick" if args.quick else "trainer_scaling"
+    stem = args.stem or ("trainer_scaling_quick" if args.quick else "trainer_scaling")
     info = trainer_machine_info()
     info["busy_cores_at_start"] = busy_cores_now()
     if info["busy_cores_at_start"] > 0.2:
@@ -338,7 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     runs: list[dict[str, Any]] = []
     ttfs: list[dict[str, Any]] = []
-    combos = [("local", 1)] + [(s, w) for s in args.strategies for w in args.workers]
+    labels = [lab for s in args.strategies
+              for lab in ([f"{s}-z{z}" for z in args.zero_stages] if s == "deepspeed" and args.zero_stages else [s])]
+    combos = ([] if args.no_local else [("local", 1)]) + [(lab, w) for lab in labels for w in args.workers]
     try:
         import ray
 
@@ -347,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  logging_level="WARNING")
         try:
             info["ray_worker_threads"] = ray_worker_threads(ray)
+            if info["ray_worker_threads"]["distributed_bism"] != info["distributed_bism"]:
+                # Ray puts the driver's working directory first on its workers' sys.path: run the
+                # script from the checkout you mean to time (cd there), not only with PYTHONPATH.
+                log(f"warning: the Ray workers import {info['ray_worker_threads']['distributed_bism']}, this "
+                    f"process {info['distributed_bism']}")
             for r in range(args.repeats):
                 k = r % len(combos)  # rotated, so no configuration always runs first
                 for strategy, workers in combos[k:] + combos[:k]:
@@ -371,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["wall_s"] = time.perf_counter() - t_start
 
     doc = {
-        "what": "distributed trainer: worker scaling (ddp, deepspeed ZeRO-1), harness overhead (ddp × 1 vs local), "
+        "what": "distributed trainer: worker scaling (ddp, deepspeed at the config's ZeRO stage or each of "
+                "--zero-stages), deepspeed against ddp, harness overhead (ddp × 1 vs local), "
                 "time from launching `bism train` to the first step",
         "command": shlex.join([_rel(sys.executable), _rel(str(Path(__file__).resolve())), *sys.argv[1:]]),
         "machine": info,
@@ -380,7 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": _rel(str(Path(args.config).resolve())), "extra_overrides": args.set,
             "batch_per_worker": base.trainer.batch_size, "steps": args.steps, "log_every": args.log_every,
             "skip_windows": args.skip_windows, "repeats": args.repeats, "cpus_per_worker": 1,
-            "zero_stage": base.trainer.zero_stage,
+            "zero_stage": base.trainer.zero_stage, "zero_stages": args.zero_stages,
+            "unroll_steps": base.objective.unroll_steps, "unroll_optimizer": base.objective.unroll_optimizer,
+            "warmup_steps": base.objective.warmup_steps,
             "overrides_per_run": run_overrides(args, "<strategy>", "<workers>", "<name>", Path("<tmp>"))[2:],
             "ttfs_steps": args.ttfs_steps,
         },

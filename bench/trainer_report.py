@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-GOALS = {"scaling_efficiency_min": 0.80, "harness_overhead_max": 0.05, "time_to_first_step_max_s": 30.0}
+GOALS = {"scaling_efficiency_min": 0.80, "harness_overhead_max": 0.05, "time_to_first_step_max_s": 30.0,
+         "deepspeed_vs_ddp_min": 0.95}
 
 METHOD = {
     "rate": "perf/samples_per_s logged by rank 0 every log_every steps (global samples over the wall time "
@@ -23,6 +24,8 @@ METHOD = {
                           "cluster, even where another runs on the machine) with its own RAY_TMPDIR, after the "
                           "benchmark's own cluster is down; wall time until its output shows `step N/..` with "
                           "N >= 1 (trainer.log_every=1); includes Ray's forwarding of worker output",
+    "vs_ddp": "rate(deepspeed run, w workers) / rate(ddp, w workers): the same work and per-worker batch, "
+              "measured in the same benchmark run (so also the per-worker ratio)",
     "cores": "from /proc/stat and this process tree's CPU times, sampled every 0.5 s: cores used by the "
              "benchmark's processes and by everything else during the steady windows",
 }
@@ -37,7 +40,13 @@ def summarise(runs: list[dict[str, Any]], ttfs: list[dict[str, Any]], workers: S
         w = v["windows"]
         v.update(median=statistics.median(w), min=min(w), max=max(w), n_windows=len(w))
     median = {k: v["median"] for k, v in rates.items()}
-    out: dict[str, Any] = {"goals": GOALS, "samples_per_s": rates, "scaling": {}, "overhead": None, "time_to_first_step": {}}
+    out: dict[str, Any] = {"goals": GOALS, "samples_per_s": rates, "scaling": {}, "overhead": None,
+                           "vs_ddp": {}, "time_to_first_step": {}}
+    for key, v in rates.items():
+        ddp = median.get(f"ddp/{v['workers']}")
+        if v["strategy"].startswith("deepspeed") and ddp:
+            ratio = v["median"] / ddp
+            out["vs_ddp"][key] = {"ratio": ratio, "meets_goal": ratio >= GOALS["deepspeed_vs_ddp_min"]}
     for strategy in sorted({r["strategy"] for r in runs} - {"local"}):
         base = median.get(f"{strategy}/1")
         for w in workers:
@@ -68,7 +77,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     s = doc["summary"]
     rates = s["samples_per_s"]
     keys = sorted(rates, key=lambda k: (rates[k]["strategy"] != "local", rates[k]["strategy"], rates[k]["workers"]))
-    colors = {"local": "tab:gray", "ddp": "tab:blue", "deepspeed": "tab:orange"}
+    colors = {"local": "tab:gray", "ddp": "tab:blue", "deepspeed": "tab:orange", "deepspeed-z0": "tab:brown",
+              "deepspeed-z1": "tab:orange", "deepspeed-z2": "tab:red"}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12.5, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
     xs = range(len(keys))
     med = [rates[k]["median"] for k in keys]
@@ -84,7 +94,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             ax.annotate(f"{sc['efficiency']:.0%} of ideal", (i, sc["ideal_samples_per_s"]), ha="center",
                         va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
             top = max(top, sc["ideal_samples_per_s"])
-    if s["overhead"] and "local/1" in rates:
+        vd = s.get("vs_ddp", {}).get(k)
+        if vd:
+            ax.annotate(f"{vd['ratio']:.1%} of ddp", (i, med[i]), ha="center", va="top", fontsize=8,
+                        xytext=(0, -4), textcoords="offset points", color="white", fontweight="bold")
+    if s["overhead"] and "local/1" in rates and "ddp/1" in keys:
         i = keys.index("ddp/1")
         ax.hlines(rates["local/1"]["median"], -0.4, i + 0.4, colors="tab:gray", linestyles=":")
         ax.annotate(f"overhead vs local {s['overhead']['ddp1_vs_local']:+.1%}", (i, med[i]), ha="center",
@@ -133,7 +147,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 def print_table(doc: dict[str, Any]) -> None:
     s = doc["summary"]
-    head = f"{'strategy':<10} {'workers':>7} {'samples/s':>10} {'min':>8} {'max':>8} {'windows':>7}  vs ideal / local"
+    head = f"{'strategy':<13} {'workers':>7} {'samples/s':>10} {'min':>8} {'max':>8} {'windows':>7}  vs ideal / local"
     print("\n" + head + "\n" + "-" * len(head))
     for k, v in s["samples_per_s"].items():
         note = ""
@@ -141,7 +155,9 @@ def print_table(doc: dict[str, Any]) -> None:
             note = f"efficiency {s['scaling'][k]['efficiency']:.1%} (goal ≥ {GOALS['scaling_efficiency_min']:.0%})"
         elif k == "ddp/1" and s["overhead"]:
             note = f"overhead {s['overhead']['ddp1_vs_local']:+.1%} (goal ≤ {GOALS['harness_overhead_max']:.0%})"
-        print(f"{v['strategy']:<10} {v['workers']:>7} {v['median']:>10.1f} {v['min']:>8.1f} {v['max']:>8.1f} "
+        if k in s.get("vs_ddp", {}):
+            note += f"{'; ' if note else ''}{s['vs_ddp'][k]['ratio']:.1%} of ddp (goal ≥ {GOALS['deepspeed_vs_ddp_min']:.0%})"
+        print(f"{v['strategy']:<13} {v['workers']:>7} {v['median']:>10.1f} {v['min']:>8.1f} {v['max']:>8.1f} "
               f"{v['n_windows']:>7}  {note}")
     for r in doc["runs"]:
         c = r["cores_during_steady_windows"]

@@ -278,8 +278,10 @@ class BilevelStep:
         inner = self.warmup(energy, posterior, v, posterior_optimizer, draws.warmup)
         core_q: Posterior = unwrap(posterior)  # type: ignore[assignment]
         phi: ParamDict = dict(core_q.named_parameters())
-        # Only the unroll reads the optimiser state; at K = 0 skip collecting it.
-        warm_state = posterior_optimizer.optimizer_state(phi) if self.unroll_steps else None
+        # Only the unrolled Adam reads the optimiser state; at K = 0 or with SGD skip collecting it
+        # (under ZeRO it is a collective).
+        warm = self.unroll_steps and not isinstance(self.unroll_optimizer, SGD)
+        warm_state = posterior_optimizer.optimizer_state(phi) if warm else None
         out = self.hypergradient(
             energy,
             core_q,

@@ -95,6 +95,28 @@ def test_k0_builds_no_graph_through_phi(float64):
     assert not any(t.requires_grad for t in phi_k.values())
 
 
+@pytest.mark.parametrize(("K", "name", "asked"), [(0, "adam", 0), (2, "sgd", 0), (2, "adam", 1)])
+def test_step_asks_for_the_optimizer_state_only_for_an_unrolled_adam(float64, K, name, asked):
+    """Under ZeRO the posterior's Adam state is a collective away; only the unrolled Adam reads it
+    (SGD has no state, and K = 0 has no unroll), so only then is it collected, once per step."""
+    from distributed_bism.core.unroll import get_unroll_optimizer
+    from distributed_bism.training.updaters import TorchUpdater
+
+    class Counting(TorchUpdater):
+        calls = 0
+
+        def optimizer_state(self, params):
+            Counting.calls += 1
+            return super().optimizer_state(params)
+
+    energy, q = tiny_grbm()
+    objective = get_objective(ObjectiveConfig(name="bidsm", sigma=0.3, lower_level="kl"))
+    step = BilevelStep(objective, warmup_steps=1, unroll_steps=K, unroll_optimizer=get_unroll_optimizer(name, lr=0.01))
+    step(energy=energy, v=torch.rand(8, 2), posterior=q,
+         posterior_optimizer=Counting(torch.optim.Adam(q.parameters(), lr=0.01)))
+    assert Counting.calls == asked
+
+
 def test_single_level_objectives_need_no_posterior(float64):
     energy, _ = tiny_grbm()
     for name in ("dsm", "mdsm", "ssm", "cd", "pcd"):
