@@ -146,7 +146,21 @@ class Ours:
         self.plain.warmup(self.s.energy, self.s.posterior, self.s.v, self.s.opt_posterior)
 
 
-class Higher:
+class _Unrolled:
+    """An implementation written here: its setup, K, and the objective of that K."""
+
+    def __init__(self, setup: Setup):
+        self.s = setup
+        self.set_unroll(0)
+
+    def set_unroll(self, k: int) -> None:
+        from distributed_bism.objectives import get_objective
+
+        self.k = k
+        self.objective = get_objective(objective_config(self.s, k))
+
+
+class Higher(_Unrolled):
     """The reference formulation (baofff/BiSM `_update`) on `higher`, with our loss functions.
 
         warm-up: energy.requires_grad_(False); N × (zero_grad, inner_loss(v).backward(), opt_q.step())
@@ -160,15 +174,6 @@ class Higher:
     called as a whole module (f(ṽ) recomputed inside each loss), as the reference does.
     """
 
-    def __init__(self, setup: Setup):
-        self.s = setup
-        self.set_unroll(0)
-
-    def set_unroll(self, k: int) -> None:
-        from distributed_bism.objectives import get_objective
-
-        self.k = k
-        self.objective = get_objective(objective_config(self.s, k))
 
     def draws(self) -> list[Any]:
         """The iteration's N + K + 1 noisy batches, in the order the losses use them."""
@@ -265,21 +270,11 @@ class Torchopt(Higher):
         return float(loss.detach())
 
 
-class Floor:
+class Floor(_Unrolled):
     """The estimator's own passes and nothing else: draw every noisy batch, f(ṽ) of the N warm-up
     batches in one no-grad call and of the K unrolled ones in one graph-keeping call (conv
     models), the lower- and higher-level loss functions, autograd.grad, and Adam as a few tensor
     expressions. No step object, updater, dataclass or dict of views in between."""
-
-    def __init__(self, setup: Setup):
-        self.s = setup
-        self.set_unroll(0)
-
-    def set_unroll(self, k: int) -> None:
-        from distributed_bism.objectives import get_objective
-
-        self.k = k
-        self.objective = get_objective(objective_config(self.s, k))
 
     def _fns(self, xs: list[Any], grad: bool) -> list[Any]:
         import torch
