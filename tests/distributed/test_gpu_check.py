@@ -48,7 +48,9 @@ def test_cpu_smoke_runs_every_stage_and_the_gradient_check_passes(tmp_path):
     ds = stages["deepspeed_bf16"]
     assert ds["status"] == "ok", f"{ds.get('error')}\n{log}"
     assert ds["step"]["param_dtypes"] == ["torch.bfloat16"] and math.isfinite(ds["step"]["loss"])
-    assert set(ds["probes"]) == {"unroll_k1_bf16_batch", "trainer_fp32_batch_k0"}
+    # the check is the trainer's own path: an fp32 batch into bf16 engines, through the unroll
+    assert ds["step"]["unroll_steps"] == 1 and ds["step"]["batch_dtype"].startswith("float32")
+    assert set(ds["probes"]) == {"k0_bf16_batch"} and ds["probes"]["k0_bf16_batch"]["status"] == "ok"
 
     bench = stages["step_bench"]
     assert bench["status"] == "ok", f"{bench.get('error')}\n{log}"
