@@ -10,6 +10,10 @@
                                    evaluate a model; the table is logged into its own MLflow run
     bism sample MODEL [-n 64] [--sampler NAME] -o grid.png|samples.npz|samples.pt [--force]
                                    a sample figure titled with the sampler, or the samples themselves
+    bism config show CONFIG.yaml [key=value ...]
+                                   the resolved config as YAML (commands/config_cmd.py)
+    bism config keys [FILTER]      every config key with its type, default and meaning
+    bism --version                 the installed package's version
 
 MODEL: a checkpoint directory, a run directory (its newest readable checkpoint), or an MLflow
 model: models:/NAME/VERSION, models:/NAME@alias, a logged-model id (m-...) or a run id (its final
@@ -23,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distributed_bism.commands import config_cmd
 from distributed_bism.config import Config, ConfigError, load_config
 from distributed_bism.config.limits import MAX_EXAMPLES, MAX_INNER_STEPS
+from distributed_bism.registry.samplers import SAMPLERS
 
 # The embedded default: configs/demo.yaml of the source checkout the package runs from (an
 # editable install), else of the working directory (an installed package run from a checkout).
@@ -46,6 +53,14 @@ def demo_config() -> Path:
             "run it from the repository, or train a config with `bism train PATH`"
         )
     return found
+
+
+def package_version() -> str:
+    """The installed distribution's version; a source tree run without installing has none."""
+    try:
+        return importlib.metadata.version("distributed-bism")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 Command = Callable[..., int]
@@ -93,6 +108,11 @@ def _train(cfg: Config, address: str | None) -> int:
 
     train(cfg, address=address)
     return 0
+
+
+@_one_line_errors()
+def _config(args: argparse.Namespace) -> int:
+    return config_cmd.run(args)
 
 
 @_one_line_errors()
@@ -184,6 +204,7 @@ def parse(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bism", description="bi-level score matching for EBLVMs, on Ray")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train from a YAML config")
     p_train.add_argument("config", help="path to a YAML config")
@@ -223,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("checkpoint", help=MODEL_HELP)
     p_sample.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p_sample.add_argument(
-        "--sampler", default="conditional", help="conditional (default), gibbs, joint_langevin or marginal_langevin"
+        "--sampler", default="conditional", help=f"one of {', '.join(SAMPLERS)} (default: %(default)s)"
     )
     p_sample.add_argument(
         "-o",
@@ -237,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     p_sample.add_argument("--seed", type=int, default=0)
     p_sample.add_argument("--tracking-uri", help="MLflow store, to resolve a model or run id")
     p_sample.add_argument("--ema", action="store_true", help="sample from the EMA weights of θ")
+    config_cmd.add_parser(sub)  # its own subcommands: parsed by argparse as they are, not intermixed
     args = parse(parser, {p.prog.split()[-1]: p for p in (p_train, p_tune, p_demo, p_diag, p_eval, p_sample)}, argv)
+    if args.command == "config":
+        return _config(args)
     if args.command == "eval":
         return _eval(args)
     if args.command == "sample":

@@ -1,1 +1,2 @@
-"""What the CLI does with a trained model: load it, evaluate, sample, diagnose."""
+"""What the CLI does beyond training: load a trained model, evaluate, sample, diagnose (trained.py,
+evaluate.py, diagnose.py), and show configs and their keys (config_cmd.py)."""

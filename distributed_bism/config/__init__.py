@@ -15,6 +15,8 @@ loading returns is valid.
                   posterior and objective fit, as the objective's spec says
     loading.py    coerce, from_dict (runs both checks), apply_overrides, load_config; read_yaml_file
                   and parse_yaml: YAML read strictly (UTF-8, no duplicate keys, no empty file)
+    keys.py       config_keys: every key with its type, default and one-line meaning (the field's
+                  own comment, read from the source), for `bism config keys`
 """
 
 from distributed_bism.config.errors import ConfigError, check, check_writable_dir

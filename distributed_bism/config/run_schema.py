@@ -28,16 +28,16 @@ LOG_POINTS = 100  # points of a run's metric curves when trainer.log_every is no
 class TrainerConfig:
     name: str | None = None  # run name; running again with the same name resumes. None: a fresh timestamped name
     strategy: str = "ddp"  # ddp | deepspeed | local (one process, no Ray)
-    num_workers: int = 1
+    num_workers: int = 1  # training processes (Ray Train workers), each with its own shard of the data
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
-    steps: int = 2_000
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker
+    steps: int = 2_000  # training steps (iterations); a resumed run trains up to this step
     batch_size: int = 100  # per worker: the global batch is batch_size × num_workers
-    seed: int = 0
+    seed: int = 0  # the training seed: initial weights, batch order and each rank's noise
     # Metrics to MLflow (and a progress line) every log_every steps. None: steps // LOG_POINTS (at
     # least 1), so that every run's train/* charts are curves of about LOG_POINTS points
     log_every: int | None = None
-    checkpoint_every: int = 1_000
+    checkpoint_every: int = 1_000  # steps between checkpoints (and one at the end)
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     max_bad_steps: int = 10  # non-finite losses (each step skipped) before training stops
@@ -119,9 +119,9 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True  # log the run to MLflow; false: checkpoints and files only
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
-    experiment: str = "distributed_bism"
+    experiment: str = "distributed_bism"  # MLflow experiment name
     run_name: str | None = None  # None: trainer.name
     # Register the final model (an MLflow LoggedModel) under this name, a new version per finished
     # run: `bism eval models:/NAME/VERSION`. None: logged, not registered
@@ -130,7 +130,7 @@ class TrackingConfig:
     # MLflow system metrics of a training run (CPU, memory, disk, network; GPU with pynvml), one set
     # per node: system/node_<node rank>/..., sampled every system_metrics_interval_s seconds
     system_metrics: bool = True
-    system_metrics_interval_s: float = 10.0
+    system_metrics_interval_s: float = 10.0  # seconds between two samples of the system metrics
 
     def __post_init__(self) -> None:
         check_values(self, "tracking.")
@@ -175,6 +175,7 @@ def check_registered_model_name(name: str, key: str) -> None:
 @dataclass
 class EvalConfig:
     every: int = 1_000  # steps between evaluations (and sample grids)
+    # metrics of every evaluation (names: distributed_bism/registry/metrics.py)
     metrics: list[str] = field(default_factory=lambda: ["test_loglik", "samples"])
     # run at the last step only, after `metrics` (costly ones, e.g. classifier_fid with many Langevin samples)
     final_metrics: list[str] = field(default_factory=list)
@@ -182,7 +183,7 @@ class EvalConfig:
     # The reference's annealed Langevin (deep EBLVMs): steps at T=t_max, annealed to T=1, cooled to 0
     langevin_steps: list[int] = field(default_factory=lambda: [500, 2000, 200])
     langevin_step_size: float = 0.02  # √α
-    langevin_t_max: float = 100.0
+    langevin_t_max: float = 100.0  # the starting temperature T of the annealed Langevin sampler
     # The sampler of sample grids and of classifier-FID/KID samples (distributed_bism/samplers);
     # the reference's `conditional` draws v given h = E_q[h|v_data]: not samples of the model's marginal
     sampler: str = "conditional"
@@ -191,7 +192,7 @@ class EvalConfig:
     compare_samplers: list[str] = field(default_factory=list)
     # test_loglik of a GRBM: exact for H <= 20, else AIS (the reference: 2000 chains, 2000 linear β)
     ais_chains: int = 2_000  # over all workers: each runs its share
-    ais_betas: int = 2_000
+    ais_betas: int = 2_000  # AIS temperatures β from 0 to 1
     raise_chains: int = 0  # > 0: also the reverse (RAISE) estimate, the other side of the bound
     fid_samples: int = 1_000  # samples (and held-out images, at most the test set) for classifier-FID/KID and FID
     classifier_dir: str | None = (

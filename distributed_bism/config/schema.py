@@ -56,14 +56,14 @@ B_INITS = ("init", "data_mean")  # model.b_init
 @dataclass
 class ModelConfig:
     name: str = "grbm"  # grbm | conv | marginal_conv | marginal_mlp (the last two: E_θ(v) alone, for BiDVL)
-    h_dim: int = 4
+    h_dim: int = 4  # H: latent units (grbm: hidden units; conv: the latent code's width)
     # grbm: how W, b, c start. reference: the reference implementation's (nn.Linear's default,
     # U(−1/√H, 1/√H) for W, b and c); small: W ~ N(0, init_std²), b = c = 0 (a symmetric saddle)
     init: str = "reference"
     init_std: float | None = None  # grbm, init=small only: std of the initial W (None: 0.01)
     b_init: str = "init"  # grbm: visible bias b as `init` draws it, or data_mean (the training set's mean)
     ch: int = 64  # conv: base width
-    blocks_per_stage: int = 1  # conv, marginal_conv
+    blocks_per_stage: int = 1  # conv, marginal_conv: extra residual blocks per resolution stage
     # conv: output width D of the coupling layer; None: the reference's (H/8)·(W/8)·4·ch (4096 at 32×32, ch 64)
     coupling_dim: int | None = None
     block: str = "reference"  # conv, marginal_conv: residual block form, reference | wide (see models/conv_energy.py)
@@ -117,7 +117,7 @@ class PosteriorConfig:
     hidden: list[int] = field(default_factory=list)  # bernoulli: () = linear logits; gaussian mlp widths
     temperature: float = 0.1  # bernoulli Gumbel-sigmoid τ
     encoder: str = "conv"  # gaussian: conv | mlp
-    channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])  # gaussian, conv encoder: widths per stage
     # BiDVL (encoder_decoder): the decoder P(v|h) is an MLP of these widths; its output squashed
     # into the data range: sigmoid for [0, 1] images, tanh for [-1, 1], none for unbounded data
     decoder_hidden: list[int] = field(default_factory=lambda: [256, 256])
@@ -146,8 +146,8 @@ class PosteriorConfig:
 class ObjectiveConfig:
     name: str = "bidsm"  # see distributed_bism/registry/objectives.py
     sigma: float = 0.05  # (Bi)DSM noise level
-    sigma_begin: float = 0.05  # (Bi)MDSM schedule
-    sigma_end: float = 1.2
+    sigma_begin: float = 0.05  # (Bi)MDSM schedule: the smallest σ
+    sigma_end: float = 1.2  # (Bi)MDSM schedule: the largest σ
     sigma_schedule: str = "linear"  # linear | geometric
     sigma0: float = 0.1  # (Bi)MDSM target scale
     lower_level: str = "kl"  # kl | fisher
@@ -155,7 +155,7 @@ class ObjectiveConfig:
     unroll_steps: int = 0  # K: differentiable lower-level steps per iteration
     unroll_optimizer: str = "adam"  # sgd | adam
     unroll_lr: float | None = None  # None: the posterior optimiser's lr
-    num_particles: int = 1
+    num_particles: int = 1  # posterior particles per example (VaES/VaGES: L per particle set)
     cd_steps: int = 1  # (P)CD: Gibbs sweeps per iteration
     # Not the reference estimator: one noise draw for all inner steps of an iteration, so f(ṽ)
     # is computed once. Cheaper unrolling, more correlated inner steps.
@@ -170,14 +170,14 @@ class ObjectiveConfig:
     bidvl_lambda: float = 0.05  # λ, weight of the VAE terms (the reference's lamb_vae)
     bidvl_latent_weight: float = 1.0  # w, weight of the latent reconstruction
     bidvl_hinge: bool = False  # the hinge upper level (the reference's ResNet recipe)
-    bidvl_hinge_margin: float = 1.0  # m
+    bidvl_hinge_margin: float = 1.0  # m, the hinge's margin
     # VaES / VaGES (vages_dsm, vages_mdsm, vages_ksd; Bao et al. 2021, METHODS.md §3). L =
     # num_particles per particle set (3 independent sets: VaES, E[∂θ∇v log p̃], Cov); the paper's
     # K lower-level steps are warmup_steps, and unroll_steps must be 0.
     biased_cov: bool = False  # drop the L/(L−1) correction of the covariance term (then L = 1 is allowed)
     ksd_bandwidth: float = 0.1  # vages_ksd: RBF kernel exp(−‖x−y‖²/(2h²)), h in data units
     sgld_steps: int = 0  # SGLD refinement of q's particles, h ← h − ½α∇_h E + σξ; 0: off
-    sgld_step_size: float = 1e-2  # α
+    sgld_step_size: float = 1e-2  # α, the SGLD step size
     sgld_noise: float | None = None  # σ; None: √α (Langevin)
 
     def __post_init__(self) -> None:
@@ -237,10 +237,10 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # θ
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    posterior_lr: float = 1e-3  # φ
-    posterior_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = 1e-3  # Adam learning rate of θ (the energy)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam (β1, β2) of θ
+    posterior_lr: float = 1e-3  # Adam learning rate of φ (the posterior)
+    posterior_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam (β1, β2) of φ
     schedule: str = "constant"  # constant | cosine
     min_lr: float = 1e-6  # cosine floor
     warmup_steps: int = 0  # both lrs rise linearly from lr/W to lr over the first W steps; 0: none (the reference)
