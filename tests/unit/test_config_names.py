@@ -4,6 +4,8 @@ timestamped one."""
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,42 @@ def test_every_shipped_config_names_its_run() -> None:
     assert not unnamed, f"set trainer.name in {', '.join(unnamed)}: without it each launch is a new timestamped run"
     shared = sorted(name for name in names.values() if list(names.values()).count(name) > 1)
     assert not shared, f"configs share the run name(s) {sorted(set(shared))}"
+
+
+def readme_train_commands() -> list[tuple[str, list[str]]]:
+    """(config path, overrides) of every `bism train configs/...` and `bism demo ...` line of
+    README.md's code blocks, options (--address HOST:PORT) and comments left out."""
+    text = (REPO / "README.md").read_text()
+    found = []
+    for line in re.findall(r"^bism (?:train configs/|demo\b).*$", text, flags=re.M):
+        command, *words = shlex.split(line, comments=True)[1:]
+        config = "configs/demo.yaml" if command == "demo" else words.pop(0)
+        overrides, option = [], False
+        for word in words:
+            if not option and not word.startswith("--"):
+                overrides.append(word)
+            option = word.startswith("--")  # --address HOST:PORT: the option and its value
+        found.append((config, overrides))
+    return found
+
+
+def test_readme_train_commands_resume_and_do_not_collide(tmp_path: Path) -> None:
+    """Each `bism train` command the README shows has a fixed run name (so rerunning it resumes),
+    and commands that share a name run the same set-up, so running one after another continues
+    the run instead of being refused (preflight.check_resume, the check a relaunch meets)."""
+    from distributed_bism.launch.preflight import RUN_CONFIG_FILE, check_resume
+
+    commands = readme_train_commands()
+    assert len(commands) >= 5 and any(c == "configs/checkerboard_grbm_bidsm.yaml" for c, _ in commands), commands
+    first: dict[str, Path] = {}
+    for config, overrides in commands:
+        cfg = load_config(REPO / config, overrides)
+        assert cfg.trainer.name, f"`bism train {config} {' '.join(overrides)}` in README.md starts a new run each time"
+        run_dir = first.setdefault(str(cfg.trainer.name), tmp_path / str(cfg.trainer.name))
+        if not run_dir.exists():
+            run_dir.mkdir()
+            (run_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
+        assert check_resume(cfg, run_dir)
 
 
 def test_rerunning_a_config_continues_its_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
