@@ -154,9 +154,20 @@ def test_config_needs_an_action(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # --------------------------------------------------------------------------- --version, sample --help
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The installed distribution's version, read from its metadata; a checkout run without
+    installing says so."""
     rc, out, _ = run(capsys, "--version")
     assert rc == 0 and out == f"bism {importlib.metadata.version('distributed-bism')}\n"
+    versions = {"distributed-bism": "9.8.7"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    assert run(capsys, "--version") == (0, "bism 9.8.7\n", "")
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert run(capsys, "--version") == (0, "bism unknown (not installed)\n", "")
 
 
 def _sampler_help(capsys: pytest.CaptureFixture[str]) -> list[str]:
