@@ -113,7 +113,7 @@ def test_feature_sums_of_parts_give_the_whole_sets_gaussian() -> None:
 
 
 def test_eval_settings_are_validated(tmp_path: Path) -> None:
-    assert tiny(tmp_path).trainer.collective_timeout_s == 4 * 3600 and tiny(tmp_path).eval.sample_chunk == 100
+    assert tiny(tmp_path).trainer.collective_timeout_s == 4 * 3600 and tiny(tmp_path).eval.sample_chunk == 250
     for key, value, message in (
         ("eval.sample_chunk", 0, r"^eval\.sample_chunk: must be > 0"),
         ("trainer.collective_timeout_s", 10, r"^trainer\.collective_timeout_s: must be between 60 and 604800"),
