@@ -4,9 +4,12 @@
     collective_device()         where a collective's tensor lives: cuda under nccl, the CPU otherwise
     gather_objects(obj)         [obj of rank 0, obj of rank 1, ...] on every rank (pickled)
     broadcast_object(obj)       rank 0's obj on every rank
+    from_rank0(fn)              fn() run on rank 0 only, its result (or its failure) on every rank
     mean_over_ranks(x)          the mean of a float over ranks, on every rank
+    sum_over_ranks(t)           the elementwise sum of every rank's same-shaped tensor, on every rank
     all_ranks_agree(ok)         True on every rank iff ok is True on every rank
     gather_rows(t)              every rank's (n_rank, ...) tensor concatenated along dim 0, in rank order
+    share(n, rank, world)       [start, stop) of rank's part of n items (not a collective)
 
 One process (no group, or a group of one) is world size 1: every function returns its own input
 without communicating, so the same code runs in tests and in single-process runs. Each is a
@@ -20,11 +23,14 @@ result back to where the caller's tensor was.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -61,6 +67,27 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def from_rank0(fn: Callable[[], T], what: str) -> T:
+    """fn() computed on rank 0 only and broadcast (it must return something picklable), e.g. a
+    model that rank 0 loads from its cache or trains. When fn raises on rank 0, rank 0 raises that
+    exception and every other rank a RuntimeError naming `what` and it, instead of the others
+    waiting in the broadcast until the process group times out."""
+    rank, _ = rank_and_world()
+    value: T | None = None
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            value = fn()
+        except Exception as e:  # re-raised below, on rank 0 as itself
+            error = e
+    value, message = broadcast_object((value, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed to make {what}: {message}")
+    return cast(T, value)
+
+
 def mean_over_ranks(x: float) -> float:
     """(1/W) Σ_r x_r over the W ranks, in float64 (one all-reduce of one number)."""
     _, world = rank_and_world()
@@ -69,6 +96,26 @@ def mean_over_ranks(x: float) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return float(t.item()) / world
+
+
+def sum_over_ranks(local: Tensor) -> Tensor:
+    """Σ_r local_r elementwise over the ranks (one SUM all-reduce), on `local`'s device and in its
+    dtype; every rank's tensor must have the same shape and dtype. `local` itself is left as it was."""
+    _, world = rank_and_world()
+    if world == 1:
+        return local
+    t = local.detach().to(collective_device(), copy=True)
+    dist.all_reduce(t)
+    return t.to(local.device)
+
+
+def share(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s part of n items split as evenly as possible in rank order:
+    n // world_size each, one more for each of the first n % world_size ranks. The parts of
+    ranks 0..world_size-1 are contiguous and cover [0, n) once."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 def all_ranks_agree(ok: bool) -> bool:

@@ -1,6 +1,8 @@
-"""Progress bars for long single-process work (AIS, the FID classifier's training, feature
+"""Progress bars for long work (AIS, the FID classifier's training, sampling and feature
 extraction, `bism eval`): tqdm on stderr when stderr is a terminal, nothing at all otherwise, so
-that logs (Ray workers, CI, output redirected to a file) stay free of bar redraws."""
+that logs (Ray workers, CI, output redirected to a file) stay free of bar redraws. Under
+torch.distributed only rank 0 draws them: the ranks do the same work in step, and W bars on one
+terminal would overwrite one another."""
 
 from __future__ import annotations
 
@@ -8,12 +10,14 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from distributed_bism.distributed import rank_and_world
+
 T = TypeVar("T")
 
 
 def shown() -> bool:
-    """Whether bars are drawn: stderr is a terminal."""
-    return sys.stderr.isatty()
+    """Whether bars are drawn: stderr is a terminal, and this is rank 0 (or the only process)."""
+    return sys.stderr.isatty() and rank_and_world()[0] == 0
 
 
 def bar(items: Iterable[T], desc: str, *, total: int | None = None, unit: str = "it") -> Iterator[T]:

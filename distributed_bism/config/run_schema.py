@@ -22,6 +22,12 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray
 
 
 LOG_POINTS = 100  # points of a run's metric curves when trainer.log_every is not set
+# trainer.collective_timeout_s: 4 h by default, room for an evaluation of the paper's 10k samples
+# on slow workers; at least a minute (below it a checkpoint write or a slow node already times
+# out), at most a week (past it a hang is never reported)
+COLLECTIVE_TIMEOUT_S = 4 * 3600
+MIN_COLLECTIVE_TIMEOUT_S = 60
+MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600
 
 
 @dataclass
@@ -55,6 +61,11 @@ class TrainerConfig:
     # Extra Ray resources every worker asks for, e.g. {accelerator_type:A100: 0.001} or a custom
     # resource that `ray start --resources` gave some nodes; CPU/GPU come from cpus_per_worker/use_gpu
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # Seconds a collective may wait for the slowest rank before torch.distributed fails the run
+    # (Ray's TorchConfig.timeout_s; torch's default is 1800). Evaluation is split across ranks,
+    # but the rank-0-only metrics (sample grids, fisher, ood_auroc, ...) still hold the others
+    # at the next collective, so it must exceed the longest evaluation
+    collective_timeout_s: int = COLLECTIVE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         check_values(self, "trainer.")
@@ -102,6 +113,12 @@ class TrainerConfig:
             self.placement_strategy in PLACEMENT_STRATEGIES,
             "trainer.placement_strategy",
             f"expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}",
+        )
+        check(
+            MIN_COLLECTIVE_TIMEOUT_S <= self.collective_timeout_s <= MAX_COLLECTIVE_TIMEOUT_S,
+            "trainer.collective_timeout_s",
+            f"must be between {MIN_COLLECTIVE_TIMEOUT_S} and {MAX_COLLECTIVE_TIMEOUT_S} s (a week), "
+            f"got {self.collective_timeout_s}",
         )
         for res, amount in self.resources_per_worker.items():
             check(
@@ -195,6 +212,10 @@ class EvalConfig:
     ais_betas: int = 2_000  # AIS temperatures β from 0 to 1
     raise_chains: int = 0  # > 0: also the reverse (RAISE) estimate, the other side of the bound
     fid_samples: int = 1_000  # samples (and held-out images, at most the test set) for classifier-FID/KID and FID
+    # FID/KID samples are drawn and featurised in chunks of this many rows, chunk k seeded by k,
+    # and the chunks are split across the workers: the values depend on it, not on the worker count.
+    # Larger: fuller GPU batches; smaller: a finer split (10k samples = 40 chunks, 5 per worker of 8)
+    sample_chunk: int = 250
     classifier_dir: str | None = (
         None  # cache of the classifier-FID classifiers; None: ~/.cache/distributed_bism/classifiers
     )
@@ -224,8 +245,9 @@ class EvalConfig:
         check(self.ais_betas >= 2, "eval.ais_betas", f"must be >= 2 (β = 0 and 1), got {self.ais_betas}")
         check(self.raise_chains >= 0, "eval.raise_chains", f"must be >= 0, got {self.raise_chains}")
         check(self.fid_samples >= 2, "eval.fid_samples", f"must be >= 2, got {self.fid_samples}")
+        check(self.sample_chunk > 0, "eval.sample_chunk", f"must be > 0, got {self.sample_chunk}")
         check_count(self.num_samples, "eval.num_samples", MAX_GRID, "images in one sample grid")
-        for key in ("ais_chains", "raise_chains", "fid_samples"):
+        for key in ("ais_chains", "raise_chains", "fid_samples", "sample_chunk"):
             check_count(getattr(self, key), f"eval.{key}", MAX_EXAMPLES, "samples, held in memory at once")
         check_count(self.ais_betas, "eval.ais_betas", MAX_SAMPLER_STEPS, "AIS temperatures, a model pass each")
         for i, n in enumerate(self.langevin_steps):

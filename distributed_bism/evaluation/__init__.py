@@ -7,6 +7,8 @@ of each metric, are in distributed_bism/registry/metrics.py.
     sample_grid.py     samples: sampler-titled grids, samples over training; draw_samples
     sample_quality.py  classifier_fid, classifier_kid, fid (standard, with a local Inception file)
     classifier_fid.py  the project's own feature classifiers and the FID / KID formulas
+    feature_stats.py   the Gaussian of feature rows from sums that all-reduce across ranks
+    sample_shares.py   each rank's chunks of an evaluation's samples, seeded by chunk index
     inception.py       standard FID features from a TorchScript Inception file
     ood.py             ood_auroc (BiDVL's out-of-distribution detection)
     learning_signal.py denoise and energy_gap: cheap signs that an image model is learning

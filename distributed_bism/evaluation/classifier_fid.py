@@ -18,9 +18,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from distributed_bism.config import DataConfig
 from distributed_bism.data.common import DataError
+from distributed_bism.evaluation.feature_stats import FeatureStats, frechet_of_stats
 from distributed_bism.progress_bars import bar
 
 ARCH_VERSION = 1  # bump when FeatureNet or its training changes: old caches are then ignored
@@ -76,9 +78,10 @@ class FeatureClassifier:
     accuracy: float
 
     @torch.no_grad()
-    def features(self, x: Tensor, *, batch_size: int = 500) -> Tensor:
+    def features(self, x: Tensor, *, batch_size: int = 500, progress: bool = True) -> Tensor:
         """Penultimate-layer features (B, F) of x (B, C, H, W) or flat (B, D), float64 on the CPU.
-        Images padded on every side (data.pad) are cropped back to the classifier's size first."""
+        Images padded on every side (data.pad) are cropped back to the classifier's size first.
+        `progress`: a bar over the batches (progress_bars; off where the caller draws its own)."""
         c, h, w = self.image_shape
         x = x.detach()
         if x.dim() == 4 and x.shape[-2] > h and x.shape[-1] > w:
@@ -87,8 +90,26 @@ class FeatureClassifier:
         x = x.reshape(-1, c, h, w).float().cpu()
         self.net.eval()
         with _threads(TRAINING[self.dataset][2]):
-            chunks = bar(x.split(batch_size), "classifier features", unit="batch")
+            chunks: Iterable[Tensor] = x.split(batch_size)
+            if progress:
+                chunks = bar(chunks, "classifier features", unit="batch")
             return torch.cat([self.net.body(chunk) for chunk in chunks]).double()
+
+    def payload(self) -> dict[str, Any]:
+        """What the cache file holds and `from_payload` rebuilds: weights, accuracy, image shape."""
+        return {
+            "state_dict": self.net.state_dict(),
+            "accuracy": self.accuracy,
+            "image_shape": list(self.image_shape),
+            "dataset": self.dataset,
+            "arch_version": ARCH_VERSION,
+        }
+
+    @classmethod
+    def from_payload(cls, saved: dict[str, Any]) -> FeatureClassifier:
+        net = FeatureNet(saved["image_shape"][0])
+        net.load_state_dict(saved["state_dict"])
+        return cls(saved["dataset"], net.eval(), tuple(saved["image_shape"]), float(saved["accuracy"]))
 
 
 @contextlib.contextmanager
@@ -188,10 +209,9 @@ def feature_classifier(
     log = log or _stdout_line
     cache = Path(cache_dir or default_cache_dir()) / f"{dataset}-seed{seed}-v{ARCH_VERSION}.pt"
     if cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        net = FeatureNet(saved["image_shape"][0])
-        net.load_state_dict(saved["state_dict"])
-        return FeatureClassifier(dataset, net.eval(), tuple(saved["image_shape"]), float(saved["accuracy"]))
+        return FeatureClassifier.from_payload(
+            {"dataset": dataset} | torch.load(cache, map_location="cpu", weights_only=True)
+        )
     x, y, x_test, y_test = labelled_splits(dataset, root, seed)
     start = time.perf_counter()
     net = FeatureNet(x.shape[1])
@@ -203,38 +223,19 @@ def feature_classifier(
         f"classifier-FID: trained the {dataset} feature classifier in {time.perf_counter() - start:.0f} s, "
         f"test accuracy {accuracy:.4f}; cached in {cache}"
     )
+    clf = FeatureClassifier(dataset, net, tuple(x.shape[1:]), accuracy)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save(
-        {
-            "state_dict": net.state_dict(),
-            "accuracy": accuracy,
-            "image_shape": list(x.shape[1:]),
-            "dataset": dataset,
-            "arch_version": ARCH_VERSION,
-        },
-        tmp,
-    )
+    torch.save(clf.payload(), tmp)
     tmp.replace(cache)  # atomic: a concurrent reader sees the old state or the whole file
-    return FeatureClassifier(dataset, net, tuple(x.shape[1:]), accuracy)
+    return clf
 
 
 # --------------------------------------------------------------------------- the distances
 def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2}) of Gaussians fitted to rows of a (N, F), b (M, F).
-
-    tr (Σ_a Σ_b)^{1/2} = Σ √λ_i(Σ_a^{1/2} Σ_b Σ_a^{1/2}): a symmetric PSD matrix, so two eigen-
-    decompositions in float64 give it without the complex round-off of a general sqrtm. NaN when a
-    feature is not finite (samples of a diverged model)."""
-    a, b = a.double(), b.double()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return math.nan
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
-    lam, vec = torch.linalg.eigh(cov_a)
-    root_a = (vec * lam.clamp_min(0).sqrt()) @ vec.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2}) of Gaussians fitted to rows of a (N, F), b (M, F)
+    (feature_stats.py, which also reduces the Gaussians across ranks); NaN when a feature is not finite."""
+    return frechet_of_stats(FeatureStats.of(a), FeatureStats.of(b))
 
 
 def polynomial_mmd2(a: Tensor, b: Tensor) -> float:

@@ -4,6 +4,7 @@ downloaded: without the file, the `fid` metric is skipped with a note."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -27,9 +28,11 @@ class InceptionFeatures:
         self.kwargs = {"return_features": True} if "return_features" in names else {}
 
     @torch.no_grad()
-    def features(self, images: Tensor, *, batch_size: int = 50) -> Tensor:
+    def features(self, images: Tensor, *, batch_size: int = 50, progress: bool = True) -> Tensor:
+        """(B, 2048) float64; `progress`: a bar over the batches (off where the caller draws its own)."""
         out = []
-        for x in bar(images.detach().float().cpu().clamp(0, 1).split(batch_size), "Inception features", unit="batch"):
+        batches: Iterable[Tensor] = images.detach().float().cpu().clamp(0, 1).split(batch_size)
+        for x in bar(batches, "Inception features", unit="batch") if progress else batches:
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distributed_bism.distributed import gather_rows, rank_and_world
+from distributed_bism.distributed import gather_rows, rank_and_world, share
 from distributed_bism.evaluation.metrics import EvalContext, register_metric
 from distributed_bism.models.grbm import MAX_ENUMERABLE_H, GaussianRBM
 from distributed_bism.progress_bars import bar
@@ -175,7 +175,8 @@ def raise_log_weights(
 # ------------------------------------------------------------------------------- distribution
 def chain_share(num_chains: int, rank: int, world_size: int) -> int:
     """Chains run by `rank`: num_chains split as evenly as possible, the first ranks taking the remainder."""
-    return num_chains // world_size + (1 if rank < num_chains % world_size else 0)
+    start, stop = share(num_chains, rank, world_size)
+    return stop - start
 
 
 # ------------------------------------------------------------------------------------- public
@@ -241,8 +242,8 @@ def raise_log_likelihood(
     points (seeded `seed + rank`) and the per-point estimates are all-gathered."""
     rank, world = rank_and_world()
     sched = _schedule(num_betas, betas, grbm)
-    start = sum(chain_share(len(data), r, world) for r in range(rank))
-    mine = data[start : start + chain_share(len(data), rank, world)]
+    start, stop = share(len(data), rank, world)
+    mine = data[start:stop]
     gen = torch.Generator(device=grbm.W.device).manual_seed(seed + rank)
     log_w = raise_log_weights(grbm, mine, sched, num_chains, gen)  # (chains, n)
     per_point = torch.logsumexp(log_w, 0) - math.log(num_chains)

@@ -16,7 +16,9 @@ validating a config or running one metric loads no other metric's dependencies.
 Every rank of a training run calls `run_metrics` with the same names at the same step. A metric
 declared with `all_ranks=True` is called on every rank and may use collectives (every rank
 takes the same branches, so the collectives match; only rank 0's returned values are kept);
-any other metric runs on rank 0 only.
+any other metric runs on rank 0 only. The sample-quality metrics are all-ranks metrics: each rank
+draws and featurises its share of the samples (sample_shares.py) and the feature statistics are
+reduced (feature_stats.py), so their cost divides by the number of ranks.
 """
 
 from __future__ import annotations

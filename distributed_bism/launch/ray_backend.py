@@ -144,6 +144,15 @@ def scaling_config(cfg: Config, use_gpu: bool) -> Any:
     )
 
 
+def torch_config(cfg: Config, use_gpu: bool) -> Any:
+    """Ray's TorchConfig for the workers' process group: nccl on GPUs, gloo otherwise, and a
+    collective timeout of trainer.collective_timeout_s (torch's default, 30 min, is shorter than
+    an evaluation of 10k samples; evaluation holds every rank at its next collective)."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.trainer.collective_timeout_s)
+
+
 def run_on_ray(
     cfg: Config,
     worker_fn: Callable[[dict[str, Any]], Any],
@@ -156,7 +165,6 @@ def run_on_ray(
     the CheckpointWriteError a worker_main returned."""
     # Train V2's own modules: the objects ray.train exports at runtime, typed as such (ray.train's
     # static types are V1's, which lack logging_config, return_value and the SIGINT hook)
-    from ray.train.torch import TorchConfig
     from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.v2.api.result import Result
     from ray.train.v2.torch.torch_trainer import TorchTrainer
@@ -171,7 +179,7 @@ def run_on_ray(
         trainer = TorchTrainer(
             worker_fn,
             train_loop_config=loop_config,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=torch_config(cfg, use_gpu),
             scaling_config=scaling_config(cfg, use_gpu),
             run_config=RunConfig(
                 name=t.name,

@@ -6,7 +6,8 @@ the data and the schedule of logging, evaluation and checkpoints. The maths of a
 directories), so this file has no Ray in it and runs in one process for tests and debugging.
 
 Every rank runs the same sequence of collectives: the loss average at log steps, the RNG
-gather at checkpoints, the skip decision of each optimiser step. Only rank 0 logs, evaluates
+gather at checkpoints, the skip decision of each optimiser step, and the metrics split across
+ranks at evaluations (AIS, classifier-FID/KID, FID). Only rank 0 logs, runs the other metrics
 and writes files other than its own optimiser shard.
 """
 
@@ -263,10 +264,12 @@ class TrainLoop:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, *, final: bool = False) -> dict[str, float]:
         """eval.metrics at this step (evaluation/metrics.py), and eval.final_metrics too when `final`
-        (the last step). Every rank calls it: metrics with
-        collectives (AIS) run on every rank, the others on rank 0, which logs eval/* to MLflow
-        and redraws the log-likelihood curve. Samplers use their own generators, so an
-        evaluation leaves the training RNG as it was."""
+        (the last step). Every rank calls it: the metrics declared for all ranks (AIS,
+        classifier-FID/KID, FID: each rank draws and featurises its share of the samples, and the
+        results are reduced) run on every rank, the others on rank 0, which logs eval/* to MLflow
+        and redraws the log-likelihood curve; meanwhile the other ranks wait at their next
+        collective, for at most trainer.collective_timeout_s. Samplers use their own generators,
+        so an evaluation leaves the training RNG as it was."""
         r = self.replica
         ctx = EvalContext(
             cfg=self.cfg,
