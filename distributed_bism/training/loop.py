@@ -376,7 +376,7 @@ class TrainLoop:
             ckpt = s % t.checkpoint_every == 0 or at_end or just_in_time
             if just_in_time:
                 self.log(
-                    f"step {s}: a node of the run is being preempted: checkpoint now, then train on until Ray restarts"
+                    f"step {s}: a node of the run is being preempted: checkpoint now, then train on until the workers are restarted"
                 )
             metrics = self._log_metrics(out, window) if (logging or ckpt) else {}
             if metrics:
