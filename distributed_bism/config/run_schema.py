@@ -46,6 +46,8 @@ class TrainerConfig:
     checkpoint_every: int = 1_000  # steps between checkpoints (and one at the end)
     num_to_keep: int = 2  # checkpoints kept
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    # Restarts after a node preemption (Ray counts them apart from max_failures); None: no limit
+    max_preemption_failures: int | None = None
     max_bad_steps: int = 10  # non-finite losses (each step skipped) before training stops
     ema_decay: float = 0.0  # EMA of θ kept in checkpoints (e.g. 0.999); 0: none, as the reference keeps none
     zero_stage: int = 1  # deepspeed: ZeRO stage 0, 1 or 2 (3 cannot run the unrolled step)
@@ -79,6 +81,12 @@ class TrainerConfig:
             )
         for key in ("max_failures", "max_bad_steps"):
             check(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.max_preemption_failures is not None:
+            check(
+                self.max_preemption_failures >= 0,
+                "trainer.max_preemption_failures",
+                f"must be >= 0 (or null: no limit), got {self.max_preemption_failures}",
+            )
         check_count(self.steps, "trainer.steps", MAX_STEPS, "training steps")
         check_count(self.batch_size, "trainer.batch_size", MAX_EXAMPLES, "examples per worker per step")
         check(self.cpus_per_worker > 0, "trainer.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")

@@ -19,6 +19,7 @@ import torch
 
 from distributed_bism.config import Config, ConfigError, from_dict
 from distributed_bism.launch.local import print_line, worker_threads
+from distributed_bism.launch.preemption import RayPreemptionNotice, failure_config
 from distributed_bism.launch.preflight import check_address, check_local_cpus, local_run_dir, storage_path
 from distributed_bism.launch.signals import handling, on_stop, reinstall
 from distributed_bism.tracking import RunLogger, system_metrics
@@ -165,7 +166,7 @@ def run_on_ray(
     the CheckpointWriteError a worker_main returned."""
     # Train V2's own modules: the objects ray.train exports at runtime, typed as such (ray.train's
     # static types are V1's, which lack logging_config, return_value and the SIGINT hook)
-    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.v2.api.config import CheckpointConfig, LoggingConfig, RunConfig
     from ray.train.v2.api.result import Result
     from ray.train.v2.torch.torch_trainer import TorchTrainer
 
@@ -185,7 +186,7 @@ def run_on_ray(
                 name=t.name,
                 storage_path=storage_path(cfg),
                 callbacks=callbacks,
-                failure_config=FailureConfig(max_failures=t.max_failures),
+                failure_config=failure_config(t),  # failures and preemptions counted apart (preemption.py)
                 # local storage: Ray keeps every checkpoint, `Retention` prunes (RaySink)
                 checkpoint_config=CheckpointConfig(num_to_keep=None if run_dir else t.num_to_keep),
                 logging_config=LoggingConfig(log_level="WARNING"),
@@ -266,6 +267,7 @@ def worker_loop(loop_config: dict[str, Any]) -> TrainLoop:
         logger=logger,
         run_id=loop_config["run_id"],
         log=print_line,
+        preemption=RayPreemptionNotice(),  # the just-in-time checkpoint when a node is drained for preemption
     )
 
 

@@ -47,6 +47,7 @@ from distributed_bism.training.checkpointing import (
     save_state,
 )
 from distributed_bism.training.optim import EMA, LRSchedule
+from distributed_bism.training.preemption import Notice, PreemptionCheck
 from distributed_bism.training.replica import Replica, build_replica, deepspeed_safe_globals
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
@@ -79,12 +80,14 @@ class TrainLoop:
         run_id: str | None = None,
         image_shape: tuple[int, ...] | None = None,
         log: Callable[[str], None] = print,
+        preemption: Notice | None = None,
     ):
         self.cfg, self.replica, self.objective, self.step_fn = cfg, replica, objective, step
         self.batches, self.test_data = batches, test_data
         self.sink = sink or NoCheckpoints()
         self.logger = logger or RunLogger(None, None)
         self.run_id = run_id
+        self.preemption = PreemptionCheck(preemption)  # the just-in-time checkpoint (training/preemption.py)
         self.rank, self.world_size = replica.rank, replica.world_size
         self.log = log if self.rank == 0 else (lambda s: None)
         self.ema = EMA(unwrap(replica.energy), cfg.trainer.ema_decay)
@@ -360,7 +363,8 @@ class TrainLoop:
 
     def run(self) -> History:
         """Train to trainer.steps: progress lines, metrics every log_every, evaluation every
-        eval.every, checkpoints every checkpoint_every and at the end."""
+        eval.every, checkpoints every checkpoint_every, at the end, and at the step after any rank
+        heard of a preemption (`preemption`)."""
         t = self.cfg.trainer
         if self.step == 0:
             self._print_eval(self.evaluate())
@@ -371,7 +375,12 @@ class TrainLoop:
             now = time.perf_counter()
             s, at_end = self.step, self.step == t.steps
             logging = s % t.log_interval == 0 or at_end
-            ckpt = s % t.checkpoint_every == 0 or at_end
+            just_in_time = self.preemption.due()  # a collective: every rank, every step
+            ckpt = s % t.checkpoint_every == 0 or at_end or just_in_time
+            if just_in_time:
+                self.log(
+                    f"step {s}: a node of the run is being preempted: checkpoint now, then train on until the workers are restarted"
+                )
             metrics = self._log_metrics(out, window) if (logging or ckpt) else {}
             if metrics:
                 self.logger.metrics(metrics, s)
@@ -393,8 +402,9 @@ class TrainLoop:
             # Ray hears of the run at checkpoints and evaluations only (a sweep's scheduler decides
             # on those): each ray.train.report is a barrier that can wait up to ~2 s for the
             # controller (Ray 2.60), while MLflow gets metrics every log step.
-            if ckpt:
-                self.checkpoint({**metrics, "step": s, "samples_path": self.history.samples.get(s)})
+            if ckpt:  # a sweep's scheduler needs its metric in every report: the newest evaluation's, just in time
+                carried = self.last_eval if just_in_time else {}
+                self.checkpoint({**carried, **metrics, "step": s, "samples_path": self.history.samples.get(s)})
             elif evaluating:
                 self.sink.report({**metrics, "step": s}, None, s)
             if metrics:  # the next throughput window starts after evaluation and checkpointing
