@@ -32,7 +32,8 @@ from tests.helpers.tracking_load import KEYS, expected_value, trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = 8
-STEPS = 60  # × 4 keys × 8 trials = 1,920 points, one log_batch per trial and step
+SQLITE_STEPS = 60  # × 4 keys × 8 trials = 1,920 points, one log_batch per trial and step
+SERVER_STEPS = 40  # 1,280 points: each an HTTP request to one server process, the slower path
 HOLD_S = 24.0  # longer than MLflow's sqlite busy timeout (20 s)
 
 
@@ -50,11 +51,11 @@ def open_parent(output_dir: Path, uri: str | None) -> str:
     return run_id
 
 
-def run_load(tmp_path: Path, parent: str, *extra: str, timeout: float = 240) -> tuple[dict[int, Any], str]:
+def run_load(tmp_path: Path, parent: str, steps: int, *extra: str, timeout: float = 300) -> tuple[dict[int, Any], str]:
     """tracking_load's result per trial, and what its processes wrote to stderr."""
     out, log = tmp_path / "load.json", tmp_path / "load.log"
     argv = [sys.executable, "-m", "tests.helpers.tracking_load", str(out), str(tmp_path), parent]
-    argv += ["--trials", str(TRIALS), "--steps", str(STEPS), *extra]
+    argv += ["--trials", str(TRIALS), "--steps", str(steps), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         argv, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
@@ -69,7 +70,7 @@ def run_load(tmp_path: Path, parent: str, *extra: str, timeout: float = 240) -> 
     return {int(k): v for k, v in json.loads(out.read_text()).items()}, log.read_text()
 
 
-def check_every_point(uri: str, results: dict[int, Any], parent: str) -> list[str]:
+def check_every_point(uri: str, results: dict[int, Any], parent: str, steps: int) -> list[str]:
     """Every trial ran without error and its run holds exactly the points it logged; the run ids."""
     from mlflow import MlflowClient
 
@@ -81,8 +82,8 @@ def check_every_point(uri: str, results: dict[int, Any], parent: str) -> list[st
         assert client.get_run(r["run_id"]).data.tags["mlflow.parentRunId"] == parent
         for key in KEYS:
             got = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], key))
-            want = [(s, expected_value(trial, key, s)) for s in range(STEPS)]
-            assert got == want, f"trial {trial} {key}: {len(got)} points of {STEPS}"
+            want = [(s, expected_value(trial, key, s)) for s in range(steps)]
+            assert got == want, f"trial {trial} {key}: {len(got)} points of {steps}"
     return [r["run_id"] for r in results.values()]
 
 
@@ -93,8 +94,8 @@ def test_sqlite_store_loses_nothing(tmp_path: Path) -> None:
     uri = tracking_uri(trial_config(str(tmp_path), "load-sweep", None))
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # the default store
     parent = open_parent(tmp_path, None)
-    results, log = run_load(tmp_path, parent, "--hold-lock", str(HOLD_S))
-    check_every_point(uri, results, parent)
+    results, log = run_load(tmp_path, parent, SQLITE_STEPS, "--hold-lock", str(HOLD_S))
+    check_every_point(uri, results, parent, SQLITE_STEPS)
     # the lock was met and outwaited, so the retry (not luck) kept the points
     assert "the MLflow sqlite store is locked by another writer; trying again" in log, log[-3000:]
 
@@ -123,10 +124,10 @@ def test_postgres_server_loses_nothing(tmp_path: Path, postgres: Any) -> None:
     try:
         server.wait_ready()
         parent = open_parent(tmp_path, server.url)
-        results, _ = run_load(tmp_path, parent, "--tracking-uri", server.url)
-        runs = check_every_point(server.url, results, parent)
+        results, _ = run_load(tmp_path, parent, SERVER_STEPS, "--tracking-uri", server.url)
+        runs = check_every_point(server.url, results, parent, SERVER_STEPS)
     finally:
         server.stop()
     with psycopg.connect(postgres.uri("mlflow")) as db:
         (rows,) = db.execute("SELECT count(*) FROM metrics WHERE run_uuid = ANY(%s)", (runs,)).fetchone()
-    assert rows == TRIALS * STEPS * len(KEYS)
+    assert rows == TRIALS * SERVER_STEPS * len(KEYS)
