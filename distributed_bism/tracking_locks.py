@@ -4,10 +4,11 @@ Every trial of a sweep writes to the one sqlite file of the default store
 (sqlite:///<output_dir>/mlflow.db). sqlite lets one writer in at a time; MLflow's sessions wait
 up to 20 s for the lock (`PRAGMA busy_timeout = 20000`, mlflow/store/db/utils.py) and then raise
 an MlflowException (TEMPORARILY_UNAVAILABLE) caused by sqlite3.OperationalError "database is
-locked". With 8 trials logging every step on a busy 2-core machine one log_batch waited 10 s
-(tests/distributed/test_tracking_concurrency.py), half that limit; a slow disk or a long
-transaction of another client (a UI reading big histories) passes it, and the trial would then
-fail. So a write that fails on the lock is tried again, a bounded number of times.
+locked". With 8 processes each logging 150 steps as fast as they could, on a 2-core machine
+busy with other work (load ~10), the slowest log_batch waited 10 s, half that limit; a slower
+disk, a busier machine or a long transaction of another client passes it, and the trial would
+then fail. So a write that fails on the lock is tried again, a bounded number of times
+(tests/distributed/test_tracking_concurrency.py holds the lock 24 s while 8 trials log).
 
 It is safe to try again: sqlite rolled the failed transaction back, and where an earlier session
 of the same call had committed (log_batch writes metrics, then their model links, in separate
