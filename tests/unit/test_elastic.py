@@ -185,3 +185,36 @@ def test_pcd_chains_are_dealt_out_again() -> None:
     four = [resplit_objective_states(saved, r, 4)["chains"] for r in range(4)]
     assert torch.equal(torch.cat(four), chains) and all(c.shape == (2, 2) for c in four)
     assert resplit_objective_states([{}, {}], 0, 1) == {}  # no chains: nothing to carry
+
+
+def test_a_checkpoint_of_another_world_size_reseeds_and_redeals_the_chains(tmp_path: Path) -> None:
+    """TrainLoop.load of a checkpoint whose world size differs (here: one written by 1 worker,
+    relabelled as 2 workers' with two chain sets): the RNG is reseed(seed, rank, step), not the
+    saved stream, and the PCD chains of both saved ranks carry on, dealt out again."""
+    from distributed_bism.training.checkpointing import load_state, save_state
+    from distributed_bism.training.loop import TrainLoop
+    from tests.helpers.local_runs import tiny
+
+    cfg = tiny(tmp_path / "out", **{"objective.name": "pcd", "objective.cd_steps": 1})
+    loop = TrainLoop.from_config(cfg)
+    for _ in range(3):
+        loop.run_step(loop.batches(loop.step))
+    loop.save(tmp_path)
+    state = load_state(tmp_path)
+    chains = state["objective"][0]["chains"]
+    half = len(chains) // 2
+    state["world_size"] = 2
+    state["rng"] = [state["rng"][0], state["rng"][0]]
+    state["objective"] = [{"chains": chains[:half] + 1.0}, {"chains": chains[half:] - 1.0}]
+    save_state(tmp_path, {k: v for k, v in state.items() if k != "format"})
+
+    resumed = TrainLoop.from_config(cfg)
+    resumed.load(tmp_path)
+    assert resumed.step == 3
+    after = torch.rand(4)
+    reseed(cfg.trainer.seed, 0, 3)
+    assert torch.equal(after, torch.rand(4)), "the noise after the resume is reseed(seed, rank, step)'s"
+    torch.set_rng_state(state["rng"][0])
+    assert not torch.equal(after, torch.rand(4)), "not the saved stream of rank 0"
+    carried = resumed.objective.state_dict()["chains"]
+    assert torch.equal(carried, torch.cat([chains[:half] + 1.0, chains[half:] - 1.0]))
