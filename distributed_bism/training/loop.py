@@ -40,14 +40,12 @@ from distributed_bism.training.checkpointing import (
     NoCheckpoints,
     agreed_write,
     all_finite,
-    load_file,
     load_state,
-    optim_shard_file,
     save_state,
 )
 from distributed_bism.training.optim import EMA, LRSchedule
-from distributed_bism.training.replica import Replica, build_replica, deepspeed_safe_globals
-from distributed_bism.training.resize import RANK_SEED_STRIDE, reseed, resplit_objective_states
+from distributed_bism.training.replica import Replica, build_replica
+from distributed_bism.training.resize import RANK_SEED_STRIDE, load_rank_shard, reseed, resplit_objective_states
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
@@ -226,7 +224,7 @@ class TrainLoop:
             unwrap(r.posterior).load_state_dict(state["posterior"])
         self.ema.load_state_dict(state["ema"])
         if state["energy_optimizer"] is None:  # a checkpoint with one ZeRO shard per rank (before elastic runs)
-            self._load_shard(directory, state["world_size"])
+            load_rank_shard(r, directory, state["world_size"])
         else:
             r.energy_updater.load_state_dict(state["energy_optimizer"])
             if r.posterior_updater is not None:
@@ -244,20 +242,6 @@ class TrainLoop:
             )
             reseed(self.cfg.trainer.seed, self.rank, self.step)
             self.objective.load_state_dict(resplit_objective_states(state["objective"], self.rank, self.world_size))
-
-    def _load_shard(self, directory: Path, saved_world: int) -> None:
-        """This rank's optimiser shard, optim_rank{r}.pt, as checkpoints written before the
-        optimisers were saved whole held them: only the same number of workers can read those."""
-        r = self.replica
-        if saved_world != self.world_size:
-            raise CheckpointError(
-                f"checkpoint {directory} holds one ZeRO optimiser shard per worker of {saved_world}; "
-                f"it cannot resume on {self.world_size} workers (relaunch with trainer.num_workers={saved_world})"
-            )
-        shard = load_file(directory / optim_shard_file(self.rank), safe_globals=deepspeed_safe_globals())
-        r.energy_updater.load_state_dict(shard["energy"])
-        if r.posterior_updater is not None:
-            r.posterior_updater.load_state_dict(shard["posterior"])
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """Save into a fresh directory and hand it to the sink (every rank). A write that fails

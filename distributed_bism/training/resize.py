@@ -4,13 +4,19 @@ An elastic run (trainer.num_workers: [min, max]) restarts on whatever number of 
 cluster holds. Everything in a checkpoint is whole (θ, φ, EMA, and the optimisers: a ZeRO
 optimiser is saved whole too, training/zero_state.py) except two lists with one entry per
 rank of the run that wrote it: the torch RNG states and the objective states (PCD chains).
+Checkpoints written before the optimisers were saved whole also hold one ZeRO shard per rank,
+which only the same number of workers can read (`load_rank_shard`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from distributed_bism.training.checkpointing import CheckpointError, load_file, optim_shard_file
+from distributed_bism.training.replica import Replica, deepspeed_safe_globals
 
 RANK_SEED_STRIDE = 1_000_003  # rank r of a run of seed s draws its noise from s + STRIDE·r (TrainLoop)
 
@@ -32,3 +38,17 @@ def resplit_objective_states(saved: list[dict[str, Any]], rank: int, world_size:
     chains = torch.cat([s["chains"] for s in saved])
     per = len(chains) // world_size
     return {"chains": chains[rank * per : (rank + 1) * per].clone()} if per else {}
+
+
+def load_rank_shard(replica: Replica, directory: Path, saved_world: int) -> None:
+    """This rank's optimiser shard, optim_rank{r}.pt, of a checkpoint written before the optimisers
+    were saved whole (DeepSpeed's own per-rank state); a CheckpointError on another world size."""
+    if saved_world != replica.world_size:
+        raise CheckpointError(
+            f"checkpoint {directory} holds one ZeRO optimiser shard per worker of {saved_world}; it cannot "
+            f"resume on {replica.world_size} workers (relaunch with trainer.num_workers={saved_world})"
+        )
+    shard = load_file(directory / optim_shard_file(replica.rank), safe_globals=deepspeed_safe_globals())
+    replica.energy_updater.load_state_dict(shard["energy"])
+    if replica.posterior_updater is not None:
+        replica.posterior_updater.load_state_dict(shard["posterior"])
