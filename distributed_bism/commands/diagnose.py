@@ -46,7 +46,7 @@ def training_batches(trained: TrainedModel, num_batches: int, *, seed: int) -> l
     """`num_batches` batches (batch_size, *data_shape) of the run's training split, drawn by a
     permutation seeded with `seed` (without replacement, cycling if the set is small)."""
     train = prepare_data(trained.cfg).train
-    bs = trained.cfg.trainer.batch_size
+    bs = trained.cfg.trainer.batch_per_worker(trained.cfg.trainer.max_workers)  # one worker's batch
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(-(-num_batches * bs // len(train)))])
     return [train[order[i * bs : (i + 1) * bs]] for i in range(num_batches)]

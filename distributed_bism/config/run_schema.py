@@ -4,6 +4,7 @@ it is judged (eval). A LEAF, as schema.py is: config.errors and config.limits on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +35,18 @@ MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600
 class TrainerConfig:
     name: str | None = None  # run name; running again with the same name resumes. None: a fresh timestamped name
     strategy: str = "ddp"  # ddp | deepspeed | local (one process, no Ray)
-    num_workers: int = 1  # training processes (Ray Train workers), each with its own shard of the data
+    # An int: that many workers. [min, max]: an elastic run (Ray Train's elastic worker group),
+    # which starts on as many workers as the cluster holds, between min and max, and restarts on a
+    # new count from the latest checkpoint when nodes are lost or come back; it needs global_batch_size
+    num_workers: int | list[int] = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker
     steps: int = 2_000  # training steps (iterations); a resumed run trains up to this step
-    batch_size: int = 100  # per worker: the global batch is batch_size × num_workers
+    batch_size: int = 100  # per worker: the global batch is batch_size × num_workers (unused with global_batch_size)
+    # The global batch, fixed whatever the number of workers: each of W workers takes
+    # global_batch_size ÷ W rows, which must divide for every W in num_workers. Required when
+    # num_workers is a range; when set, batch_size is not used
+    global_batch_size: int | None = None
     seed: int = 0  # the training seed: initial weights, batch order and each rank's noise
     # Metrics to MLflow (and a progress line) every log_every steps. None: steps // LOG_POINTS (at
     # least 1), so that every run's train/* charts are curves of about LOG_POINTS points
@@ -48,6 +56,9 @@ class TrainerConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     # Restarts after a node preemption (Ray counts them apart from max_failures); None: no limit
     max_preemption_failures: int | None = None
+    # Elastic runs: how often (seconds) Ray looks for room to grow a running worker group (Ray's
+    # ScalingConfig.elastic_resize_monitor_interval_s); a group that lost workers restarts at once
+    elastic_resize_interval_s: float = 60.0
     max_bad_steps: int = 10  # non-finite losses (each step skipped) before training stops
     ema_decay: float = 0.0  # EMA of θ kept in checkpoints (e.g. 0.999); 0: none, as the reference keeps none
     zero_stage: int = 1  # deepspeed: ZeRO stage 0, 1 or 2 (3 cannot run the unrolled step)
@@ -71,7 +82,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_values(self, "trainer.")
-        for key in ("num_workers", "steps", "batch_size", "checkpoint_every", "num_to_keep"):
+        self._check_workers()
+        for key in ("steps", "batch_size", "checkpoint_every", "num_to_keep"):
             check(getattr(self, key) > 0, f"trainer.{key}", f"must be > 0, got {getattr(self, key)}")
         if self.log_every is not None:
             check(
@@ -100,6 +112,7 @@ class TrainerConfig:
             "trainer.num_workers",
             f"strategy local runs one process, got num_workers={self.num_workers}",
         )
+        self._check_global_batch()
         check(
             self.zero_stage in (0, 1, 2),
             "trainer.zero_stage",
@@ -135,6 +148,75 @@ class TrainerConfig:
                 "set CPUs with trainer.cpus_per_worker and GPUs with trainer.use_gpu",
             )
             check(amount > 0, f"trainer.resources_per_worker.{res}", f"must be > 0, got {amount}")
+
+    def _check_workers(self) -> None:
+        """num_workers: an int > 0, or [min, max] with 1 <= min <= max."""
+        n = self.num_workers
+        if isinstance(n, list):
+            check(
+                len(n) == 2 and 1 <= n[0] <= n[1],
+                "trainer.num_workers",
+                f"a range is [min, max] with 1 <= min <= max, got {n}",
+            )
+        else:
+            check(n > 0, "trainer.num_workers", f"must be > 0, got {n}")
+        check(
+            self.elastic_resize_interval_s >= 0,
+            "trainer.elastic_resize_interval_s",
+            f"must be >= 0, got {self.elastic_resize_interval_s}",
+        )
+
+    def _check_global_batch(self) -> None:
+        """A range of workers needs global_batch_size, which must split evenly over every count in it."""
+        g = self.global_batch_size
+        if g is None:
+            check(
+                not self.elastic,
+                "trainer.global_batch_size",
+                f"must be set when trainer.num_workers is a range ({self.num_workers}): the global batch "
+                "stays fixed as workers come and go, each of W workers taking global_batch_size ÷ W",
+            )
+            return
+        check(g > 0, "trainer.global_batch_size", f"must be > 0, got {g}")
+        check_count(g, "trainer.global_batch_size", MAX_EXAMPLES, "examples per step")
+        lo, hi = self.worker_range
+        bad = [w for w in range(lo, hi + 1) if g % w]
+        check(
+            not bad,
+            "trainer.global_batch_size",
+            f"{g} does not split evenly over {bad[0] if bad else 0} workers (trainer.num_workers "
+            f"{self.num_workers}); choose a multiple of {math.lcm(*range(lo, hi + 1))}",
+        )
+
+    @property
+    def elastic(self) -> bool:
+        """Whether num_workers is a range [min, max]."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; (n, n) for a fixed count."""
+        n = self.num_workers
+        return (n[0], n[1]) if isinstance(n, list) else (n, n)
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.worker_range[0]
+
+    def batch_per_worker(self, world_size: int) -> int:
+        """Rows of one worker's batch on `world_size` workers: global_batch_size ÷ world_size when
+        set (it divides: checked for every count in num_workers), else batch_size."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        return self.global_batch_size // world_size
+
+    def global_batch(self, world_size: int) -> int:
+        """Rows of one step over all `world_size` workers."""
+        return self.batch_per_worker(world_size) * world_size
 
     @property
     def log_interval(self) -> int:

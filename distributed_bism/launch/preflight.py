@@ -26,8 +26,9 @@ from distributed_bism.training.checkpointing import LocalCheckpoints, is_uri
 
 RUN_CONFIG_FILE = "bism_config.yaml"
 # What must match for a run to continue under the same trainer.name; the rest (steps, logging,
-# checkpoint cadence, tracking, address) may change between launches.
-FIXED_TRAINER_KEYS = ("strategy", "num_workers", "batch_size", "seed", "ema_decay", "zero_stage", "precision")
+# checkpoint cadence, tracking, address) may change between launches. Not the number of workers:
+# checkpoints resume on any (training/resize.py), so the global batch is compared instead ("batch").
+FIXED_TRAINER_KEYS = ("strategy", "seed", "ema_decay", "zero_stage", "precision")
 
 
 # --------------------------------------------------------------------------- where checkpoints go
@@ -78,8 +79,8 @@ def preflight(cfg: Config, address: str | None = None) -> tuple[Config, bool]:
 
 
 def check_batch(cfg: Config) -> None:
-    """Every worker needs one full batch of its share of the training set (else each worker
-    would fail in ShardedBatches, after Ray started it)."""
+    """Every worker needs one full batch of its share of the training set, at every number of
+    workers the run may have (else each worker would fail in ShardedBatches, after Ray started it)."""
     from distributed_bism.data import SPLIT_SIZES
     from distributed_bism.data.synthetic import N_TRAIN_DEFAULT, SYNTHETIC
 
@@ -87,16 +88,30 @@ def check_batch(cfg: Config) -> None:
     n = d.n_train
     if n is None:
         n = N_TRAIN_DEFAULT if d.name in SYNTHETIC else SPLIT_SIZES.get(d.name, (None,))[0]
-    if n is not None and n // t.num_workers < t.batch_size:
-        raise ConfigError(
-            f"trainer.batch_size: {t.batch_size} per worker × {t.num_workers} worker(s) needs "
-            f"{t.batch_size * t.num_workers} training examples, {d.name} has {n} (data.n_train)"
-        )
+    for w in range(t.min_workers, t.max_workers + 1):
+        per = t.batch_per_worker(w)
+        if n is not None and n // w < per:
+            key = "trainer.global_batch_size" if t.global_batch_size is not None else "trainer.batch_size"
+            raise ConfigError(
+                f"{key}: {per} per worker × {w} worker(s) needs {per * w} training examples, "
+                f"{d.name} has {n} (data.n_train)"
+            )
+
+
+def global_batch(trainer: dict[str, Any]) -> int | None:
+    """The global batch of a run's trainer section (a config's to_dict(), or an older run's record):
+    global_batch_size, else batch_size × num_workers (None for a range without a global batch,
+    which the config refuses)."""
+    if trainer.get("global_batch_size") is not None:
+        return int(trainer["global_batch_size"])
+    workers = trainer.get("num_workers", 1)
+    return None if isinstance(workers, list) else int(trainer.get("batch_size", 100)) * int(workers)
 
 
 def _math_of(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     keep = {k: v for k, v in cfg_dict.items() if k in ("data", "model", "posterior", "objective", "optim")}
-    keep["trainer"] = {k: cfg_dict.get("trainer", {}).get(k) for k in FIXED_TRAINER_KEYS}
+    trainer = cfg_dict.get("trainer", {})
+    keep["trainer"] = {k: trainer.get(k) for k in FIXED_TRAINER_KEYS} | {"global batch": global_batch(trainer)}
     return keep
 
 
@@ -117,12 +132,35 @@ def check_resume(cfg: Config, run_dir: Path) -> bool:
     for section, values in now.items():
         for key, value in values.items():
             old = saved.get(section, {}).get(key)
+            if old != value and key == "global batch":
+                raise ConfigError(
+                    f"trainer.batch_size: run {cfg.trainer.name!r} in {run_dir} was started with a global batch "
+                    f"of {old} rows (batch_size × num_workers, or global_batch_size), now {value}; the number of "
+                    "workers may change, the global batch may not (set trainer.global_batch_size="
+                    f"{old}), or choose a new trainer.name to start a new run"
+                )
             if old != value:
                 raise ConfigError(
                     f"{section}.{key}: run {cfg.trainer.name!r} in {run_dir} was started with "
                     f"{old!r}, now {value!r}; choose a new trainer.name to start a new run"
                 )
+    check_sharded_checkpoint(cfg, run_dir)
     return True
+
+
+def check_sharded_checkpoint(cfg: Config, run_dir: Path) -> None:
+    """A checkpoint written before optimisers were saved whole holds one ZeRO shard per worker
+    (optim_rank{r}.pt); only its own number of workers can resume it."""
+    latest = LocalCheckpoints(run_dir).latest()
+    if latest is None:
+        return
+    shards = len(list(latest.glob("optim_rank*.pt")))
+    if shards and (cfg.trainer.min_workers, cfg.trainer.max_workers) != (shards, shards):
+        raise ConfigError(
+            f"trainer.num_workers: the newest checkpoint of run {cfg.trainer.name!r} ({latest}) holds one ZeRO "
+            f"optimiser shard for each of {shards} workers, from before checkpoints were saved whole; "
+            f"resume it with trainer.num_workers={shards} (its next checkpoint resumes on any number)"
+        )
 
 
 def check_address(address: str, *, timeout: float = 3.0) -> None:
@@ -180,10 +218,10 @@ def check_local_cpus(cfg: Config, address: str | None) -> None:
         return
     if t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()):
         return
-    need, have = t.num_workers * t.cpus_per_worker, os.cpu_count() or 1
+    need, have = t.min_workers * t.cpus_per_worker, os.cpu_count() or 1
     if need > have and _new_local_cluster(address):
         raise ConfigError(
-            f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
+            f"trainer.num_workers: {t.min_workers} workers × {t.cpus_per_worker:g} CPUs need {need:g} "
             f"CPUs, this machine has {have} (no Ray cluster running here and no address given)"
         )
 
@@ -241,7 +279,8 @@ def memory_floor(cfg: Config) -> list[tuple[str, int, str]]:
     values, f32 = example_values(d), 4
     full = SPLIT_SIZES.get(d.name, (N_TRAIN_DEFAULT, N_TEST_DEFAULT))
     n = (d.n_train or full[0]) + (d.n_test or full[1])
-    workers = 1 if t.strategy == "local" else t.num_workers
+    workers = 1 if t.strategy == "local" else t.max_workers
+    batch = t.batch_per_worker(t.min_workers)  # the largest per-worker batch the run may have
     gpu = t.strategy != "local" and (t.use_gpu or (t.use_gpu is None and torch.cuda.is_available()))
     terms = [
         (
@@ -251,9 +290,9 @@ def memory_floor(cfg: Config) -> list[tuple[str, int, str]]:
         )
     ]
     if o.unroll_steps and not gpu:
-        per = o.unroll_steps * t.batch_size * o.num_particles * values * f32 * 2
+        per = o.unroll_steps * batch * o.num_particles * values * f32 * 2
         how = (
-            f"{workers} worker(s) × K={o.unroll_steps} unrolled steps × batch {t.batch_size} × "
+            f"{workers} worker(s) × K={o.unroll_steps} unrolled steps × batch {batch} × "
             f"{o.num_particles} particle(s) × {values} values × {f32} bytes × 2 (input and gradient) "
             "for the unroll's graph"
         )

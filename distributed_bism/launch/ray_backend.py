@@ -100,48 +100,53 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
 
 
 def check_resources(cfg: Config, ray: Any) -> bool:
-    """Whether the workers use GPUs; a clear error if the cluster cannot hold them."""
+    """Whether the workers use GPUs; a clear error if the cluster cannot hold them: trainer.num_workers,
+    or for an elastic run its minimum (Ray starts it on as many as fit, up to the maximum)."""
     t = cfg.trainer
+    n = t.min_workers
+    workers = f"{n} workers" + (f" (the least of trainer.num_workers {t.num_workers})" if t.elastic else "")
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), res.get("CPU", 0)
     use_gpu = (gpus > 0) if t.use_gpu is None else t.use_gpu
-    if use_gpu and t.num_workers > gpus:
-        raise ConfigError(f"trainer.num_workers: {t.num_workers} GPU workers asked for, the cluster has {gpus} GPUs")
-    need = t.num_workers * (0 if use_gpu else t.cpus_per_worker)
+    if use_gpu and n > gpus:
+        raise ConfigError(f"trainer.num_workers: {workers} on GPUs asked for, the cluster has {gpus} GPUs")
+    need = n * (0 if use_gpu else t.cpus_per_worker)
     if need > cpus:
         raise ConfigError(
-            f"trainer.num_workers: {t.num_workers} workers × {t.cpus_per_worker} CPUs need {need:g} CPUs, "
-            f"the cluster has {cpus:g}"
+            f"trainer.num_workers: {workers} × {t.cpus_per_worker} CPUs need {need:g} CPUs, the cluster has {cpus:g}"
         )
     if t.precision != "fp32" and not use_gpu:
         raise ConfigError(f"trainer.precision: {t.precision} needs GPUs and the workers have none; use fp32")
     for name, amount in t.resources_per_worker.items():
-        if t.num_workers * amount > res.get(name, 0):
+        if n * amount > res.get(name, 0):
             raise ConfigError(
-                f"trainer.resources_per_worker.{name}: {t.num_workers} workers × {amount:g} need "
-                f"{t.num_workers * amount:g}, the cluster has {res.get(name, 0):g}"
+                f"trainer.resources_per_worker.{name}: {workers} × {amount:g} need "
+                f"{n * amount:g}, the cluster has {res.get(name, 0):g}"
             )
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if t.placement_strategy == "STRICT_SPREAD" and t.num_workers > nodes:
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if t.placement_strategy == "STRICT_SPREAD" and n > nodes:
         raise ConfigError(
-            f"trainer.placement_strategy: STRICT_SPREAD puts each of {t.num_workers} workers on a "
+            f"trainer.placement_strategy: STRICT_SPREAD puts each of {workers} on a "
             f"node of its own, the cluster has {nodes} node(s)"
         )
     return use_gpu
 
 
 def scaling_config(cfg: Config, use_gpu: bool) -> Any:
-    """Ray's ScalingConfig for the workers: trainer.num_workers, each with cpus_per_worker CPUs (or
-    one GPU) plus trainer.resources_per_worker, placed by trainer.placement_strategy."""
+    """Ray's ScalingConfig for the workers: trainer.num_workers (a range: Ray's elastic
+    (min, max), resized every trainer.elastic_resize_interval_s at most), each with
+    cpus_per_worker CPUs (or one GPU) plus trainer.resources_per_worker, placed by
+    trainer.placement_strategy."""
     from ray.train.v2.api.config import ScalingConfig  # what ray.train exports (V2); its stubs say V1
 
     t = cfg.trainer
     resources = ({} if use_gpu else {"CPU": t.cpus_per_worker}) | t.resources_per_worker
     return ScalingConfig(
-        num_workers=t.num_workers,
+        num_workers=t.worker_range if t.elastic else t.min_workers,
         use_gpu=use_gpu,
         resources_per_worker=resources or None,
         placement_strategy=t.placement_strategy,
+        elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
     )
 
 
@@ -162,7 +167,8 @@ def run_on_ray(
     address: str | None = None,
     callbacks: list[Any] | None = None,
 ) -> Any:
-    """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers; raises
+    """Fit a TorchTrainer running worker_fn(loop_config) on cfg.trainer.num_workers workers (a
+    range: elastic, each new group resuming from the newest checkpoint, TrainLoop.resume); raises
     the CheckpointWriteError a worker_main returned."""
     # Train V2's own modules: the objects ray.train exports at runtime, typed as such (ray.train's
     # static types are V1's, which lack logging_config, return_value and the SIGINT hook)

@@ -4,16 +4,22 @@
 Layout of a checkpoint directory:
 
     state.pt            the dict below, written by rank 0
-    optim_rank{r}.pt    DeepSpeed ZeRO ≥ 1 only: rank r's shard of the optimiser states
 
     {
       "format": 1, "step": t, "world_size": W, "bad_steps": n,
       "energy": θ state_dict, "posterior": φ state_dict | None, "ema": EMA(θ) | {},
-      "energy_optimizer": ..., "posterior_optimizer": ...,   # None when sharded (see above)
+      "energy_optimizer": ..., "posterior_optimizer": ...,   # whole, whatever W (below)
       "rng": [torch RNG state of rank r for r < W],        # uint8 tensors
       "objective": [objective state of rank r] ,           # PCD chains; {} otherwise
       "config": resolved config as YAML, "mlflow_run_id": str | None,
     }
+
+The optimisers are saved whole: torch's Adam.state_dict() (local, DDP, DeepSpeed stage 0), or
+for DeepSpeed ZeRO ≥ 1 every rank's partition gathered into each parameter's whole fp32 master
+weight and Adam moments (training/zero_state.py), so any number of workers resumes a checkpoint;
+the per-rank lists are re-dealt then (training/resize.py). Checkpoints written before that held
+"energy_optimizer": None and one file optim_rank{r}.pt per rank (DeepSpeed's own shard), which
+still load on the same number of workers.
 
 Older checkpoints also hold "schedules" (the learning rates at t). Nothing reads it, since
 `LRSchedule.at(t)` recomputes them, and loading takes keys by name, so they load as they are.

@@ -8,7 +8,7 @@ directories), so this file has no Ray in it and runs in one process for tests an
 Every rank runs the same sequence of collectives: the loss average at log steps, the RNG
 gather at checkpoints, the skip decision of each optimiser step, and the metrics split across
 ranks at evaluations (AIS, classifier-FID/KID, FID). Only rank 0 logs, runs the other metrics
-and writes files other than its own optimiser shard.
+and writes files.
 """
 
 from __future__ import annotations
@@ -41,14 +41,13 @@ from distributed_bism.training.checkpointing import (
     NoCheckpoints,
     agreed_write,
     all_finite,
-    load_file,
     load_state,
-    optim_shard_file,
     save_state,
 )
 from distributed_bism.training.optim import EMA, LRSchedule
 from distributed_bism.training.preemption import Notice, PreemptionCheck
-from distributed_bism.training.replica import Replica, build_replica, deepspeed_safe_globals
+from distributed_bism.training.replica import Replica, build_replica
+from distributed_bism.training.resize import RANK_SEED_STRIDE, load_rank_shard, reseed, resplit_objective_states
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
@@ -125,9 +124,13 @@ class TrainLoop:
             posterior_betas=(cfg.optim.posterior_betas[0], cfg.optim.posterior_betas[1]),  # two: config checks it
         )
         batches = ShardedBatches(
-            data.train.to(device), cfg.trainer.batch_size, rank=rank, world_size=world_size, seed=cfg.trainer.seed
+            data.train.to(device),
+            cfg.trainer.batch_per_worker(world_size),  # global_batch_size ÷ world_size, else batch_size
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.trainer.seed,
         )
-        torch.manual_seed(cfg.trainer.seed + 1_000_003 * rank)
+        torch.manual_seed(cfg.trainer.seed + RANK_SEED_STRIDE * rank)
         return cls(
             cfg=cfg,
             replica=replica,
@@ -185,7 +188,6 @@ class TrainLoop:
         r = self.replica
         rng = gather_objects(torch.get_rng_state())
         obj = gather_objects(self.objective.state_dict())
-        sharded = r.sharded_optimizer
         return {
             "step": self.step,
             "world_size": self.world_size,
@@ -193,8 +195,9 @@ class TrainLoop:
             "energy": unwrap(r.energy).state_dict(),
             "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
             "ema": self.ema.state_dict(),
-            "energy_optimizer": None if sharded else r.energy_updater.state_dict(),
-            "posterior_optimizer": None if sharded or r.posterior_updater is None else r.posterior_updater.state_dict(),
+            # whole, ZeRO's too (gathered from the ranks: a collective), so any world size resumes it
+            "energy_optimizer": r.energy_updater.state_dict(),
+            "posterior_optimizer": r.posterior_updater.state_dict() if r.posterior_updater is not None else None,
             "rng": rng,
             "objective": obj,
             "config": self.cfg.to_yaml(),
@@ -202,8 +205,9 @@ class TrainLoop:
         }
 
     def save(self, directory: Path) -> None:
-        """Write a checkpoint into `directory` (rank 0: state.pt; ZeRO ranks: their optimiser shard).
-        Every rank refuses together when any weight is non-finite."""
+        """Write a checkpoint into `directory` (rank 0: state.pt, every optimiser whole, ZeRO's
+        included, so that any number of workers can resume it). Every rank refuses together when
+        any weight is non-finite."""
         r = self.replica
         weights = [unwrap(r.energy).state_dict(), self.ema.state_dict()]
         if r.posterior is not None:
@@ -211,28 +215,20 @@ class TrainLoop:
         if not all(all_finite(w) for w in weights):
             raise FloatingPointError(f"refusing to write a checkpoint at step {self.step}: non-finite weights")
         state = self.state()
-        if r.sharded_optimizer:
-            shard = {
-                "energy": r.energy_updater.state_dict(),
-                "posterior": r.posterior_updater.state_dict() if r.posterior_updater else None,
-            }
-            torch.save(shard, directory / optim_shard_file(self.rank))
         if self.rank == 0:
             save_state(directory, state)
 
     def load(self, directory: Path) -> None:
-        """Restore everything `save` wrote; RNG streams and PCD chains only when the world size matches."""
+        """Restore everything `save` wrote, on this run's number of workers whatever the number
+        that wrote it: RNG streams and PCD chains are re-dealt then (training/resize.py)."""
         r = self.replica
         state = load_state(directory)
         unwrap(r.energy).load_state_dict(state["energy"])
         if r.posterior is not None:
             unwrap(r.posterior).load_state_dict(state["posterior"])
         self.ema.load_state_dict(state["ema"])
-        if r.sharded_optimizer:
-            shard = load_file(directory / optim_shard_file(self.rank), safe_globals=deepspeed_safe_globals())
-            r.energy_updater.load_state_dict(shard["energy"])
-            if r.posterior_updater is not None:
-                r.posterior_updater.load_state_dict(shard["posterior"])
+        if state["energy_optimizer"] is None:  # a checkpoint with one ZeRO shard per rank (before elastic runs)
+            load_rank_shard(r, directory, state["world_size"])
         else:
             r.energy_updater.load_state_dict(state["energy_optimizer"])
             if r.posterior_updater is not None:
@@ -245,9 +241,11 @@ class TrainLoop:
         else:
             self.log(
                 f"checkpoint was written by {state['world_size']} workers, resuming on {self.world_size}: "
-                "noise streams are re-seeded, so the run is no longer bit-for-bit reproducible"
+                "noise streams are re-seeded from the seed, rank and step, so the run is no longer "
+                "bit-for-bit the one a fixed number of workers would give"
             )
-            torch.manual_seed(self.cfg.trainer.seed + 1_000_003 * self.rank + self.step)
+            reseed(self.cfg.trainer.seed, self.rank, self.step)
+            self.objective.load_state_dict(resplit_objective_states(state["objective"], self.rank, self.world_size))
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """Save into a fresh directory and hand it to the sink (every rank). A write that fails
@@ -317,7 +315,8 @@ class TrainLoop:
             "train/grad_norm_theta": r.energy_updater.grad_norm(),
             "train/lr": self.schedules[0].at(self.step),
             "perf/s_per_step": dt / max(self.step - steps0, 1),
-            "perf/samples_per_s": (self.step - steps0) * self.cfg.trainer.batch_size * self.world_size / dt,
+            "perf/samples_per_s": (self.step - steps0) * self.batches.batch_size * self.world_size / dt,
+            "perf/num_workers": float(self.world_size),  # an elastic run's size over time
         }
         if out.inner_loss is not None:
             m["train/inner_loss"] = mean_over_ranks(out.inner_loss.item())
@@ -387,7 +386,7 @@ class TrainLoop:
             if self.rank == 0 and (logging or now - last_print >= PROGRESS_EVERY_S):
                 done = s - start_step
                 eta = (now - start) / done * (t.steps - s)
-                rate = done * t.batch_size * self.world_size / (now - start)
+                rate = done * self.batches.batch_size * self.world_size / (now - start)
                 self.log(
                     f"step {s}/{t.steps}  loss {out.loss.item():.4f}"
                     + ("" if out.inner_loss is None else f"  inner {out.inner_loss.item():.4f}")
@@ -424,9 +423,12 @@ class TrainLoop:
                 f"run {t.name!r} is already complete at step {self.step}: nothing to train. To train again, "
                 f"give it a new name (trainer.name=...), or more steps (trainer.steps=...) to continue it"
             )
+        per = self.batches.batch_size
         self.log(
-            f"{self.world_size} worker(s) × batch {t.batch_size} = global batch {t.batch_size * self.world_size}; "
-            f"strategy {t.strategy}; steps {self.step} → {t.steps}"
+            f"{self.world_size} worker(s) × batch {per} = global batch {per * self.world_size}"
+            + (" (trainer.global_batch_size)" if t.global_batch_size is not None else "")
+            + (f", workers {t.min_workers}-{t.max_workers} (elastic)" if t.elastic else "")
+            + f"; strategy {t.strategy}; steps {self.step} → {t.steps}"
         )
         start = self.step
         self.run()

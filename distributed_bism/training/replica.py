@@ -82,11 +82,11 @@ def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed config for one engine: no gradient accumulation, ZeRO stage from the config."""
+def deepspeed_config(cfg: Config, world_size: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config for one engine of `world_size`: no gradient accumulation, ZeRO stage from the config."""
     t = cfg.trainer
     return {
-        "train_micro_batch_size_per_gpu": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.batch_per_worker(world_size),
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -125,7 +125,7 @@ def build_replica(
 
         if device.type == "cpu":
             skip_inference_comm_op()
-        ds = deepspeed_config(cfg)
+        ds = deepspeed_config(cfg, world_size)
         e_engine, *_ = deepspeed.initialize(model=energy, optimizer=adam(energy.parameters(), o.lr, o.betas), config=ds)
         p_engine = None
         if posterior is not None:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from distributed_bism.core.unroll import torch_optimizer_state
 from distributed_bism.distributed import all_ranks_agree, rank_and_world
+from distributed_bism.training.zero_state import full_state, is_full_state, load_full_state, zero_optimizer_state
 
 
 def grad_norm(params: Iterable[Tensor]) -> float:
@@ -147,17 +148,25 @@ class EngineUpdater:
         return float(norm) if norm is not None else 0.0
 
     def state_dict(self) -> dict[str, Any]:
+        """The whole optimiser state. ZeRO ≥ 1: assembled from every rank's partition, the same on
+        every rank (`zero_state.full_state`, a collective: every rank calls it), so that any number
+        of ranks can load it; stage 0: the engine's own."""
+        if self.sharded:
+            return full_state(self.engine.optimizer)
         return self.engine.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """This rank's shard (ZeRO ≥ 1), or the whole state (stage 0). ZeRO wants a list indexed by
-        data-parallel rank; only this rank's entry is read for a checkpoint of the same world size,
-        and its fp32 master weights are restored exactly (load_from_fp32_weights)."""
+        """What `state_dict` returned, on any number of ranks: ZeRO ≥ 1 keeps this rank's partition
+        of it (`zero_state.load_full_state`), master weights exactly. Also this rank's own shard as
+        checkpoints before elastic runs held it (DeepSpeed's state_dict, same world size only): ZeRO
+        wants a list indexed by data-parallel rank, of which only this rank's entry is read."""
         if not self.sharded:
             self.engine.optimizer.load_state_dict(state)
-            return
-        shards = [state] * rank_and_world()[1]
-        self.engine.optimizer.load_state_dict(shards, load_from_fp32_weights=True)
+        elif is_full_state(state):
+            load_full_state(self.engine.optimizer, state)
+        else:
+            shards = [state] * rank_and_world()[1]
+            self.engine.optimizer.load_state_dict(shards, load_from_fp32_weights=True)
 
     def optimizer_state(self, params: Mapping[str, Tensor]) -> dict[str, dict]:
         """Adam's per-parameter state by name, so the unrolled Adam continues from it exactly as
@@ -166,68 +175,3 @@ class EngineUpdater:
         if not self.sharded:
             return torch_optimizer_state(self.engine.optimizer, params)
         return zero_optimizer_state(self.engine.optimizer, params)
-
-
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def zero_optimizer_state(zero: Any, params: Mapping[str, Tensor]) -> dict[str, dict]:
-    """A ZeRO-1/2 optimiser's Adam state of `params` by name, whole, on every rank: the same
-    values as deepspeed.utils.safe_get_full_optimizer_state(p, key), with ONE all_gather for all
-    parameters and both moments instead of one all_reduce per parameter per moment, and none in
-    a group of one rank. `zero` is a DeepSpeedZeroOptimizer (engine.optimizer at stage 1 or 2).
-
-    Layout (deepspeed/runtime/zero/stage_1_and_2.py, 0.19.8): param group i's parameters sit in
-    one flat buffer, parameter j at round_robin_bit16_offsets[i][j] (alignment padding between
-    them and at the end); the buffer's length is a multiple of the data-parallel size W, and rank
-    r owns the contiguous slice [r·P_i, (r+1)·P_i), P_i = len / W, whose fp32 master copy
-    single_partition_of_fp32_groups[i] is the parameter the inner torch optimiser steps, with
-    its exp_avg and exp_avg_sq of the same length P_i. Each rank sends
-    [m_0, s_0, m_1, s_1, ...] (its partitions, in group order); after the all_gather, row r of
-    the result is rank r's, so group i's moment k is the column block of row-length offset
-    Σ_{i'<i} 2 P_i' + k P_i, read row by row: the whole flat buffer of that moment.
-    `step`: torch Adam's per-parameter step (the same for every parameter and rank, as under DDP).
-    Before the first step there is no state, and the result is {} (the unroll starts from zeros)."""
-    base = zero.optimizer  # the client torch Adam over the fp32 partitions
-    parts = zero.single_partition_of_fp32_groups
-    states = [base.state.get(part, {}) for part in parts]
-    steps = [st["step"] for st in states if "step" in st]
-    if not steps:
-        return {}
-    groups = zero.real_dp_process_group
-    if getattr(zero, "cpu_offload", False) or any(g is not groups[0] for g in groups):
-        return _per_parameter_state(params, steps[0])  # layouts this function does not handle
-    local = torch.cat([states[i][k].reshape(-1) for i in range(len(parts)) for k in ADAM_MOMENTS])
-    world = torch.distributed.get_world_size(group=groups[0])
-    if world == 1:
-        rows = local.view(1, -1)
-    else:
-        gathered = local.new_empty(world * local.numel())  # gloo wants it flat, not (world, n)
-        torch.distributed.all_gather_into_tensor(gathered, local, group=groups[0])
-        rows = gathered.view(world, -1)
-    by_id = {id(p): n for n, p in params.items()}
-    out: dict[str, dict] = {}
-    col = 0
-    for i, part in enumerate(parts):
-        size = part.numel()
-        full = {k: rows[:, col + j * size : col + (j + 1) * size].reshape(-1) for j, k in enumerate(ADAM_MOMENTS)}
-        col += len(ADAM_MOMENTS) * size
-        # meta: each parameter's shape, kept by DeepSpeed apart from p.data (which its state offload may swap out)
-        layout = zip(
-            zero.round_robin_bit16_groups[i], zero.round_robin_bit16_offsets[i], zero.round_robin_bit16_meta[i]
-        )
-        for p, offset, meta in layout:
-            name = by_id.get(id(p))
-            if name is not None:
-                out[name] = {"step": steps[0]}
-                out[name].update({k: f[offset : offset + meta.numel()].view(meta.shape) for k, f in full.items()})
-    return out
-
-
-def _per_parameter_state(params: Mapping[str, Tensor], step: Any) -> dict[str, dict]:
-    """DeepSpeed's own assembly: one all_reduce per parameter per moment."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    return {
-        n: {"step": step, **{k: safe_get_full_optimizer_state(p, k) for k in ADAM_MOMENTS}} for n, p in params.items()
-    }

@@ -4,7 +4,7 @@ as a Ray job from the repo root (`python -m tests.helpers.cluster_probe CONFIG.y
 
 It trains through the package's own path (`run_on_ray`, `worker_loop`, `TrainLoop.fit`: the loop,
 its checkpoints and its resume), tracking off. Each worker writes OUT_DIR/start_rank{r}_{pid}.json
-(its node) when it starts, and OUT_DIR/final_rank{r}.pt (node, step, θ and φ) when it is done.
+(its rank, node and world size) when it starts, and OUT_DIR/final_rank{r}.pt (node, step, θ and φ) when it is done.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ def probe_worker(conf: dict[str, Any]) -> None:
     import ray.train
 
     out = Path(conf["out"])
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     node = ray.get_runtime_context().get_node_id()
-    (out / f"start_rank{rank}_{os.getpid()}.json").write_text(json.dumps({"rank": rank, "node": node}))
+    (out / f"start_rank{rank}_{os.getpid()}.json").write_text(json.dumps({"rank": rank, "node": node, "world": world}))
     loop = worker_loop(conf)
     loop.fit()
-    torch.save({"rank": rank, "node": node, "step": loop.step, "params": dist_workers.params_of(loop)},
+    torch.save({"rank": rank, "node": node, "world": world, "step": loop.step, "params": dist_workers.params_of(loop)},
                out / f"final_rank{rank}.pt")
 
 
