@@ -44,6 +44,7 @@ from distributed_bism.training.checkpointing import (
     load_state,
     save_state,
 )
+from distributed_bism.training.export import export_model, log_model
 from distributed_bism.training.optim import EMA, LRSchedule
 from distributed_bism.training.preemption import Notice, PreemptionCheck
 from distributed_bism.training.replica import Replica, build_replica
@@ -260,7 +261,7 @@ class TrainLoop:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
         if self.rank == 0 and self.cfg.tracking.log_checkpoint_models:
-            self.log_model("checkpoint")
+            log_model(self, "checkpoint")
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, *, final: bool = False) -> dict[str, float]:
@@ -433,47 +434,6 @@ class TrainLoop:
         start = self.step
         self.run()
         if self.rank == 0:
-            self.export(trained=self.step > start)
+            export_model(self, trained=self.step > start)
         samples = self.history.samples
         return {**self.last_eval, "step": self.step, "samples_path": samples[max(samples)] if samples else None}
-
-    def weights(self) -> dict[str, Any]:
-        """What a model is, without what only resuming needs (θ's optimiser, RNG streams, PCD
-        chains): θ, EMA θ, φ and φ's Adam state (`bism diagnose` continues the unroll from it, as
-        training does; None when ZeRO shards it), the step, the config and the MLflow run id.
-        Rank 0's; a checkpoint dict (checkpointing.py) in every key it has."""
-        r = self.replica
-        sharded = r.sharded_optimizer
-        return {
-            "step": self.step,
-            "energy": unwrap(r.energy).state_dict(),
-            "ema": self.ema.state_dict(),
-            "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
-            "posterior_optimizer": None if sharded or r.posterior_updater is None else r.posterior_updater.state_dict(),
-            "config": self.cfg.to_yaml(),
-            "mlflow_run_id": self.run_id,
-        }
-
-    def log_model(self, kind: str) -> str | None:
-        """Rank 0: the weights at this step as an MLflow LoggedModel of the run (tracking.log_model:
-        state.pt, loaded with weights_only=True), with the config as its params and this step's
-        metrics; `kind` "final" or "checkpoint". Returns its id; None without a run, or when the
-        run already holds this model."""
-        with tempfile.TemporaryDirectory(prefix="bism_model_") as tmp:
-            save_state(tmp, self.weights())
-            return self.logger.model(Path(tmp), step=self.step, kind=kind, params=self.cfg.flat())
-
-    def export(self, *, trained: bool) -> Path | None:
-        """Rank 0: the final weights (θ, EMA θ, φ) and config as one safe-to-load file,
-        <output_dir>/models/<name>/model.pt, and as the run's final MLflow LoggedModel (`log_model`;
-        logged once per step, so a relaunch that trained nothing adds none). A relaunch that
-        trained nothing (`trained` false) leaves an existing file alone. Returns the path written,
-        None when nothing was."""
-        self.log_model("final")
-        path = Path(self.cfg.trainer.output_dir).resolve() / "models" / str(self.cfg.trainer.name) / "model.pt"
-        if path.exists() and not trained:
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        weights = self.weights()
-        torch.save({k: weights[k] for k in ("step", "energy", "ema", "posterior", "config")}, path)
-        return path
