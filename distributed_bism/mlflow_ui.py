@@ -27,13 +27,18 @@ UNPREFIXED_SECTION = "Model metrics"  # MLflow's section for keys without a "/"
 RUN_TABS = ("", "model-metrics", "system-metrics", "artifacts")  # "": the run's Overview
 
 
-def run_page_url(base_url: str, experiment_id: str, run_id: str, tab: str = "") -> str:
-    """The address of a run's page (tab "" is its Overview) in the training view, e.g.
+def run_page_url(base_url: str, experiment_id: str, run_id: str, tab: str = "", artifact: str = "") -> str:
+    """The address of a run's page (tab "" is its Overview; `artifact`, a path in the run's
+    artifacts, opens the Artifacts tab on that file) in the training view, e.g.
     http://127.0.0.1:5000/#/experiments/1/runs/abc/model-metrics?workflowType=machine_learning."""
     if tab not in RUN_TABS:
         raise ValueError(f"unknown run page tab {tab!r}; expected one of {RUN_TABS}")
     path = f"/experiments/{quote(experiment_id, safe='')}/runs/{quote(run_id, safe='')}"
-    return f"{base_url.rstrip('/')}/#{path}{'/' + tab if tab else ''}?{TRAINING_VIEW}"
+    if artifact:
+        path += f"/artifactPath/{quote(artifact)}"
+    elif tab:
+        path += f"/{tab}"
+    return f"{base_url.rstrip('/')}/#{path}?{TRAINING_VIEW}"
 
 
 def chart_section(key: str) -> str:

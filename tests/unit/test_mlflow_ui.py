@@ -17,6 +17,8 @@ def test_run_page_url_opens_the_training_view() -> None:
     assert run_page_url(base, "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning"
     assert (run_page_url(base, "7", "r1", "model-metrics")
             == "http://127.0.0.1:5000/#/experiments/7/runs/r1/model-metrics?workflowType=machine_learning")
+    assert (run_page_url(base, "1", "r", artifact="samples/step_00000300.png")
+            == "http://127.0.0.1:5000/#/experiments/1/runs/r/artifactPath/samples/step_00000300.png?workflowType=machine_learning")
     with pytest.raises(ValueError, match="tab"):
         run_page_url(base, "1", "abc", "metrics")
 
