@@ -43,7 +43,7 @@ CHARTS_READY = "document.querySelectorAll('.js-plotly-plot').length >= 2"
 # The image card's picture has loaded (served by the server's get-artifact).
 LOADED_IMAGES = "[...document.images].filter(i => i.src.includes('artifact') && i.naturalWidth > 0).length"
 IMAGE_READY = f"{LOADED_IMAGES} >= 1"
-ARTIFACT_READY = "[...document.images].some(i => i.src.includes('get-artifact') && i.naturalWidth > 0)"
+ARTIFACT_READY = "[...document.images].some(i => i.naturalWidth >= 200)"  # the preview (a blob), not an icon
 CLOSE_ASSISTANT = "document.querySelector('button[aria-label=\"Close\"]')?.click()"  # its side panel opens by default
 SETTLE_S = 3.0
 
