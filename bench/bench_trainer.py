@@ -11,7 +11,7 @@ to the first step.
 
 Work: the demo (configs/demo.yaml: conv EBLVM on digits, BiMDSM, N=2, K=1, batch 50 per
 worker), one core per worker (trainer.cpus_per_worker=1, OMP/MKL_NUM_THREADS=1; local runs with
-torch.set_num_threads(1)). Steady-state rate: the `perf/samples_per_s` metric TrainLoop logs
+torch.set_num_threads(1)). Steady-state rate: the `train/perf/samples_per_s` metric TrainLoop logs
 every trainer.log_every steps (throughput over the window since the previous log), read back
 from MLflow; the first --skip-windows windows (start-up) are dropped, the median of the rest is
 the rate. All Ray runs share one new local Ray cluster started here; the time-to-first-step
@@ -115,7 +115,7 @@ def throughput_run(args: argparse.Namespace, ray: Any, strategy: str, workers: i
     t_wall0, t0 = time.time(), time.perf_counter()
     summary = train(cfg)
     wall = time.perf_counter() - t0
-    history = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "perf/samples_per_s")
+    history = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "train/perf/samples_per_s")
     windows, prev = [], 0
     for m in sorted(history, key=lambda m: m.step):
         # The window's length, from its steps and rate (samples/s counts all workers' samples).

@@ -13,7 +13,7 @@ GOALS = {"scaling_efficiency_min": 0.80, "harness_overhead_max": 0.05, "time_to_
          "deepspeed_vs_ddp_min": 0.95}
 
 METHOD = {
-    "rate": "perf/samples_per_s logged by rank 0 every log_every steps (global samples over the wall time "
+    "rate": "train/perf/samples_per_s logged by rank 0 every log_every steps (global samples over the wall time "
             "since the previous log), read from MLflow; the first skip_windows windows of each run are "
             "dropped; median over the remaining windows of all repeats. ray.train.report runs only at "
             "checkpoints (checkpoint_every=steps: once, after the last window)",

@@ -26,7 +26,8 @@ from distributed_bism.launch.local import print_line, train_local
 from distributed_bism.launch.preflight import completed_checkpoint, local_run_dir, preflight, record_run, storage_path
 from distributed_bism.launch.ray_backend import train_on_ray
 from distributed_bism.launch.signals import Interrupted, deferred, stop_by_request, stop_on_signals, unwinding
-from distributed_bism.tracking import close_run, open_run, register_model, tracking_uri
+from distributed_bism.mlflow_ui import run_page_url
+from distributed_bism.tracking import close_run, experiment_of, open_run, register_model, tracking_uri
 from distributed_bism.training.checkpointing import LocalCheckpoints, load_state
 
 
@@ -199,4 +200,7 @@ def describe(s: TrainSummary) -> str:
             f"open it with:  {mlflow if mlflow.exists() else 'mlflow'} ui --backend-store-uri "
             f"'{s.tracking_uri}' --host 127.0.0.1 --port 5000"
         )
+        if s.tracking_uri and (experiment_id := experiment_of(s.tracking_uri, s.run_id)):
+            # with the training view's query: without it MLflow 3.17 shows its GenAI view (mlflow_ui.py)
+            lines.append(f"then:  {run_page_url('http://127.0.0.1:5000', experiment_id, s.run_id, 'model-metrics')}")
     return "\n".join(lines)

@@ -149,7 +149,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     )
     print(out.report.table())
     if out.run_id:
-        print(f"logged to MLflow run {out.run_id} (metrics diagnose/*, artifacts diagnose/)")
+        print(f"logged to MLflow run {out.run_id} (metrics unroll_bias/*, artifacts diagnose/)")
     if out.plot:
         print(f"plot: {out.plot}")
     return 0

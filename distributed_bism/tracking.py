@@ -203,6 +203,16 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def experiment_of(uri: str, run_id: str) -> str | None:
+    """The experiment id of run `run_id` in store `uri`, or None when the store cannot say."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(uri).get_run(run_id).info.experiment_id)
+    except MlflowException:  # the run or store is gone: the address is a convenience, the run is done
+        return None
+
+
 def _experiment_id(client: Any, cfg: Config, uri: str) -> str:
     """The id of experiment tracking.experiment, created if missing, and marked as a training
     experiment (EXPERIMENT_KIND_TAG) unless it already says what kind it is."""

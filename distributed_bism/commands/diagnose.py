@@ -3,7 +3,7 @@
 Loads the model with `load_trained`, takes `batches` training batches of the run's batch size,
 measures the K-step hypergradient against the reference for each K, and reports it: a text
 table, a plot (cos-sim and relative error against K) and a JSON file, and, when the checkpoint
-belongs to an MLflow run, metrics `diagnose/cos_sim_k{K}`, `diagnose/rel_error_k{K}` (mean over
+belongs to an MLflow run, metrics `unroll_bias/cos_sim_k{K}`, `unroll_bias/rel_error_k{K}` (mean over
 batches, at the checkpoint's step) and the two files as artifacts under diagnose/ in that run.
 Artifact names carry the checkpoint step and the time, so a second diagnosis adds files and
 never replaces one.
@@ -184,8 +184,8 @@ def _publish(
             logger = RunLogger(tracking_uri or default_uri(trained.cfg), run_id)
             metrics = {}
             for r in report.rows():
-                metrics[f"diagnose/cos_sim_k{r['k']}"] = r["cos_mean"]
-                metrics[f"diagnose/rel_error_k{r['k']}"] = r["rel_mean"]
+                metrics[f"unroll_bias/cos_sim_k{r['k']}"] = r["cos_mean"]
+                metrics[f"unroll_bias/rel_error_k{r['k']}"] = r["rel_mean"]
             logger.metrics(metrics, trained.step)
             # the same rows as an MLflow table, one row per K and diagnosis (the file gains rows)
             logger.table([{"diagnosis": stem, "step": trained.step, **r} for r in report.rows()], DIAGNOSE_TABLE)

@@ -7,7 +7,8 @@ step_XXXXXXXX.pt (the strip's source), and <output_dir>/plots/<run>/samples_over
 logged as MLflow artifacts samples/step_XXXXXXXX.png and plots/samples_over_training.png, and
 each grid as MLflow image "samples" at its step (`log_image(key=, step=)`: the run page's step
 slider shows the samples over training). Each sampler of eval.compare_samplers adds its grid as
-samples/<run>/<sampler>/step_XXXXXXXX.png, image "samples/<sampler>".
+samples/<run>/<sampler>/step_XXXXXXXX.png, image "samples_<sampler>" (no "/":
+in the same section of the run page's charts as "samples", side by side).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def samples_metric(ctx: EvalContext) -> dict[str, float]:
             )
             ctx.artifacts[f"samples_{name}"] = grid
             ctx.log_artifact(grid, f"samples/{name}")
-            ctx.log_image(grid, f"samples/{name}")
+            ctx.log_image(grid, f"samples_{name}")
     strip = _strip(
         directory, ctx.image_shape, ctx.output_dir / "plots" / ctx.run_name / "samples_over_training.png", drawn.label
     )

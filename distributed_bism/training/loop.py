@@ -315,9 +315,9 @@ class TrainLoop:
             "train/loss": mean_over_ranks(out.loss.item()),
             "train/grad_norm_theta": r.energy_updater.grad_norm(),
             "train/lr": self.schedules[0].at(self.step),
-            "perf/s_per_step": dt / max(self.step - steps0, 1),
-            "perf/samples_per_s": (self.step - steps0) * self.batches.batch_size * self.world_size / dt,
-            "perf/num_workers": float(self.world_size),  # an elastic run's size over time
+            "train/perf/s_per_step": dt / max(self.step - steps0, 1),
+            "train/perf/samples_per_s": (self.step - steps0) * self.batches.batch_size * self.world_size / dt,
+            "train/perf/num_workers": float(self.world_size),  # an elastic run's size over time
         }
         if out.inner_loss is not None:
             m["train/inner_loss"] = mean_over_ranks(out.inner_loss.item())

@@ -158,8 +158,8 @@ def test_cli_prints_the_table_and_logs_to_the_checkpoints_run(trained_run, capsy
     assert "rel. error per parameter" in lines[head + 3] and "log_sigma" in lines[head + 4]
     run = client.get_run(run_id)
     for k in (0, 2):
-        assert -1 <= run.data.metrics[f"diagnose/cos_sim_k{k}"] <= 1
-        assert run.data.metrics[f"diagnose/rel_error_k{k}"] >= 0
+        assert -1 <= run.data.metrics[f"unroll_bias/cos_sim_k{k}"] <= 1
+        assert run.data.metrics[f"unroll_bias/rel_error_k{k}"] >= 0
     files = [f.path for f in client.list_artifacts(run_id, "diagnose")]
     assert any(f.endswith(".png") for f in files) and any(f.endswith(".json") for f in files)
     assert main(["diagnose", str(checkpoint), "--k", "0", "--batches", "1"]) == 0  # a second diagnosis adds files

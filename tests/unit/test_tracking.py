@@ -88,13 +88,13 @@ def test_mlflow_metrics_by_step(tracked: TrackedRun) -> None:
     client = MlflowClient(tracked.uri)
     run_id = str(tracked.first.run_id)
     logged = {"train/loss", "train/inner_loss", "train/grad_norm_theta", "train/grad_norm_phi", "train/lr",
-              "train/posterior_lr", "perf/samples_per_s", "perf/s_per_step"}
+              "train/posterior_lr", "train/perf/samples_per_s", "train/perf/s_per_step"}
     for key in logged:
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [4, 8, 12], (key, [(m.step, m.value) for m in history])
         assert all(math.isfinite(m.value) for m in history), key
     assert all(m.value == 1e-2 for m in client.get_metric_history(run_id, "train/lr"))
-    assert all(m.value > 0 for m in client.get_metric_history(run_id, "perf/samples_per_s"))
+    assert all(m.value > 0 for m in client.get_metric_history(run_id, "train/perf/samples_per_s"))
     loglik = client.get_metric_history(run_id, "eval/test_loglik")
     assert sorted(m.step for m in loglik) == [0, 4, 8, 12]
     assert all(math.isfinite(m.value) and m.value < 0 for m in loglik)

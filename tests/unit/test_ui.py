@@ -144,13 +144,55 @@ def test_log_every_defaults_to_a_curve(steps: int, expected: int) -> None:
     assert load_config(None, [f"trainer.steps={steps}", "trainer.log_every=7"]).trainer.log_interval == 7
 
 
-def test_shipped_configs_log_a_curve() -> None:
+MIN_POINTS = 50  # a curve, not a few dots
+
+
+def points(steps: int, log_interval: int) -> int:
+    """Logged train/* points of a run of `steps` steps (every log_interval-th step)."""
+    return steps // log_interval
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_log_a_curve(path: Path) -> None:
     """Every config under configs/ logs train/* at least 50 times a run."""
     from distributed_bism.config import load_config
 
-    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
-        t = load_config(path).trainer
-        assert t.steps // t.log_interval >= 50, (path.name, t.steps, t.log_every)
+    t = load_config(path).trainer
+    assert points(t.steps, t.log_interval) >= MIN_POINTS, (path.name, t.steps, t.log_every)
+
+
+def _trial_configs(spec):
+    """The configs a sweep's trials can get: each searched key at each value `load_spec` checks,
+    the others at their first (the trials that differ most in steps and log_every)."""
+    rep = spec.representative()
+    yield spec.trial_config(rep)
+    for key, domain in spec.search.items():
+        for value in domain.candidates():
+            yield spec.trial_config({**rep, key: value})
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_log_a_curve_per_trial(path: Path) -> None:
+    """Every trial of every sweep under tune_spaces/ logs train/* at least 50 times: run to the
+    end, and also when ASHA stops it at its first chance (after grace_period reports)."""
+    from distributed_bism.tune.load import _report_steps, load_spec
+
+    spec = load_spec(path)
+    for cfg in _trial_configs(spec):
+        t = cfg.trainer
+        assert points(t.steps, t.log_interval) >= MIN_POINTS, (path.name, t.steps, t.log_interval)
+        if spec.scheduler.name == "asha":
+            first_stop = _report_steps(cfg)[spec.scheduler.grace_period - 1]
+            assert points(first_stop, t.log_interval) >= MIN_POINTS, (path.name, first_stop, t.log_interval)
+
+
+def test_points_per_run_counts_the_steps_logged() -> None:
+    from distributed_bism.config import load_config
+
+    t = load_config(None, ["trainer.steps=300"]).trainer
+    logged = [s for s in range(1, t.steps + 1) if s % t.log_interval == 0]
+    assert points(t.steps, t.log_interval) == len(logged) == 100
+    assert points(20_000, 1000) == 20 < MIN_POINTS  # the checkerboard's old log_every
 
 
 @pytest.mark.parametrize("on", [True, False])
