@@ -44,16 +44,6 @@ RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 PROBE_STEPS, PROBE_EVERY = 600, 100
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = RayCluster(tmp_path_factory.mktemp("cluster"), workers=1, num_cpus=2, resources={"bism_slot": 1})
-    try:
-        yield c
-    finally:
-        left = c.stop()
-        assert not left, f"local_cluster.py stop left process groups {left} running"
-
-
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

@@ -35,16 +35,6 @@ from tests.unit.test_bad_input import no_ray  # noqa: F401  (no_ray: autouse, no
 STEPS, EVERY, LOG = 3000, 2000, 100  # regular checkpoints are rare: the restart resumes from the just-in-time one
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    c = RayCluster(tmp_path_factory.mktemp("cluster"), workers=1, num_cpus=2, resources={"bism_slot": 1})
-    try:
-        yield c
-    finally:
-        left = c.stop()
-        assert not left, f"local_cluster.py stop left process groups {left} running"
-
-
 def config(tmp_path: Path) -> Path:
     cfg = copy.deepcopy(TINY)
     cfg["trainer"].update({"name": "spot", "num_workers": 2, "resources_per_worker": {"bism_slot": 1},
