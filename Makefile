@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(PY) -m pytest -q -m "not soak" tests
 
-# The cluster scenarios that take minutes each (elastic shrink and grow, preemption; ~15 min).
+# The scenarios that take minutes each (elastic shrink and grow, preemption, driver signals, ten SIGKILLs; ~30 min).
 test-soak: setup
 	$(PY) -m pytest -q -m soak tests
 

@@ -245,6 +245,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["driver_sigkill", "driver_sigterm"])
 def test_driver_signal_then_the_same_command(tmp_path: Path, reference: Any, report: FaultReport,
                                              sig: signal.Signals) -> None:
@@ -286,6 +287,7 @@ def test_driver_signal_then_the_same_command(tmp_path: Path, reference: Any, rep
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 def test_ten_worker_sigkills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: Any,
                              report: FaultReport) -> None:
     """One run of 24 steps with a checkpoint every step and max_failures=10: a random rank
