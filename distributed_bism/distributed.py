@@ -8,6 +8,7 @@
     mean_over_ranks(x)          the mean of a float over ranks, on every rank
     sum_over_ranks(t)           the elementwise sum of every rank's same-shaped tensor, on every rank
     all_ranks_agree(ok)         True on every rank iff ok is True on every rank
+    all_ranks_agree_each(oks)   the same for several flags, in one collective
     gather_rows(t)              every rank's (n_rank, ...) tensor concatenated along dim 0, in rank order
     share(n, rank, world)       [start, stop) of rank's part of n items (not a collective)
 
@@ -23,7 +24,7 @@ result back to where the caller's tensor was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import torch
@@ -121,12 +122,18 @@ def share(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def all_ranks_agree(ok: bool) -> bool:
     """True on every rank iff `ok` is True on every rank: a MIN all-reduce of one flag, so a step
     that is bad on any rank is skipped on all of them and their weights stay equal."""
+    return all_ranks_agree_each([ok])[0]
+
+
+def all_ranks_agree_each(oks: Sequence[bool]) -> list[bool]:
+    """[all_ranks_agree(ok) for ok in oks] in one MIN all-reduce of len(oks) flags (the loop's
+    per-step decisions share one collective). The same number of flags on every rank."""
     _, world = rank_and_world()
     if world == 1:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+        return list(oks)
+    flags = torch.tensor([1.0 if ok else 0.0 for ok in oks], device=collective_device())
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [bool(f > 0) for f in flags.tolist()]
 
 
 def gather_rows(local: Tensor) -> Tensor:

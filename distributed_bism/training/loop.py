@@ -28,7 +28,7 @@ from distributed_bism.config import Config
 from distributed_bism.core.bilevel import BilevelStep, StepOutput, step_from_config
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.data.sharding import ShardedBatches
-from distributed_bism.distributed import broadcast_object, gather_objects, mean_over_ranks
+from distributed_bism.distributed import all_ranks_agree_each, broadcast_object, gather_objects, mean_over_ranks
 from distributed_bism.evaluation.metrics import EvalContext, run_metrics
 from distributed_bism.evaluation.progress import log_loglik_curve
 from distributed_bism.models import GaussianRBM, unwrap
@@ -88,6 +88,7 @@ class TrainLoop:
         self.logger = logger or RunLogger(None, None)
         self.run_id = run_id
         self.preemption = PreemptionCheck(preemption)  # the just-in-time checkpoint (training/preemption.py)
+        self.preemption_due = False  # agreed by the last run_step
         self.rank, self.world_size = replica.rank, replica.world_size
         self.log = log if self.rank == 0 else (lambda s: None)
         self.ema = EMA(unwrap(replica.energy), cfg.trainer.ema_decay)
@@ -160,13 +161,19 @@ class TrainLoop:
 
     def run_step(self, v: Tensor) -> StepOutput:
         """Schedules, forward_backward, θ's step (skipped on every rank if any rank's loss or
-        gradient is non-finite), EMA. Raises after more than trainer.max_bad_steps skips."""
+        gradient is non-finite), EMA; sets `preemption_due`. Raises after more than
+        trainer.max_bad_steps skips."""
         r = self.replica
         r.energy_updater.set_lr(self.schedules[0].at(self.step))
         if r.posterior_updater is not None:
             r.posterior_updater.set_lr(self.schedules[1].at(self.step))
         out = self.forward_backward(v)
-        if r.energy_updater.step():
+        # One collective decides both: skip θ's step if any rank's gradient is non-finite, and
+        # checkpoint now if any rank heard of a preemption.
+        vote = self.preemption.vote()
+        agreed = all_ranks_agree_each([r.energy_updater.finite()] + ([] if vote is None else [vote]))
+        self.preemption_due = vote is not None and self.preemption.settle(agreed[1])
+        if r.energy_updater.apply(agreed[0]):
             self.ema.update(unwrap(r.energy))
         else:
             self.bad_steps += 1
@@ -375,7 +382,7 @@ class TrainLoop:
             now = time.perf_counter()
             s, at_end = self.step, self.step == t.steps
             logging = s % t.log_interval == 0 or at_end
-            just_in_time = self.preemption.due()  # a collective: every rank, every step
+            just_in_time = self.preemption_due  # agreed in run_step
             ckpt = s % t.checkpoint_every == 0 or at_end or just_in_time
             if just_in_time:
                 self.log(

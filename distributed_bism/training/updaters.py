@@ -34,7 +34,14 @@ class Updater(Protocol):
         """Accumulate d loss / d(own parameters) into their .grad, and nothing else's."""
 
     def step(self) -> bool:
-        """Apply the gradient, unless it is non-finite on some rank; True if applied (same on every rank)."""
+        """Apply the gradient, unless it is non-finite on some rank; True if applied (same on every
+        rank). `apply(all_ranks_agree(finite()))`: a collective."""
+
+    def finite(self) -> bool:
+        """Whether this rank's loss and gradient are finite (no collective)."""
+
+    def apply(self, ok: bool) -> bool:
+        """Step if `ok` (agreed across ranks by the caller), else drop the gradient; returns ok."""
 
     def set_lr(self, lr: float) -> None: ...
 
@@ -77,9 +84,14 @@ class TorchUpdater:
         loss.backward(inputs=self.params)
 
     def step(self) -> bool:
+        return self.apply(all_ranks_agree(self.finite()))
+
+    def finite(self) -> bool:
         grads = [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
-        ok = self._loss_finite and (not grads or bool(torch.stack(grads).all()))  # one device sync, not one per tensor
-        if not all_ranks_agree(ok):
+        return self._loss_finite and (not grads or bool(torch.stack(grads).all()))  # one device sync, not one per tensor
+
+    def apply(self, ok: bool) -> bool:
+        if not ok:
             self.zero_grad()
             return False
         self.optimizer.step()
@@ -126,7 +138,13 @@ class EngineUpdater:
         self.engine.backward(loss)
 
     def step(self) -> bool:
-        if not all_ranks_agree(self._loss_finite):
+        return self.apply(all_ranks_agree(self.finite()))
+
+    def finite(self) -> bool:
+        return self._loss_finite
+
+    def apply(self, ok: bool) -> bool:
+        if not ok:
             self.engine.zero_grad()
             return False
         self.engine.step()

@@ -1,7 +1,8 @@
 """The just-in-time checkpoint across ranks, and on Ray when a node is really drained for preemption.
 
   * 2 gloo ranks (ddp, no Ray): only rank 1 is told, after step 6; both ranks checkpoint at step 6
-    (the decision is a collective), then train on to the end with equal parameters.
+    (the decision is a collective), then train on to the end with equal parameters, and watching
+    for the notice costs no collective of its own (it rides in θ's skip decision).
   * Ray (a private one-node cluster): the run's node is drained with reason PREEMPTION, as the
     autoscaler, `ray drain-node` or a SIGTERM to `ray start` do. Ray Train's watcher tells the
     workers, they write a checkpoint at the next step, and when the drain's deadline passes Ray
@@ -35,7 +36,7 @@ from distributed_bism.training.loop import TrainLoop
 from tests.helpers.local_runs import BASE, checkpoint_dirs, run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: autouse)
 from tests.helpers.private_ray import private_ray
 
-TOLD_AT = 6  # rank 1 is told once it has done this many steps
+TOLD_AT = 6  # rank 1 is told during this step (run_step votes before it counts the step)
 
 
 class Recorder(NoCheckpoints):
@@ -57,10 +58,24 @@ def _rank(rank: int, port: int, out: str, config: dict[str, Any]) -> None:
     try:
         sink = Recorder()
         loop = TrainLoop.from_config(from_dict(Config, config), rank=rank, world_size=2, sink=sink,
-                                     preemption=lambda: rank == 1 and loop.step >= TOLD_AT)
+                                     preemption=lambda: rank == 1 and loop.step + 1 >= TOLD_AT)
+        reduces, per_step = [0], []  # Python-level all-reduces (DDP's own run in C++ and are not counted)
+        all_reduce, run_step = dist.all_reduce, loop.run_step
+
+        def counted_all_reduce(*args: Any, **kwargs: Any) -> Any:
+            reduces[0] += 1
+            return all_reduce(*args, **kwargs)
+
+        def counted_run_step(v: torch.Tensor) -> Any:
+            before = reduces[0]
+            result = run_step(v)
+            per_step.append(reduces[0] - before)
+            return result
+
+        dist.all_reduce, loop.run_step = counted_all_reduce, counted_run_step  # type: ignore[method-assign]
         loop.fit()
         params = {n: p.detach().clone() for n, p in unwrap(loop.replica.energy).named_parameters()}
-        torch.save({"saved": sink.saved, "params": params}, f"{out}.{rank}")
+        torch.save({"saved": sink.saved, "params": params, "reduces_per_step": per_step}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -75,6 +90,8 @@ def test_one_rank_told_checkpoints_every_rank_at_the_same_step(tmp_path: Path) -
     got = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     for r, g in enumerate(got):
         assert [step for step, _ in g["saved"]] == [4, TOLD_AT, 8, 12], f"rank {r}: {g['saved']}"
+        # the vote rides in the skip decision: one per warm-up step (φ's) and one for θ, no more
+        assert g["reduces_per_step"] == [cfg.objective.warmup_steps + 1] * cfg.trainer.steps, (r, g["reduces_per_step"])
     assert "state.pt" in dict(got[0]["saved"])[TOLD_AT]  # rank 0 wrote the whole checkpoint there
     for name, p in got[0]["params"].items():
         assert torch.equal(p, got[1]["params"][name]), name

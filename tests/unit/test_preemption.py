@@ -87,10 +87,15 @@ def test_check_is_due_once_and_only_when_told() -> None:
         calls.append(1)
         return len(calls) >= 3
 
+    def due(check: PreemptionCheck) -> bool:  # one rank: the agreed vote is its own
+        vote = check.vote()
+        return vote is not None and check.settle(vote)
+
     check = PreemptionCheck(told)
-    assert [check.due() for _ in range(6)] == [False, False, True, False, False, False]
+    assert [due(check) for _ in range(6)] == [False, False, True, False, False, False]
     assert len(calls) == 3  # asked no more once the checkpoint was due
-    assert not PreemptionCheck(None).due()
+    assert check.vote() is None  # and nothing left to agree on
+    assert PreemptionCheck(None).vote() is None
 
 
 class NodeLost(Exception):
@@ -98,7 +103,8 @@ class NodeLost(Exception):
 
 
 class Notice:
-    """A fake notice on the loop's own path: told once the loop has done `told_at` steps."""
+    """A fake notice on the loop's own path: told during step `told_at` (run_step votes after the
+    step's forward-backward, before it counts the step)."""
 
     def __init__(self, told_at: int) -> None:
         self.told_at = told_at
@@ -106,7 +112,7 @@ class Notice:
 
     def __call__(self) -> bool:
         assert self.loop is not None
-        return self.loop.step >= self.told_at
+        return self.loop.step + 1 >= self.told_at
 
 
 def fit(cfg: Config, notice: Notice | None = None, lost_at: int | None = None) -> TrainLoop:
