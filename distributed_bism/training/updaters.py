@@ -88,9 +88,8 @@ class TorchUpdater:
 
     def finite(self) -> bool:
         grads = [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
-        return self._loss_finite and (
-            not grads or bool(torch.stack(grads).all())
-        )  # one device sync, not one per tensor
+        # one device sync, not one per tensor
+        return self._loss_finite and (not grads or bool(torch.stack(grads).all()))
 
     def apply(self, ok: bool) -> bool:
         if not ok:
