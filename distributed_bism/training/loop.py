@@ -28,7 +28,7 @@ from distributed_bism.config import Config
 from distributed_bism.core.bilevel import BilevelStep, StepOutput, step_from_config
 from distributed_bism.data.prepare import prepare_data
 from distributed_bism.data.sharding import ShardedBatches
-from distributed_bism.distributed import all_ranks_agree_each, broadcast_object, gather_objects, mean_over_ranks
+from distributed_bism.distributed import all_ranks_agree_each, broadcast_object, mean_over_ranks
 from distributed_bism.evaluation.metrics import EvalContext, run_metrics
 from distributed_bism.evaluation.progress import log_loglik_curve
 from distributed_bism.models import GaussianRBM, unwrap
@@ -45,10 +45,11 @@ from distributed_bism.training.checkpointing import (
     save_state,
 )
 from distributed_bism.training.export import export_model, log_model
+from distributed_bism.training.loop_state import loop_state, restore
 from distributed_bism.training.optim import EMA, LRSchedule
 from distributed_bism.training.preemption import Notice, PreemptionCheck
 from distributed_bism.training.replica import Replica, build_replica
-from distributed_bism.training.resize import RANK_SEED_STRIDE, load_rank_shard, reseed, resplit_objective_states
+from distributed_bism.training.resize import RANK_SEED_STRIDE
 
 PROGRESS_EVERY_S = 5.0  # a progress line at least this often, whatever log_every is
 
@@ -192,25 +193,8 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
-        """The checkpoint dict (see checkpoint.py); a collective: every rank must call it."""
-        r = self.replica
-        rng = gather_objects(torch.get_rng_state())
-        obj = gather_objects(self.objective.state_dict())
-        return {
-            "step": self.step,
-            "world_size": self.world_size,
-            "bad_steps": self.bad_steps,
-            "energy": unwrap(r.energy).state_dict(),
-            "posterior": unwrap(r.posterior).state_dict() if r.posterior is not None else None,
-            "ema": self.ema.state_dict(),
-            # whole, ZeRO's too (gathered from the ranks: a collective), so any world size resumes it
-            "energy_optimizer": r.energy_updater.state_dict(),
-            "posterior_optimizer": r.posterior_updater.state_dict() if r.posterior_updater is not None else None,
-            "rng": rng,
-            "objective": obj,
-            "config": self.cfg.to_yaml(),
-            "mlflow_run_id": self.run_id,
-        }
+        """The checkpoint dict (loop_state.py); a collective: every rank must call it."""
+        return loop_state(self)
 
     def save(self, directory: Path) -> None:
         """Write a checkpoint into `directory` (rank 0: state.pt, every optimiser whole, ZeRO's
@@ -228,32 +212,8 @@ class TrainLoop:
 
     def load(self, directory: Path) -> None:
         """Restore everything `save` wrote, on this run's number of workers whatever the number
-        that wrote it: RNG streams and PCD chains are re-dealt then (training/resize.py)."""
-        r = self.replica
-        state = load_state(directory)
-        unwrap(r.energy).load_state_dict(state["energy"])
-        if r.posterior is not None:
-            unwrap(r.posterior).load_state_dict(state["posterior"])
-        self.ema.load_state_dict(state["ema"])
-        if state["energy_optimizer"] is None:  # a checkpoint with one ZeRO shard per rank (before elastic runs)
-            load_rank_shard(r, directory, state["world_size"])
-        else:
-            r.energy_updater.load_state_dict(state["energy_optimizer"])
-            if r.posterior_updater is not None:
-                r.posterior_updater.load_state_dict(state["posterior_optimizer"])
-        self.step, self.bad_steps = state["step"], state["bad_steps"]
-        self.run_id = self.run_id or state["mlflow_run_id"]
-        if state["world_size"] == self.world_size:
-            torch.set_rng_state(state["rng"][self.rank])
-            self.objective.load_state_dict(state["objective"][self.rank])
-        else:
-            self.log(
-                f"checkpoint was written by {state['world_size']} workers, resuming on {self.world_size}: "
-                "noise streams are re-seeded from the seed, rank and step, so the run is no longer "
-                "bit-for-bit the one a fixed number of workers would give"
-            )
-            reseed(self.cfg.trainer.seed, self.rank, self.step)
-            self.objective.load_state_dict(resplit_objective_states(state["objective"], self.rank, self.world_size))
+        that wrote it (loop_state.restore)."""
+        restore(self, load_state(directory), directory)
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         """Save into a fresh directory and hand it to the sink (every rank). A write that fails
