@@ -4,8 +4,8 @@
 One iteration = N warm-up steps on φ + K unrolled (differentiable) steps + the higher-level
 loss + its backward + the θ optimiser step (docs/methods.md §1). It is measured for every
 implementation in bilevel_impls.py: ours (the default step, with exact batching of the inner
-feature passes), ours unbatched, ours with unroll_checkpoint, ours with share_inner_noise (a
-different estimator, reported as its own series, never as "ours"), the reference formulation on
+feature passes), ours with every stage stacked in one call, ours unbatched, ours with
+unroll_checkpoint, ours with share_inner_noise (a different estimator, reported as its own series, never as "ours"), the reference formulation on
 `higher`, the same on torchopt's functional Adam, and a "floor" that runs the same passes as
 straight-line code. All but ours_shared compute one estimator: the equivalence check compares
 their θ-gradients on one RNG stream in every run.
@@ -204,7 +204,7 @@ def run_child(spec: ChildSpec) -> dict[str, Any]:
                 times[name].setdefault(k, []).append(dt)
                 peaks[name].setdefault(k, []).append(mem.peak_delta_mib())
                 losses[name].setdefault(k, []).append(loss)
-        log("K=%d  " % k + "  ".join(f"{n} {statistics.median(times[n][k]):.4g}s" for n in IMPLS))
+        log(f"K={k}  " + "  ".join(f"{n} {statistics.median(times[n][k]):.4g}s" for n in IMPLS))
     out.update(times_s=times, peak_rss_delta_mib=peaks, losses=losses,
                child_ru_maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out

@@ -10,6 +10,7 @@ from typing import Any
 
 from bilevel_impls import IMPL_LABELS, IMPLS
 
+
 def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
@@ -61,6 +62,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, len(names), figsize=(4.6 * len(names), 7), squeeze=False)
     style: dict[str, dict[str, Any]] = {
         "ours": dict(marker="o", lw=2),
+        "ours_stacked": dict(marker="o", ls="--"),
         "ours_unbatched": dict(marker="o", ls=":"),
         "ours_checkpoint": dict(marker="D", ls="-."),
         "ours_shared": dict(marker="s", ls="--"),

@@ -1,21 +1,24 @@
 """The bi-level iteration written several ways for bench_bilevel.py.
 
     ours             distributed_bism.core.bilevel.step_from_config, as the trainer builds it:
-                     exact batching of the inner feature passes, functional Adam unroll on dicts
-    ours_unbatched   the same step with batch_inner_passes=False (one f(ṽ) call per inner step)
+                     exact batching of the inner feature passes (stacked calls capped by
+                     objective.inner_pass_elements, by default 32768 input elements on a CPU),
+                     functional Adam unroll on dicts
+    ours_stacked     the same step with no cap: every stage's inner inputs in one call
+    ours_unbatched   the same step with inner_pass_elements=0 (one f(ṽ) call per inner step)
     ours_checkpoint  the same step with objective.unroll_checkpoint=True (memory-bounded unroll)
     ours_shared      share_inner_noise=True: a different, cheaper estimator (one inner draw)
     higher           the reference formulation (baofff/BiSM `_update`) on the `higher` library
     torchopt         the same unroll on torchopt's functional Adam (`torchopt.adam`, update +
                      apply_updates with create_graph); its C++ op does not load on our torch, so
                      the Python path runs (recorded by the bench)
-    floor            the same forward and backward passes as straight-line code: the draws, one
-                     batched f(ṽ) call per stage, the loss functions, autograd.grad and an
+    floor            the same forward and backward passes as straight-line code: the draws, f(ṽ)
+                     in the stacked calls ours makes, the loss functions, autograd.grad and an
                      inline Adam, with none of the step's bookkeeping
 
 All but ours_shared compute one estimator; each owns identically seeded models, and
-`equivalence_check` compares their θ-gradients from the same RNG stream. ours, ours_unbatched,
-ours_checkpoint and floor draw every noisy batch of an iteration first; higher and torchopt
+`equivalence_check` compares their θ-gradients from the same RNG stream. ours, ours_stacked,
+ours_unbatched, ours_checkpoint and floor draw every noisy batch of an iteration first; higher and torchopt
 draw as the reference does (one per loss), so they are compared on their own stream.
 """
 
@@ -24,9 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-IMPLS = ("ours", "ours_unbatched", "ours_checkpoint", "ours_shared", "higher", "torchopt", "floor")
+IMPLS = ("ours", "ours_stacked", "ours_unbatched", "ours_checkpoint", "ours_shared", "higher", "torchopt", "floor")
 IMPL_LABELS = {
-    "ours": "ours (batched inner passes, the default)",
+    "ours": "ours (batched inner passes, capped by device: the default)",
+    "ours_stacked": "ours, every stage's inner passes in one call",
     "ours_unbatched": "ours, unbatched inner passes",
     "ours_checkpoint": "ours, unroll_checkpoint=True",
     "ours_shared": "ours, share_inner_noise=True (different estimator)",
@@ -90,7 +94,7 @@ def build_setup(model: str, batch: int, seed: int) -> Setup:
                  torch.optim.Adam(posterior.parameters(), lr, betas=betas), v, lr, betas, obj, n)
 
 
-def objective_config(setup: Setup, unroll_steps: int, **options: bool) -> Any:
+def objective_config(setup: Setup, unroll_steps: int, **options: Any) -> Any:
     from distributed_bism.config import ObjectiveConfig
 
     return ObjectiveConfig(**setup.objective_kwargs, warmup_steps=setup.warmup_steps, unroll_steps=unroll_steps,
@@ -114,13 +118,13 @@ class Impl(Protocol):
 
 class Ours:
     """distributed_bism's BilevelStep, built exactly as the trainer builds it. `options`:
-    share_inner_noise / unroll_checkpoint (config keys); `batched`: exact batching (the default)."""
+    share_inner_noise / unroll_checkpoint / inner_pass_elements (config keys)."""
 
-    def __init__(self, setup: Setup, *, batched: bool = True, **options: bool):
+    def __init__(self, setup: Setup, **options: Any):
         from distributed_bism.core.bilevel import BilevelStep
         from distributed_bism.objectives import get_objective
 
-        self.s, self.options, self.batched = setup, options, batched
+        self.s, self.options = setup, options
         self.objective = get_objective(objective_config(setup, 0, **options))
         self.plain = BilevelStep(self.objective, warmup_steps=1)  # one warm-up step = one plain step
         self.set_unroll(0)
@@ -132,7 +136,6 @@ class Ours:
         cfg = objective_config(self.s, k, **self.options)
         self.objective = get_objective(cfg)
         self.step = step_from_config(self.objective, cfg, posterior_lr=self.s.lr, posterior_betas=self.s.betas)
-        self.step.batch_inner_passes = self.batched
 
     def iteration(self, *, step_theta: bool = True) -> float:
         s = self.s
@@ -272,8 +275,8 @@ class Torchopt(Higher):
 
 class Floor(_Unrolled):
     """The estimator's own passes and nothing else: draw every noisy batch, f(ṽ) of the N warm-up
-    batches in one no-grad call and of the K unrolled ones in one graph-keeping call (conv
-    models), the lower- and higher-level loss functions, autograd.grad, and Adam as a few tensor
+    batches in no-grad calls and of the K unrolled ones in graph-keeping calls, stacked as ours
+    stacks them (conv models), the lower- and higher-level loss functions, autograd.grad, and Adam as a few tensor
     expressions. No step object, updater, dataclass or dict of views in between."""
 
     def _fns(self, xs: list[Any], grad: bool) -> list[Any]:
@@ -282,8 +285,13 @@ class Floor(_Unrolled):
         e = self.s.energy
         if not hasattr(e, "visible_features") or not xs:
             return [e] * len(xs)
+        from distributed_bism.core.bilevel import stack_groups, stack_limit
+
+        feats: list[Any] = []
         with torch.set_grad_enabled(grad):
-            feats = e.visible_features(torch.cat([x.detach() for x in xs])).split(xs[0].shape[0])
+            for group in stack_groups([x.numel() for x in xs], stack_limit(None, xs[0].device)):
+                stacked = torch.cat([xs[i].detach() for i in group])
+                feats.extend(e.visible_features(stacked).split(xs[0].shape[0]))
         return [lambda _x, h, f=f: e.energy_from_features(f, h) for f in feats]
 
     def iteration(self, *, step_theta: bool = True) -> float:
@@ -333,8 +341,10 @@ def make_impl(name: str, model: str, batch: int, seed: int) -> Impl:
     setup = build_setup(model, batch, seed)
     if name == "ours":
         return Ours(setup)
+    if name == "ours_stacked":
+        return Ours(setup, inner_pass_elements=10**12)
     if name == "ours_unbatched":
-        return Ours(setup, batched=False)
+        return Ours(setup, inner_pass_elements=0)
     if name == "ours_checkpoint":
         return Ours(setup, unroll_checkpoint=True)
     if name == "ours_shared":
@@ -348,7 +358,7 @@ def make_impl(name: str, model: str, batch: int, seed: int) -> Impl:
     raise ValueError(name)
 
 
-CHECKED = ("ours_unbatched", "ours_checkpoint", "higher", "torchopt", "floor")  # each against "ours"
+CHECKED = ("ours_stacked", "ours_unbatched", "ours_checkpoint", "higher", "torchopt", "floor")  # each against "ours"
 
 
 def equivalence_check(model: str, batch: int, seed: int, k: int = 2) -> dict[str, Any]:

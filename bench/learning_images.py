@@ -124,8 +124,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from distributed_bism.training.optim import LRSchedule
     from distributed_bism.training.loop import TrainLoop
+    from distributed_bism.training.optim import LRSchedule
 
     cfg = build(job["method"], job["dataset"], job["overrides"])
     loop = TrainLoop.from_config(cfg, log=lambda s: None)

@@ -37,7 +37,6 @@ def category(name: str) -> str:
 
 
 def profile(model: str, batch: int, k: int, iters: int) -> dict[str, Any]:
-    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 

@@ -160,6 +160,11 @@ class ObjectiveConfig:
     # Not the reference estimator: one noise draw for all inner steps of an iteration, so f(ṽ)
     # is computed once. Cheaper unrolling, more correlated inner steps.
     share_inner_noise: bool = False
+    # Exact batching of the inner passes (core/bilevel.py): f at the N warm-up and at the K unrolled
+    # inputs is computed in stacked calls of at most this many input elements (examples × C·H·W).
+    # None: by device, all stacked on a GPU, at most 32768 on a CPU (larger stacks measured slower
+    # there, bench/README.md); 0: one call per input. The numbers are the same either way.
+    inner_pass_elements: int | None = None
     # Recompute each unrolled step in the backward pass instead of keeping its activations:
     # memory about flat in K, for about one more forward per unrolled step. Same hypergradient.
     unroll_checkpoint: bool = False
@@ -183,6 +188,11 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         check_values(self, "objective.")
         check(self.ksd_bandwidth > 0, "objective.ksd_bandwidth", f"must be > 0, got {self.ksd_bandwidth}")
+        check(
+            self.inner_pass_elements is None or self.inner_pass_elements >= 0,
+            "objective.inner_pass_elements",
+            f"must be >= 0 (0: one call per input; null: by device), got {self.inner_pass_elements}",
+        )
         check(self.sgld_steps >= 0, "objective.sgld_steps", f"must be >= 0, got {self.sgld_steps}")
         check(self.sgld_step_size > 0, "objective.sgld_step_size", f"must be > 0, got {self.sgld_step_size}")
         check(

@@ -11,10 +11,13 @@
 Single-level objectives (DSM, SSM, CD ...) skip 0, 1, 2 and 4. The caller steps θ's optimiser.
 
 Exact batching. For an energy that splits into visible features f(v) and E(f, h) (the conv
-EBLVM), f at the N warm-up inputs is one no-grad call on the N·B stacked inputs, and f at the K
-unrolled inputs one call that keeps the graph: the inputs do not depend on φ, so this computes
-the same numbers as N + K separate calls, in 2 calls. The outer batch keeps its own call: its
-score needs ∇_v f, whose backward would otherwise run over all (K+1)·B inputs.
+EBLVM), f at the N warm-up inputs is computed in no-grad calls on stacked inputs, and f at the K
+unrolled inputs in calls that keep the graph: the inputs do not depend on φ, so this computes the
+same numbers as N + K separate calls, in fewer. How many inputs one call stacks is capped by
+`objective.inner_pass_elements` (auto: all of them on a GPU, where each call costs a launch; at
+most CPU_STACK_ELEMENTS input elements on a CPU, where larger stacks run slower per example).
+The outer batch keeps its own call: its score needs ∇_v f, whose backward would otherwise run
+over all (K+1)·B inputs.
 
 `energy` and `posterior` may be DDP / DeepSpeed wrappers: the higher-level loss calls the
 energy's *wrapper* forward and the warm-up calls the posterior's wrapper forward, because a
@@ -81,20 +84,56 @@ def inner_energy_fn(energy: nn.Module, x: Tensor, *, frozen: bool) -> EnergyFn:
     return inner_energy_fns(energy, [x], frozen=frozen)[0]
 
 
-def inner_energy_fns(energy: nn.Module, xs: Sequence[Tensor], *, frozen: bool, batched: bool = True) -> list[EnergyFn]:
-    """`inner_energy_fn` at each x of `xs` (each (B, ...)); f at all of them in one call when
-    `batched` (f is per example, so the stacked call gives the same numbers). An x that appears
-    more than once (shared inner noise) is computed once."""
+# "auto" on a CPU: at most this many input elements (examples × C·H·W) per stacked f call. Below
+# it a stacked call is cheaper than separate ones (fewer calls); above it the stacked activations
+# fall out of cache and a call is slower per example (bench/README.md, "Exact batching").
+CPU_STACK_ELEMENTS = 32768
+
+
+def stack_limit(inner_pass_elements: int | None, device: torch.device) -> int | None:
+    """The most input elements one stacked f call may take (None: no limit), for the config
+    value `objective.inner_pass_elements` (None: auto, by device) on `device`."""
+    if inner_pass_elements is not None:
+        return inner_pass_elements
+    return None if device.type == "cuda" else CPU_STACK_ELEMENTS
+
+
+def stack_groups(sizes: Sequence[int], limit: int | None) -> list[list[int]]:
+    """Consecutive indices of inputs of `sizes` elements each, grouped so that a group's total
+    is at most `limit` (None: one group). A group holds at least one input, whatever its size,
+    so limit 0 gives one call per input."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if groups and (limit is None or total + n <= limit):
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
+
+
+def inner_energy_fns(
+    energy: nn.Module, xs: Sequence[Tensor], *, frozen: bool, max_elements: int | None = None
+) -> list[EnergyFn]:
+    """`inner_energy_fn` at each x of `xs` (each (B, ...)), with f computed on stacked inputs of
+    at most `max_elements` elements per call (None: all in one call). f is per example, so a
+    stacked call gives the same numbers as separate ones. An x that appears more than once
+    (shared inner noise) is computed once."""
     if not hasattr(energy, "visible_features"):
         return [energy] * len(xs)
     featured = cast(_FeatureEnergy, energy)
     unique: dict[int, Tensor] = {id(x): x.detach() for x in xs}
+    inputs = list(unique.values())
+    chunks: list[Tensor] = []
     with torch.no_grad() if frozen else nullcontext():
-        if batched and len(unique) > 1:
-            stacked = featured.visible_features(torch.cat(list(unique.values())))
-            chunks = stacked.split([x.shape[0] for x in unique.values()])
-        else:
-            chunks = tuple(featured.visible_features(x) for x in unique.values())
+        for group in stack_groups([x.numel() for x in inputs], max_elements):
+            part = [inputs[i] for i in group]
+            if len(part) == 1:
+                chunks.append(featured.visible_features(part[0]))
+            else:
+                chunks.extend(featured.visible_features(torch.cat(part)).split([x.shape[0] for x in part]))
     feats = dict(zip(unique, chunks))
 
     def fn_for(f: Tensor) -> EnergyFn:
@@ -132,8 +171,9 @@ class BilevelStep:
         unroll_optimizer: the differentiable optimiser of step 2 (functional SGD or Adam).
         share_inner_noise: draw one noisy batch for all N + K inner steps of an iteration (not
             the reference estimator; makes the unroll much cheaper for the conv EBLVM).
-        batch_inner_passes: compute f at the N warm-up and at the K unrolled inputs in one call
-            each (exact; see the module docstring). False: one call per input.
+        inner_pass_elements: compute f at the N warm-up and at the K unrolled inputs in stacked
+            calls of at most this many input elements (exact; see the module docstring). None:
+            by device (`stack_limit`); 0: one call per input.
         unroll_checkpoint: recompute each unrolled step in the backward pass instead of keeping
             its activations, so that memory stays about flat in K (same hypergradient; f is then
             computed per step, inside its checkpoint).
@@ -147,7 +187,7 @@ class BilevelStep:
         unroll_steps: int = 0,
         unroll_optimizer: FunctionalOptimizer | None = None,
         share_inner_noise: bool = False,
-        batch_inner_passes: bool = True,
+        inner_pass_elements: int | None = None,
         unroll_checkpoint: bool = False,
     ):
         if warmup_steps < 0 or unroll_steps < 0:
@@ -156,7 +196,7 @@ class BilevelStep:
         self.warmup_steps, self.unroll_steps = warmup_steps, unroll_steps
         self.unroll_optimizer = unroll_optimizer or SGD(1e-3)
         self.share_inner_noise = share_inner_noise
-        self.batch_inner_passes = batch_inner_passes
+        self.inner_pass_elements = inner_pass_elements
         self.unroll_checkpoint = unroll_checkpoint
 
     # ------------------------------------------------------------------ stages
@@ -189,7 +229,8 @@ class BilevelStep:
         if batches is None:
             batches = [self.objective.perturbation(v) for _ in range(self.warmup_steps)]
         with frozen(unwrap(energy)):
-            fns = inner_energy_fns(unwrap(energy), [b.x for b in batches], frozen=True, batched=self.batch_inner_passes)
+            limit = stack_limit(self.inner_pass_elements, v.device)
+            fns = inner_energy_fns(unwrap(energy), [b.x for b in batches], frozen=True, max_elements=limit)
             last = None
             for batch, energy_fn in zip(batches, fns):
                 loss = self.objective.inner_loss(energy_fn, q, batch).mean()
@@ -219,7 +260,8 @@ class BilevelStep:
             batches = [shared] * self.unroll_steps
         fns: list[EnergyFn] | None = None
         if batches is not None and not self.unroll_checkpoint:
-            fns = inner_energy_fns(core, [b.x for b in batches], frozen=False, batched=self.batch_inner_passes)
+            limit = stack_limit(self.inner_pass_elements, v.device)
+            fns = inner_energy_fns(core, [b.x for b in batches], frozen=False, max_elements=limit)
 
         def inner_loss(phi_k: ParamDict, k: int) -> Tensor:
             batch = batches[k] if batches is not None else self.objective.perturbation(v)
@@ -313,5 +355,6 @@ def step_from_config(
         unroll_steps=cfg.unroll_steps,
         unroll_optimizer=opt,
         share_inner_noise=cfg.share_inner_noise,
+        inner_pass_elements=cfg.inner_pass_elements,
         unroll_checkpoint=cfg.unroll_checkpoint,
     )

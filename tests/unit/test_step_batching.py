@@ -12,8 +12,8 @@ import weakref
 import pytest
 import torch
 
-from distributed_bism.config import ObjectiveConfig
-from distributed_bism.core.bilevel import BilevelStep
+from distributed_bism.config import ConfigError, ObjectiveConfig
+from distributed_bism.core.bilevel import CPU_STACK_ELEMENTS, BilevelStep, stack_groups, stack_limit, step_from_config
 from distributed_bism.core.unroll import Adam
 from distributed_bism.objectives import get_objective
 from tests.helpers.tiny_models import tiny_conv, tiny_grbm
@@ -41,7 +41,7 @@ def _run(model: str, **step_kw):
 
 
 @pytest.mark.parametrize("model", ["conv", "grbm"])
-@pytest.mark.parametrize("variant", [{"batch_inner_passes": False}, {"unroll_checkpoint": True}])
+@pytest.mark.parametrize("variant", [{"inner_pass_elements": 0}, {"inner_pass_elements": 512}, {"unroll_checkpoint": True}])
 def test_batched_step_equals_unbatched_and_checkpointed_on_the_same_noise(float64, model, variant):
     grad, phi, loss, _ = _run(model)
     grad2, phi2, loss2, _ = _run(model, **variant)
@@ -52,11 +52,38 @@ def test_batched_step_equals_unbatched_and_checkpointed_on_the_same_noise(float6
 
 
 def test_batched_step_computes_the_visible_features_in_one_call_per_stage(float64):
-    """N warm-up inputs in one call, K unrolled inputs in one, the outer batch in its own."""
+    """By default on a CPU (each input 4 × 1·8·8 = 256 elements, far below the cap): N warm-up
+    inputs in one call, K unrolled inputs in one, the outer batch in its own."""
     *_, calls = _run("conv")
     assert calls == [N * 4, K * 4, 4]
-    *_, unbatched = _run("conv", batch_inner_passes=False)
+    *_, unbatched = _run("conv", inner_pass_elements=0)
     assert unbatched == [4] * (N + K + 1)
+    *_, pairs = _run("conv", inner_pass_elements=512)  # two inputs of 256 elements per call
+    assert pairs == [8, 4, 8, 4, 4]
+
+
+def test_stack_groups_cap_each_call_and_keep_every_input_once():
+    assert stack_groups([3, 3, 3], None) == [[0, 1, 2]]
+    assert stack_groups([3, 3, 3], 0) == [[0], [1], [2]]
+    assert stack_groups([3, 3, 3], 6) == [[0, 1], [2]]
+    assert stack_groups([3, 3, 3], 5) == [[0], [1], [2]]
+    assert stack_groups([9, 2, 2], 4) == [[0], [1, 2]]  # an input above the cap still gets its call
+    assert stack_groups([], 4) == []
+
+
+def test_stack_limit_is_by_device_unless_configured():
+    assert stack_limit(None, torch.device("cpu")) == CPU_STACK_ELEMENTS
+    assert stack_limit(None, torch.device("cuda")) is None  # all stacked: each call costs a launch
+    assert stack_limit(0, torch.device("cuda")) == 0
+    assert stack_limit(4096, torch.device("cpu")) == 4096
+
+
+def test_inner_pass_elements_is_a_config_key():
+    objective_cfg = ObjectiveConfig(name="bimdsm", lower_level="fisher", unroll_steps=1, inner_pass_elements=512)
+    step = step_from_config(get_objective(objective_cfg), objective_cfg, posterior_lr=1e-3)
+    assert step.inner_pass_elements == 512
+    with pytest.raises(ConfigError, match=r"^objective\.inner_pass_elements: must be >= 0"):
+        ObjectiveConfig(inner_pass_elements=-1)
 
 
 class _Held:
