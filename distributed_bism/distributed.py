@@ -8,7 +8,7 @@
     mean_over_ranks(x)          the mean of a float over ranks, on every rank
     sum_over_ranks(t)           the elementwise sum of every rank's same-shaped tensor, on every rank
     all_ranks_agree(ok)         True on every rank iff ok is True on every rank
-    all_ranks_agree_each(oks)   the same for several flags, in one collective
+    all_ranks_agree_each(oks)   the same for several flags (bools or device tensors), in one collective
     gather_rows(t)              every rank's (n_rank, ...) tensor concatenated along dim 0, in rank order
     share(n, rank, world)       [start, stop) of rank's part of n items (not a collective)
 
@@ -119,21 +119,23 @@ def share(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def all_ranks_agree(ok: bool) -> bool:
+def all_ranks_agree(ok: bool | Tensor) -> bool:
     """True on every rank iff `ok` is True on every rank: a MIN all-reduce of one flag, so a step
     that is bad on any rank is skipped on all of them and their weights stay equal."""
     return all_ranks_agree_each([ok])[0]
 
 
-def all_ranks_agree_each(oks: Sequence[bool]) -> list[bool]:
+def all_ranks_agree_each(oks: Sequence[bool | Tensor]) -> list[bool]:
     """[all_ranks_agree(ok) for ok in oks] in one MIN all-reduce of len(oks) flags (the loop's
-    per-step decisions share one collective). The same number of flags on every rank."""
+    per-step decisions share one collective). The same number of flags on every rank. A flag may
+    be a one-element bool tensor still on its device (an updater's `finite()`), so that its
+    caller never waits for the device: the wait happens here, once (the collective's own)."""
     _, world = rank_and_world()
-    if world == 1:
-        return list(oks)
-    flags = torch.tensor([1.0 if ok else 0.0 for ok in oks], device=collective_device())
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    return [bool(f > 0) for f in flags.tolist()]
+    device = collective_device() if world > 1 else torch.device("cpu")
+    flags = torch.stack([torch.as_tensor(ok).reshape(()).to(device, torch.float32) for ok in oks])
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [f > 0 for f in flags.tolist()]
 
 
 def gather_rows(local: Tensor) -> Tensor:

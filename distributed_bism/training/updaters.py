@@ -35,10 +35,11 @@ class Updater(Protocol):
 
     def step(self) -> bool:
         """Apply the gradient, unless it is non-finite on some rank; True if applied (same on every
-        rank). `apply(all_ranks_agree(finite()))`: a collective."""
+        rank). `apply(all_ranks_agree(finite()))`: a collective, and one device sync."""
 
-    def finite(self) -> bool:
-        """Whether this rank's loss and gradient are finite (no collective)."""
+    def finite(self) -> Tensor:
+        """Whether this rank's loss and gradient are finite: a bool tensor on their device (no
+        collective, no device sync; `distributed.all_ranks_agree` reads it)."""
 
     def apply(self, ok: bool) -> bool:
         """Step if `ok` (agreed across ranks by the caller), else drop the gradient; returns ok."""
@@ -72,13 +73,13 @@ class TorchUpdater:
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.touch_all = touch_all
-        self._loss_finite = True
+        self._loss_finite: Tensor | None = None  # set by backward, read by finite
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: Tensor) -> None:
-        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        self._loss_finite = torch.isfinite(loss.detach()).all()
         if self.touch_all:
             loss = loss + sum(p.sum() for p in self.params) * 0.0
         loss.backward(inputs=self.params)
@@ -86,10 +87,11 @@ class TorchUpdater:
     def step(self) -> bool:
         return self.apply(all_ranks_agree(self.finite()))
 
-    def finite(self) -> bool:
-        grads = [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
-        # one device sync, not one per tensor
-        return self._loss_finite and (not grads or bool(torch.stack(grads).all()))
+    def finite(self) -> Tensor:
+        flags = [torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
+        if self._loss_finite is not None:
+            flags.append(self._loss_finite.to(flags[0].device) if flags else self._loss_finite)
+        return torch.stack(flags).all() if flags else torch.tensor(True)
 
     def apply(self, ok: bool) -> bool:
         if not ok:
@@ -129,19 +131,19 @@ class EngineUpdater:
         self.engine, self.zero_stage = engine, zero_stage
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.sharded = zero_stage >= 1
-        self._loss_finite = True
+        self._loss_finite = torch.tensor(True)  # set by backward, read by finite
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
     def backward(self, loss: Tensor) -> None:
-        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+        self._loss_finite = torch.isfinite(loss.detach()).all()
         self.engine.backward(loss)
 
     def step(self) -> bool:
         return self.apply(all_ranks_agree(self.finite()))
 
-    def finite(self) -> bool:
+    def finite(self) -> Tensor:
         return self._loss_finite
 
     def apply(self, ok: bool) -> bool:

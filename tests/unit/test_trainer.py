@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from distributed_bism import train
-from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, load_state, save_state
 from distributed_bism.config import Config, ConfigError, from_dict
+from distributed_bism.training.checkpointing import STATE_FILE, CheckpointError, load_state, save_state
 from distributed_bism.training.loop import TrainLoop
 from tests.helpers.local_runs import assert_same, checkpoint_dirs, run_dir, scratch_cwd, snapshot, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
@@ -285,3 +285,27 @@ def test_summary_ends_with_the_last_evaluation_judged(tmp_path: Path, capsys: py
     assert lines == ["classifier-FID 21.0, 25.0 for marginal_langevin samples  (lower is better; held-out data 12.3, "
                      "uniform noise 208.0)"]
     assert judged({"eval/test_loglik": -1.0}) == []
+
+
+def test_an_optimiser_step_reads_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The skip decision of one step (loss and every gradient finite?) reaches the host in one
+    read, not one per check: on a GPU each read waits for the device. Counted on the CPU through
+    the tensor-to-host conversions the decision could use; an infinite loss with finite
+    gradients is still skipped."""
+    from distributed_bism.training.updaters import TorchUpdater
+
+    reads = []
+    for name in ("__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: (reads.append(_n), _o(t, *a))[1])
+    model = torch.nn.Linear(3, 2)
+    updater = TorchUpdater(torch.optim.SGD(model.parameters(), lr=0.1))
+    updater.backward(model(torch.ones(4, 3)).sum())
+    reads.clear()
+    assert updater.step()
+    assert len(reads) == 1, reads
+    updater.zero_grad()
+    updater.backward(model(torch.ones(4, 3)).sum() * 0.0 + float("inf"))  # gradient finite, loss not
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not updater.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
