@@ -1,5 +1,7 @@
 #!/usr/bin/env python
 """GPU check (issue 16, item 6): what a lent CUDA machine should tell us, in one run of ~7 minutes.
+This file is the driver; the stages are gpu_grad.py, gpu_deepspeed.py and gpu_step.py, and
+gpu_common.py holds what they share.
 
 Three stages, each in its own subprocess with its own time budget; a stage that fails, hangs or
 runs out of time is recorded as such and the others still run:
@@ -27,7 +29,10 @@ runs out of time is recorded as such and the others still run:
                   (conv EBLVM 1×32×32, ch 64, h 20, one block per stage; batch 16 and 64) and at
                   CIFAR size (3×32×32, ch 128, h 50, two blocks per stage, as
                   configs/cifar10_bimdsm.yaml); BiMDSM, Fisher lower level, Adam 1e-4 (0.9, 0.95),
-                  as bench/bilevel_impls.py's conv setup. Timed with CUDA events between
+                  as bench/bilevel_impls.py's conv setup. At each K the default step (inner
+                  passes stacked: objective.inner_pass_elements is "by device", no cap on CUDA)
+                  and the same step unbatched (inner_pass_elements 0) are timed alternately, so
+                  the JSON says what stacking gains on the GPU. Timed with CUDA events between
                   torch.cuda.synchronize() calls. It builds everything from the package's config
                   classes and builders and does not import bench_bilevel.py or bilevel_impls.py.
 
@@ -69,15 +74,11 @@ is part of the JSON: the image's torch (2.11 when last seen) is not the project'
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,9 +88,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python3 bench/gpu_check.py` with no install of the package
-    sys.path.insert(0, str(REPO))
+from gpu_common import REPO, error_line, last_line, write_json  # gpu_common puts REPO on sys.path
+from gpu_deepspeed import stage_deepspeed_bf16
+from gpu_grad import stage_nccl_grad
+from gpu_step import stage_step_bench
 
 STAGES = ("nccl_grad", "deepspeed_bf16", "step_bench")
 # Seconds per stage (step_bench: whatever is left of --budget). A stage's subprocess is killed at
@@ -101,507 +103,6 @@ BUDGETS = {
     "cpu-smoke": (300, {"nccl_grad": 120, "deepspeed_bf16": 120}),
 }
 MIN_STAGE_S = 15  # a stage with less than this left is skipped, not started
-GRAD_KS = (0, 3)  # as tests/distributed/test_distributed.py's KS
-REL_TOL = {"cpu": 1e-6, "cuda": 1e-5}  # the test's 1e-6 on CPU; CUDA kernels may sum in another order
-
-
-# ============================================================================ small helpers
-def last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def error_line(e: BaseException) -> str:
-    """The last line of an exception's message (mp.spawn puts the child's traceback in it)."""
-    return last_line(str(e)) or type(e).__name__
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    tmp.replace(path)
-
-
-def grad_config(strategy: str, world: int, k: int, out_dir: str, **trainer: Any) -> Any:
-    """tests/distributed/test_distributed.py's tiny_config (BiDSM on the checkerboard GRBM), with K = k
-    and no warm-up (N = 0): the one-step check's configuration."""
-    from distributed_bism.config import Config, from_dict
-
-    return from_dict(
-        Config,
-        {
-            "data": {"name": "checkerboard", "n_train": 256, "n_test": 64},
-            "model": {"name": "grbm", "h_dim": 4, "init": "small", "init_std": 0.1},
-            "posterior": {"name": "bernoulli", "temperature": 0.5},
-            "objective": {
-                "name": "bidsm",
-                "sigma": 0.1,
-                "warmup_steps": 0,
-                "unroll_steps": k,
-                "unroll_optimizer": "adam",
-            },
-            "optim": {"lr": 1e-2, "posterior_lr": 1e-2},
-            "trainer": {
-                "name": f"gpu-check-{strategy}",
-                "strategy": strategy,
-                "num_workers": world,
-                "batch_size": 16,
-                "max_failures": 0,
-                "output_dir": out_dir,
-                **trainer,
-            },
-            "tracking": {"enabled": False},
-        },
-    )
-
-
-def energy_grads(module: Any) -> dict[str, Any]:
-    """θ's .grad by name, on the CPU in fp32 (zeros where a parameter got none: the GRBM's c at K = 0)."""
-    import torch
-
-    from distributed_bism.models import unwrap
-
-    return {
-        n: (torch.zeros_like(p) if p.grad is None else p.grad).detach().float().cpu().clone()
-        for n, p in unwrap(module).named_parameters()
-    }
-
-
-# ============================================================================ stage: nccl_grad
-def _rng_state(device: Any) -> tuple[Any, Any]:
-    import torch
-
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _set_rng_state(state: tuple[Any, Any], device: Any) -> None:
-    import torch
-
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def grad_rank(rank: int, world: int, backend: str, device_type: str, port: int, out_dir: str, ks: list[int]) -> None:
-    """One rank (torch.multiprocessing.spawn): for each K, the gradient DDP applied and this rank's
-    single-process hypergradient on the same batch and noise, to <out_dir>/rank{r}.pt."""
-    import torch
-    import torch.distributed as dist
-
-    from distributed_bism.training.loop import TrainLoop
-
-    torch.set_num_threads(1)
-    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        out: dict[int, dict[str, Any]] = {}
-        for k in ks:
-            cfg = grad_config("ddp", world, k, out_dir)
-            loop = TrainLoop.from_config(cfg, rank=rank, world_size=world, device=device)
-            batch = loop.batches(0)
-            rng = _rng_state(device)
-            loop.forward_backward(batch)  # DDP (world 2): θ's .grad averaged over the ranks
-            applied = energy_grads(loop.replica.energy)
-            local_cfg = dataclasses.replace(
-                cfg, trainer=dataclasses.replace(cfg.trainer, strategy="local", num_workers=1)
-            )
-            local = TrainLoop.from_config(local_cfg, device=device)
-            _set_rng_state(rng, device)
-            local.forward_backward(batch)
-            rec: dict[str, Any] = {"applied": applied, "own": energy_grads(local.replica.energy)}
-            if world == 1:  # nothing to average: at least one collective on this backend, on this device
-                flat = torch.cat([g.flatten() for g in applied.values()]).to(device)
-                reduced = flat.clone()
-                dist.all_reduce(reduced)
-                rec["all_reduce_equal"] = bool(torch.equal(reduced, flat))
-            out[k] = rec
-        dist.barrier()
-        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def compare_ranks(out_dir: Path, world: int, tol: float) -> dict[str, Any]:
-    """The test's check_ranks, one-step part: applied gradient = mean over ranks of the shards'."""
-    import torch
-
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
-    per_k: dict[str, Any] = {}
-    ok = True
-    for k in ranks[0]:
-        own = [ranks[r][k]["own"] for r in range(world)]
-        mean = {n: sum(o[n] for o in own) / world for n in own[0]}
-        scale = max(m.abs().max().item() for m in mean.values())
-        rec: dict[str, Any] = {}
-        if world > 1:
-            spread = max((own[0][n] - own[1][n]).abs().max().item() for n in mean)
-            rec["shard_spread_rel"] = spread / max(scale, 1e-30)
-            rec["shards_differ"] = spread > 1e-3 * scale
-            ok &= rec["shards_differ"]
-        err = max(
-            (ranks[r][k]["applied"][n] - mean[n]).abs().max().item() / max(1.0, mean[n].abs().max().item())
-            for r in range(world)
-            for n in mean
-        )
-        rec["max_rel_err"], rec["equal_to_mean"] = err, err <= tol
-        ok &= rec["equal_to_mean"]
-        if "all_reduce_equal" in ranks[0][k]:
-            rec["all_reduce_equal"] = all(ranks[r][k]["all_reduce_equal"] for r in range(world))
-            ok &= rec["all_reduce_equal"]
-        per_k[str(k)] = rec
-    return {"passed": bool(ok), "per_k": per_k, "tolerance": tol}
-
-
-def grad_attempt(backend: str, world: int, device_type: str, seconds: float) -> dict[str, Any]:
-    """Spawn `world` ranks on one device, wait at most `seconds`, then compare their gradients."""
-    import torch.multiprocessing as mp
-
-    rec: dict[str, Any] = {
-        "backend": backend,
-        "world_size": world,
-        "device": "cuda:0" if device_type == "cuda" else "cpu",
-        "averaging_checked": world > 1,
-    }
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu_check_grad_") as tmp:
-        ctx = mp.spawn(
-            grad_rank, args=(world, backend, device_type, free_port(), tmp, list(GRAD_KS)), nprocs=world, join=False
-        )
-        try:
-            while not ctx.join(timeout=1.0):
-                if time.perf_counter() - t0 > seconds:
-                    for p in ctx.processes:  # the ranks this call started
-                        if p.is_alive():
-                            p.kill()
-                    raise TimeoutError(f"{backend} world {world}: no result within {seconds:.0f} s")
-            rec.update(compare_ranks(Path(tmp), world, REL_TOL[device_type]))
-            rec["status"] = "ok" if rec["passed"] else "failed"
-            if not rec["passed"]:
-                rec["error"] = f"gradient check failed: {json.dumps(rec['per_k'])}"
-        except Exception as e:  # recorded; the caller decides on a fallback
-            rec["status"], rec["error"] = "failed", error_line(e)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
-    return rec
-
-
-def stage_nccl_grad(args: argparse.Namespace, budget: float, report: Callable[[dict], None]) -> dict[str, Any]:
-    if args.cpu_smoke:  # gloo stands in for nccl; 2 ranks on the CPU
-        attempts = [grad_attempt("gloo", 2, "cpu", budget - 5)]
-        report({"attempts": attempts})
-        ok = attempts[0]["status"] == "ok"
-        return {
-            "attempts": attempts,
-            "status": "ok" if ok else "failed",
-            "ran": "gloo world 2 (cpu-smoke)",
-            **({} if ok else {"error": attempts[0]["error"]}),
-        }
-    t_end = time.perf_counter() + budget - 5
-    first = grad_attempt("nccl", 2, "cuda", 0.45 * budget)
-    attempts = [first]
-    report({"attempts": attempts})
-    if first["status"] == "ok":
-        return {"attempts": attempts, "status": "ok", "ran": "nccl world 2 on cuda:0"}
-    # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): nccl alone, and the averaging with gloo
-    for backend, world in (("nccl", 1), ("gloo", 2)):
-        left = t_end - time.perf_counter()
-        if left < 10:
-            attempts.append({"backend": backend, "world_size": world, "status": "skipped", "error": "no time left"})
-        else:
-            attempts.append(grad_attempt(backend, world, "cuda", left / (2 if world == 1 else 1)))
-        report({"attempts": attempts})
-    ok = all(a["status"] == "ok" for a in attempts[1:])
-    ran = "nccl world 2 refused; " + ", ".join(
-        f"{a['backend']} world {a['world_size']}: {a['status']}" for a in attempts[1:]
-    )
-    bad = [a for a in attempts[1:] if a["status"] != "ok"]
-    return {
-        "attempts": attempts,
-        "status": "ok" if ok else "failed",
-        "ran": ran,
-        **({} if ok else {"error": f"{bad[0]['backend']} world {bad[0]['world_size']}: {bad[0].get('error', '')}"}),
-    }
-
-
-# ============================================================================ stage: deepspeed_bf16
-def ds_case(k: int, cast_bf16: bool, device: Any, out_dir: str) -> dict[str, Any]:
-    """One TrainLoop.run_step with strategy deepspeed, ZeRO-1, bf16: loss finite, not skipped, θ changed."""
-    import torch
-
-    from distributed_bism.models import unwrap
-    from distributed_bism.training.loop import TrainLoop
-
-    t0 = time.perf_counter()
-    rec: dict[str, Any] = {
-        "unroll_steps": k,
-        "batch_dtype": "bfloat16" if cast_bf16 else "float32 (as the trainer passes it)",
-    }
-    try:
-        cfg = grad_config("deepspeed", 1, k, out_dir, zero_stage=1, precision="bf16")
-        cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, warmup_steps=2))
-        loop = TrainLoop.from_config(cfg, device=device)
-        energy = unwrap(loop.replica.energy)
-        before = {n: p.detach().float().clone() for n, p in energy.named_parameters()}
-        rec["param_dtypes"] = sorted({str(p.dtype) for p in energy.parameters()})
-        v = loop.batches(0)
-        out = loop.run_step(v.to(torch.bfloat16) if cast_bf16 else v)
-        loss = float(out.loss.float())
-        changed = {n: (p.detach().float() - before[n]).abs().max().item() for n, p in energy.named_parameters()}
-        rec.update(loss=loss, loss_finite=math.isfinite(loss), skipped_steps=loop.bad_steps, max_change=changed)
-        ok = math.isfinite(loss) and loop.bad_steps == 0 and max(changed.values()) > 0
-        rec["status"] = "ok" if ok else "failed"
-        if not ok:
-            rec["error"] = f"loss {loss}, skipped steps {loop.bad_steps}, largest change of θ {max(changed.values())}"
-    except Exception as e:
-        rec["status"], rec["error"] = "failed", error_line(e)
-        rec["traceback_tail"] = traceback.format_exc().strip().splitlines()[-8:]
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
-    return rec
-
-
-def stage_deepspeed_bf16(args: argparse.Namespace, budget: float, report: Callable[[dict], None]) -> dict[str, Any]:
-    import torch
-    import torch.distributed as dist
-
-    device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", 0)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    res: dict[str, Any] = {"zero_stage": 1, "precision": "bf16", "model": "checkerboard GRBM h 4, Bernoulli posterior"}
-    try:
-        res["deepspeed_version"] = importlib.metadata.version("deepspeed")
-        import deepspeed  # noqa: F401  (a missing install fails here, with its own message)
-    except Exception as e:
-        return {**res, "status": "failed", "error": f"deepspeed not importable: {error_line(e)}"}
-    # one process: the variables a launcher would set (DeepSpeed reads LOCAL_RANK itself)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo" if args.cpu_smoke else "nccl", init_method="env://", rank=0, world_size=1)
-    with tempfile.TemporaryDirectory(prefix="gpu_check_ds_") as tmp:
-        # The stage's check: the trainer's own path, an fp32 batch into bf16 engines, K = 1.
-        res["step"] = ds_case(1, False, device, tmp)
-        report(res)
-        # A probe beside it (recorded, not the stage's status): K = 0 with the batch already bf16.
-        res["probes"] = {}
-        for name, k, cast in (("k0_bf16_batch", 0, True),):
-            res["probes"][name] = ds_case(k, cast, device, tmp)
-            report(res)
-    dist.destroy_process_group()
-    res["status"] = res["step"]["status"]
-    if res["status"] != "ok":
-        res["error"] = res["step"]["error"]
-    return res
-
-
-# ============================================================================ stage: step_bench
-@dataclasses.dataclass(frozen=True)
-class BenchSize:
-    name: str
-    shape: tuple[int, int, int]
-    ch: int
-    h_dim: int
-    blocks_per_stage: int
-    batch: int
-
-
-def reference(batch: int) -> BenchSize:
-    """bench/bilevel_impls.py's conv setup: ConvEBLVM((1, 32, 32), 20, ch=64, blocks_per_stage=1)."""
-    return BenchSize(f"ref-b{batch}", (1, 32, 32), ch=64, h_dim=20, blocks_per_stage=1, batch=batch)
-
-
-def cifar(batch: int) -> BenchSize:
-    """configs/cifar10_bimdsm.yaml's model: 3×32×32, ch 128, h_dim 50, two blocks per stage."""
-    return BenchSize(f"cifar-b{batch}", (3, 32, 32), ch=128, h_dim=50, blocks_per_stage=2, batch=batch)
-
-
-BENCH_PLANS: dict[str, dict[str, Any]] = {
-    # most telling first: step_bench stops where its budget ends
-    "full": {
-        "sizes": [reference(16), cifar(16), reference(64), cifar(64)],
-        "ks": (0, 1, 5, 10),
-        "warmup_steps": 5,
-        "repeats": 3,
-    },
-    "quick": {"sizes": [reference(16), cifar(16)], "ks": (0, 1, 5, 10), "warmup_steps": 5, "repeats": 2},
-    "cpu-smoke": {
-        "sizes": [BenchSize("tiny-b4", (1, 8, 8), ch=8, h_dim=4, blocks_per_stage=0, batch=4)],
-        "ks": (0, 1),
-        "warmup_steps": 2,
-        "repeats": 1,
-    },
-}
-
-
-class Iteration:
-    """One bi-level iteration of the package's step on the conv EBLVM, as the trainer builds it
-    (config classes, model builders, get_objective, step_from_config); set_k rebuilds the step."""
-
-    LR, BETAS = 1e-4, (0.9, 0.95)
-
-    def __init__(self, size: BenchSize, warmup_steps: int, device: Any):
-        import torch
-
-        from distributed_bism.config import ModelConfig, PosteriorConfig
-        from distributed_bism.models import build_energy, build_posterior
-
-        torch.manual_seed(0)
-        model = ModelConfig(name="conv", h_dim=size.h_dim, ch=size.ch, blocks_per_stage=size.blocks_per_stage)
-        self.energy = build_energy(model, size.shape).to(device)
-        self.posterior = build_posterior(PosteriorConfig(name="gaussian", encoder="conv"), size.shape, size.h_dim).to(
-            device
-        )
-        self.opt_e = torch.optim.Adam(self.energy.parameters(), self.LR, betas=self.BETAS)
-        self.opt_q = torch.optim.Adam(self.posterior.parameters(), self.LR, betas=self.BETAS)
-        self.v = torch.rand(size.batch, *size.shape, device=device)
-        self.warmup_steps = warmup_steps
-        self.params = {
-            "energy": sum(p.numel() for p in self.energy.parameters()),
-            "posterior": sum(p.numel() for p in self.posterior.parameters()),
-        }
-        self.set_k(0)
-
-    def set_k(self, k: int) -> None:
-        from distributed_bism.config import ObjectiveConfig
-        from distributed_bism.core.bilevel import step_from_config
-        from distributed_bism.objectives import get_objective
-
-        cfg = ObjectiveConfig(
-            name="bimdsm",
-            sigma_begin=0.05,
-            sigma_end=1.2,
-            sigma_schedule="linear",
-            sigma0=0.1,
-            lower_level="fisher",
-            warmup_steps=self.warmup_steps,
-            unroll_steps=k,
-            unroll_optimizer="adam",
-        )
-        self.step = step_from_config(get_objective(cfg), cfg, posterior_lr=self.LR, posterior_betas=self.BETAS)
-
-    def __call__(self) -> Any:
-        self.opt_e.zero_grad(set_to_none=True)
-        out = self.step(energy=self.energy, v=self.v, posterior=self.posterior, posterior_optimizer=self.opt_q)
-        self.opt_e.step()
-        return out.loss
-
-
-def timed(it: Iteration, device: Any) -> tuple[float, float | None, float]:
-    """(seconds, peak extra MiB or None on the CPU, loss) of one iteration."""
-    import torch
-
-    if device.type != "cuda":
-        t = time.perf_counter()
-        loss = float(it())
-        return time.perf_counter() - t, None, loss
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    loss_t = it()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3, (torch.cuda.max_memory_allocated() - base) / 2**20, float(loss_t)
-
-
-def slope(xs: list[float], ys: list[float]) -> float | None:
-    if len(xs) < 2:
-        return None
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
-
-
-def stage_step_bench(args: argparse.Namespace, budget: float, report: Callable[[dict], None]) -> dict[str, Any]:
-    import torch
-
-    plan = BENCH_PLANS["cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"]
-    repeats = args.repeats or plan["repeats"]
-    device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", 0)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    t_end = time.perf_counter() + budget - 10
-    res: dict[str, Any] = {
-        "plan": {
-            "ks": plan["ks"],
-            "warmup_steps": plan["warmup_steps"],
-            "repeats": repeats,
-            "objective": "bimdsm, sigma linspace[0.05, 1.2], sigma0 0.1, fisher lower level, unroll adam",
-            "optimizer": "Adam 1e-4 (0.9, 0.95) both levels",
-        },
-        "timing": "CUDA events between synchronize() calls" if device.type == "cuda" else "perf_counter (CPU)",
-        "memory": "max_memory_allocated - memory_allocated before, per iteration"
-        if device.type == "cuda"
-        else "not measured on the CPU",
-        "configs": {},
-    }
-    if device.type == "cuda":
-        res["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-        res["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-    failures: list[str] = []
-    for size in plan["sizes"]:
-        rec: dict[str, Any] = {**dataclasses.asdict(size), "per_k": {}}
-        res["configs"][size.name] = rec
-        if time.perf_counter() > t_end:
-            rec["status"], rec["error"] = "skipped", "budget"
-            continue
-        try:
-            it = Iteration(size, plan["warmup_steps"], device)
-            rec["params"] = it.params
-            t0 = time.perf_counter()
-            it.set_k(1)  # every code path once (cuDNN/cuBLAS handles, the allocator's pools)
-            for _ in range(1 if args.cpu_smoke else 2):
-                it()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            rec["warmup_s"] = round(time.perf_counter() - t0, 3)
-            for k in plan["ks"]:
-                if time.perf_counter() > t_end:
-                    rec["per_k"][str(k)] = {"status": "skipped", "error": "budget"}
-                    continue
-                it.set_k(k)
-                it()  # untimed
-                runs = [timed(it, device)]
-                while len(runs) < repeats and time.perf_counter() < t_end:
-                    runs.append(timed(it, device))
-                secs, peaks, losses = zip(*runs)
-                rec["per_k"][str(k)] = {
-                    "status": "ok" if all(math.isfinite(x) for x in losses) else "failed",
-                    "seconds": [round(s, 5) for s in secs],
-                    "median_s": statistics.median(secs),
-                    "peak_mib": None if peaks[0] is None else statistics.median(p for p in peaks if p is not None),
-                    "loss": losses[-1],
-                }
-                report(res)
-        except Exception as e:  # an OOM at CIFAR size is a result, not a crash
-            oom = type(e).__name__ == "OutOfMemoryError"
-            rec["error"] = ("out of memory: " if oom else "") + error_line(e)
-            failures.append(f"{size.name}: {rec['error']}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        done = {int(k): r for k, r in rec["per_k"].items() if r.get("status") == "ok"}
-        if done and done.get(0):
-            base = done[0]["median_s"]
-            for r in done.values():
-                r["ratio_to_k0"] = r["median_s"] / base
-        ks = sorted(done)
-        if ks and done[ks[0]].get("peak_mib") is not None:
-            rec["peak_growth_mib_per_unrolled_step"] = slope([float(k) for k in ks], [done[k]["peak_mib"] for k in ks])
-        rec["status"] = rec.get("status") or (
-            "failed" if "error" in rec or any(r.get("status") == "failed" for r in rec["per_k"].values()) else "ok"
-        )
-        if rec["status"] == "failed" and "error" not in rec:
-            failures.append(f"{size.name}: non-finite loss")
-        report(res)
-    res["status"] = "failed" if failures else "ok"
-    if failures:
-        res["error"] = "; ".join(failures)
-    return res
 
 
 STAGE_FUNCS: dict[str, Callable[[argparse.Namespace, float, Callable[[dict], None]], dict[str, Any]]] = {
@@ -751,6 +252,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             ks = "  ".join(
                 f"K={k}: {r['median_s'] * 1e3:.0f} ms"
                 + (f"/{r['peak_mib']:.0f} MiB" if r.get("peak_mib") is not None else "")
+                + (f" (unbatched {r['unbatched_over_stacked']:.2f}x)" if "unbatched_over_stacked" in r else "")
                 for k, r in c["per_k"].items()
                 if r.get("status") == "ok"
             )
