@@ -34,12 +34,12 @@ ENDED_BY_TAG = "bism.ended_by"  # the signal that stopped the driver (run KILLED
 MODEL_KIND_TAG = "bism.kind"  # on a LoggedModel: "final" (the run's model) or "checkpoint"
 MODEL_STEP_TAG = "bism.step"  # on a LoggedModel: the training step of its weights
 MODEL_ID_TAG = "bism.model_id"  # on a registered model version: the LoggedModel it registers
-MODEL_TYPE = "distributed_bism"
+MODEL_TYPE = "distributed_bism"  # LoggedModel.model_type, and the flavor name in its MLmodel file
 # The MLflow 3 UI opens an experiment by its kind: without this tag it guesses, and a run with no
 # traces opened in the GenAI view ("Evaluations"); "custom_model_development" (the UI's "Machine
 # learning" kind; mlflow/server/js ExperimentKind) opens the runs and their training charts.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-TRAINING_KIND = "custom_model_development"  # LoggedModel.model_type, and the flavor name in its MLmodel file
+TRAINING_KIND = "custom_model_development"
 
 
 def tracking_uri(cfg: Config) -> str:
