@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_bism.config import Config, ConfigError
-from distributed_bism.tracking_locks import retry_locked
+from distributed_bism.tracking.locks import retry_locked
 
 RUN_TAG = "bism.run"  # trainer.name, to find the run again on resume
 ENDED_BY_TAG = "bism.ended_by"  # the signal that stopped the driver (run KILLED); removed on resume
@@ -379,7 +379,7 @@ class RunLogger:
         now = int(time.time() * 1000)
         points = [Metric(sanitize(k), float(v), now, step, model_id=model_id) for k, v in values.items()]
         # Every step of every trial of a sweep writes here: a sqlite store may be locked by another
-        # trial for longer than MLflow waits (tracking_locks). The same points are retried.
+        # trial for longer than MLflow waits (tracking/locks.py). The same points are retried.
         client, run_id = self.client, self.run_id
         retry_locked(lambda: client.log_batch(run_id, metrics=points), f"metrics of step {step}")
 
