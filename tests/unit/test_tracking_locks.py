@@ -1,4 +1,4 @@
-"""The retry of writes that meet a locked sqlite store (distributed_bism/tracking_locks.py): only
+"""The retry of writes that meet a locked sqlite store (distributed_bism/tracking/locks.py): only
 sqlite's "database is locked" is retried, a bounded number of times, and RunLogger's per-step
 metrics go through it. The lock errors here are real ones, raised by sqlite on a database another
 connection holds, wrapped as MLflow's sessions wrap them (mlflow/store/db/utils.py,
@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE
 
 from distributed_bism.tracking import RunLogger
-from distributed_bism.tracking_locks import is_locked, retry_locked
+from distributed_bism.tracking.locks import is_locked, retry_locked
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ class LockedOnceClient:
 
 
 def test_run_logger_retries_its_metrics(locked_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import distributed_bism.tracking_locks as tracking_locks
+    import distributed_bism.tracking.locks as tracking_locks
 
     monkeypatch.setattr(tracking_locks.time, "sleep", lambda s: None)
     client = LockedOnceClient(as_mlflow_raises(sqlite_error(locked_db)))
