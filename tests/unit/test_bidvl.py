@@ -10,15 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_bism.core.bilevel import BilevelStep
 from distributed_bism.config import Config, ConfigError, ObjectiveConfig, from_dict
+from distributed_bism.core.bilevel import BilevelStep
+from distributed_bism.core.unroll import SGD
 from distributed_bism.evaluation.ood import ood_data
 from distributed_bism.models import EncoderDecoder, MarginalEnergy, PosteriorView, build_energy, unwrap
 from distributed_bism.objectives import get_objective
-from distributed_bism.objectives.bidvl import (BiDVLLosses, kl_to_standard_normal, latent_reconstruction,
-                                               reconstruction_error, upper_level_loss)
+from distributed_bism.objectives.bidvl import (
+    BiDVLLosses,
+    kl_to_standard_normal,
+    latent_reconstruction,
+    reconstruction_error,
+    upper_level_loss,
+)
 from distributed_bism.training.loop import TrainLoop
-from distributed_bism.core.unroll import SGD
 
 
 def tiny_pair(seed: int = 0, shape: tuple[int, ...] = (1, 4, 4), h_dim: int = 3) -> tuple[MarginalEnergy, EncoderDecoder]:

@@ -47,9 +47,9 @@ def test_training_logs_eval_metrics_and_plots(finished: Finished) -> None:
     from mlflow import MlflowClient
     from PIL import Image
 
+    from distributed_bism.commands.trained import load_trained
     from distributed_bism.data import load_dataset
     from distributed_bism.evaluation.loglik import exact_log_likelihood
-    from distributed_bism.commands.trained import load_trained
 
     assert finished.log.count("eval: fid: skipped (standard FID needs eval.inception_weights") == 1, finished.log
     client = MlflowClient(finished.uri)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.tiny_models import tiny_conv, tiny_grbm
-from tests.helpers.local_runs import scratch_cwd, tiny  # noqa: F401  (scratch_cwd: autouse, keeps the checkout clean)
 
 from distributed_bism.config import ObjectiveConfig
 from distributed_bism.core.diagnostics import exact_reference_gradient, gradient_bias
 from distributed_bism.objectives import get_objective
 from distributed_bism.objectives.score_matching import free_energy_score_fn, get_sm_loss_fn
+from tests.helpers.local_runs import scratch_cwd, tiny  # noqa: F401  (scratch_cwd: autouse, keeps the checkout clean)
+from tests.helpers.tiny_models import tiny_conv, tiny_grbm
 
 
 def _exact_posterior_weights(grbm, q, perturb: float = 0.0, seed: int = 3) -> None:

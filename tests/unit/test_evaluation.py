@@ -17,9 +17,14 @@ import torch.nn.functional as F
 
 from distributed_bism.config import Config, ConfigError
 from distributed_bism.evaluation import loglik
-from distributed_bism.evaluation.classifier_fid import (classifier_fid, classifier_kid, feature_classifier,
-                                                        frechet_distance, labelled_splits, polynomial_mmd2)
-from distributed_bism.evaluation.loglik import exact_log_likelihood
+from distributed_bism.evaluation.classifier_fid import (
+    classifier_fid,
+    classifier_kid,
+    feature_classifier,
+    frechet_distance,
+    labelled_splits,
+    polynomial_mmd2,
+)
 from distributed_bism.evaluation.metrics import EvalContext, register_metric, run_metrics
 from distributed_bism.models import BernoulliPosterior, GaussianRBM
 from distributed_bism.registry.metrics import METRICS

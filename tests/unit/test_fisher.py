@@ -8,7 +8,6 @@ import torch
 from distributed_bism.data.synthetic import make_synthetic
 from distributed_bism.evaluation.fisher import exact_fisher_divergence, synthetic_score_fn, vaes_fisher_divergence
 from distributed_bism.models import GaussianRBM
-
 from tests.helpers.tiny_models import tiny_grbm
 from tests.unit.test_grbm import exact_posterior
 

@@ -10,7 +10,6 @@ import torch
 from distributed_bism.config import ObjectiveConfig
 from distributed_bism.models import BernoulliPosterior, GaussianRBM, PosteriorView
 from distributed_bism.objectives import get_objective
-
 from tests.helpers.tiny_models import tiny_grbm
 
 

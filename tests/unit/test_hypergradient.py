@@ -11,12 +11,11 @@ import copy
 import pytest
 import torch
 
-from distributed_bism.core.bilevel import BilevelStep, inner_energy_fn
 from distributed_bism.config import ObjectiveConfig
+from distributed_bism.core.bilevel import BilevelStep, inner_energy_fn
+from distributed_bism.core.unroll import SGD, Adam
 from distributed_bism.models import PosteriorView
 from distributed_bism.objectives import get_objective
-from distributed_bism.core.unroll import SGD, Adam
-
 from tests.helpers.tiny_models import tiny_conv, tiny_grbm
 
 LR = 0.05

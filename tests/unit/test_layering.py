@@ -25,7 +25,7 @@ HEAVY = ("torch", "ray", "mlflow", "deepspeed", "torchvision")
 
 def test_config_imports_no_heavy_framework():
     code = ("import json, sys; import distributed_bism.config; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in %r)))" % (HEAVY,))
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     heavy = json.loads(out.stdout.strip().splitlines()[-1])

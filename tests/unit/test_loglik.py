@@ -8,10 +8,17 @@ import math
 import pytest
 import torch
 
-from distributed_bism.evaluation.loglik import (LogZEstimate, ais_log_likelihood, ais_log_partition, ais_log_weights,
-                                     base_log_partition, bidirectional_log_likelihood, chain_share,
-                                     exact_log_likelihood, linear_betas, raise_log_likelihood,
-                                     reverse_ais_log_partition)
+from distributed_bism.evaluation.loglik import (
+    LogZEstimate,
+    ais_log_likelihood,
+    ais_log_partition,
+    ais_log_weights,
+    bidirectional_log_likelihood,
+    chain_share,
+    exact_log_likelihood,
+    raise_log_likelihood,
+    reverse_ais_log_partition,
+)
 from distributed_bism.models import GaussianRBM
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")

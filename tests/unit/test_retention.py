@@ -20,8 +20,7 @@ from distributed_bism import train
 from distributed_bism.cli import main
 from distributed_bism.commands.trained import load_trained, resolve_checkpoint
 from distributed_bism.training import checkpointing
-from distributed_bism.training.checkpointing import (STATE_FILE, CheckpointWriteError, LocalSink, load_state,
-                                                    save_state)
+from distributed_bism.training.checkpointing import STATE_FILE, CheckpointWriteError, LocalSink, load_state, save_state
 from tests.helpers.local_runs import checkpoint_dirs, run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: autouse)
 
 

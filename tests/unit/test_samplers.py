@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from distributed_bism.samplers import LangevinSchedule, get_sampler
 from distributed_bism.samplers.mmd import mmd2_rbf
-
 from tests.helpers.tiny_models import tiny_conv, tiny_grbm
 from tests.unit.test_grbm import exact_posterior
 

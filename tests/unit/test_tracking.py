@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from distributed_bism import train
-from distributed_bism.training.checkpointing import load_state
-from distributed_bism.config import Config
 from distributed_bism.api import TrainSummary
+from distributed_bism.config import Config
+from distributed_bism.training.checkpointing import load_state
 from tests.helpers.local_runs import checkpoint_dirs, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: an autouse fixture)
 
 

@@ -78,9 +78,8 @@ def tracked_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import contextlib
     import io
 
-    from tests.helpers.local_runs import checkpoint_dirs
-
     from distributed_bism import train
+    from tests.helpers.local_runs import checkpoint_dirs
 
     out = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):

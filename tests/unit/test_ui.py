@@ -335,6 +335,6 @@ def test_ddp_grad_strides_warning_is_quiet(monkeypatch: pytest.MonkeyPatch) -> N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_grad_strides_warning()
-        warnings.warn("Grad strides do not match bucket view strides. This may indicate ...", UserWarning)
-        warnings.warn("something else", UserWarning)
+        warnings.warn("Grad strides do not match bucket view strides. This may indicate ...", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else"]

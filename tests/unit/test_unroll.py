@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 
-from distributed_bism.core.bilevel import BilevelStep
 from distributed_bism.config import ObjectiveConfig
-from distributed_bism.objectives import get_objective
+from distributed_bism.core.bilevel import BilevelStep
 from distributed_bism.core.unroll import SGD, Adam, torch_optimizer_state, unroll
-
+from distributed_bism.objectives import get_objective
 from tests.helpers.tiny_models import tiny_grbm
 
 

@@ -36,7 +36,6 @@ from distributed_bism.objectives.vages import (
 )
 from distributed_bism.registry.objectives import objective_spec
 from distributed_bism.training.loop import TrainLoop
-
 from tests.helpers.tiny_models import tiny_grbm
 from tests.unit.test_grbm import exact_posterior
 
@@ -121,7 +120,7 @@ def test_vages_surrogate_with_exact_expectations_gives_the_exact_loss_and_its_gr
     torch.testing.assert_close(estimate, exact, rtol=1e-10, atol=1e-10)
     for g_est, g_exact, (n, _) in zip(grads(estimate.mean(), grbm), grads(exact.mean(), grbm), grbm.named_parameters()):
         assert g_exact.abs().max() > 1e-3, f"{n}: the exact gradient is ~0; the check would be empty"
-        torch.testing.assert_close(g_est, g_exact, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name} d/d{n}: {m}")
+        torch.testing.assert_close(g_est, g_exact, rtol=1e-8, atol=1e-10, msg=lambda m, n=n: f"{name} d/d{n}: {m}")
 
 
 def test_the_objective_draws_the_same_estimate_by_monte_carlo(float64):
