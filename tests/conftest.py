@@ -11,6 +11,7 @@ Each test file lives in one layer, and gets that layer's marker from its directo
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,18 @@ import torch
 
 LAYERS = ("unit", "distributed", "cluster", "e2e")
 TESTS = Path(__file__).resolve().parent
+
+# Ray Train's controller polls its workers every $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s in Ray
+# 2.60), and a worker's ray.train.report waits until the previous report has been taken by a poll
+# (a queue of one): every checkpoint and evaluation of a run under Ray could wait up to 2 s, and
+# the end of every run is seen up to 2 s late. The tests' runs are tiny (tens of steps, a report
+# every few), so most of their time was that wait. Polled every 0.2 s here instead: set before any
+# Ray starts, so the in-process clusters, `bism` subprocesses, `ray start` nodes and the jobs they
+# run all inherit it (Ray also propagates it from a driver to its controller and workers). A poll
+# that takes longer is awaited in the next round; a worker counts as hung only after
+# $RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), which is left as it is. setdefault: an
+# environment that sets it keeps its own.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

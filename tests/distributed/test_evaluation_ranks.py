@@ -25,6 +25,9 @@ def _ais_rank(rank: int, port: int, path: str, queue: Any) -> None:
     from tests.helpers.local_runs import tiny as tiny_cfg
 
     lik.MAX_ENUMERABLE_H = 3  # this process only
+    # one thread: AIS is thousands of tiny tensor ops, where 2 ranks × a thread pool each on 2 cores
+    # spend their time handing work around (conftest.one_thread)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
