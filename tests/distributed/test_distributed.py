@@ -20,11 +20,11 @@ import pytest
 import torch
 from ray import cloudpickle
 
-from tests.helpers import dist_workers
-from tests.helpers.dist_workers import first_step_config
 from distributed_bism.config import Config, from_dict
 from distributed_bism.launch.ray_backend import run_on_ray
 from distributed_bism.training.loop import TrainLoop
+from tests.helpers import dist_workers
+from tests.helpers.dist_workers import first_step_config
 
 cloudpickle.register_pickle_by_value(dist_workers)  # workers cannot import tests/
 

@@ -10,9 +10,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_bism.distributed import (all_ranks_agree, broadcast_object, collective_device, from_rank0,
-                                          gather_objects, gather_rows, mean_over_ranks, rank_and_world, share,
-                                          sum_over_ranks)
+from distributed_bism.distributed import (
+    all_ranks_agree,
+    broadcast_object,
+    collective_device,
+    from_rank0,
+    gather_objects,
+    gather_rows,
+    mean_over_ranks,
+    rank_and_world,
+    share,
+    sum_over_ranks,
+)
 
 
 def test_one_process_is_world_size_one_and_returns_its_input():

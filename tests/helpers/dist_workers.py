@@ -11,8 +11,8 @@ import torch
 
 from distributed_bism.config import Config, from_dict
 from distributed_bism.models import unwrap
-from distributed_bism.training.updaters import EngineUpdater
 from distributed_bism.training.loop import TrainLoop
+from distributed_bism.training.updaters import EngineUpdater
 
 
 def first_step_config(cfg: Config, k: int) -> Config:

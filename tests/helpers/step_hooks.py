@@ -24,8 +24,8 @@ import importlib.abc, os, sys, time
 def _patch(RunLogger):
     at, marker, metrics = int(os.environ["BISM_TEST_BLOCK_AT"]), os.environ["BISM_TEST_MARKER"], RunLogger.metrics
 
-    def blocking(self, values, step):
-        metrics(self, values, step)
+    def blocking(self, values, step, **kwargs):  # kwargs: RunLogger.metrics's own (model_id=, as bism eval passes)
+        metrics(self, values, step, **kwargs)
         if step >= at:
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))

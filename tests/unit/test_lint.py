@@ -1,7 +1,8 @@
-"""Lint, format and type check of distributed_bism/ with the settings in pyproject.toml
-([tool.ruff], [tool.mypy]): `ruff check`, `ruff format --check` and `mypy`, each run by this
-interpreter (`python -m TOOL`) so that mypy sees the packages installed beside it. A tool that is
-not installed skips its test, saying how to install it (the `dev` extra pins both)."""
+"""Lint, format and type check with the settings in pyproject.toml ([tool.ruff], [tool.mypy]):
+`ruff check` of distributed_bism/, tests/ and bench/; `ruff format --check` and `mypy` of
+distributed_bism/; each run by this interpreter (`python -m TOOL`) so that mypy sees the packages
+installed beside it. A tool that is not installed skips its test, saying how to install it (the
+`dev` extra pins both)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "distributed_bism"
+LINTED = (PACKAGE, "tests", "bench")  # ruff check; the format check covers the package only
 # distributed_bism/ type-checks clean (61 errors when mypy was added, fixed in issue 14): keep it so.
 MYPY_ERRORS_ALLOWED = 0
 
@@ -28,8 +30,8 @@ def run_tool(module: str, *args: str, timeout: float = 300) -> subprocess.Comple
 
 
 def test_ruff_check() -> None:
-    done = run_tool("ruff", "check", "--no-fix", "--output-format", "concise", PACKAGE)
-    assert done.returncode == 0, f"ruff check {PACKAGE} (`ruff check --fix` repairs the [*] ones):\n" + (
+    done = run_tool("ruff", "check", "--no-fix", "--output-format", "concise", *LINTED)
+    assert done.returncode == 0, f"ruff check {' '.join(LINTED)} (`ruff check --fix` repairs the [*] ones):\n" + (
         done.stdout[-6000:] + done.stderr[-2000:])
 
 
