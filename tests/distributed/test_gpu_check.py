@@ -56,6 +56,10 @@ def test_cpu_smoke_runs_every_stage_and_the_gradient_check_passes(tmp_path):
     assert bench["status"] == "ok", f"{bench.get('error')}\n{log}"
     (cfg,) = bench["configs"].values()
     assert {k: r["status"] for k, r in cfg["per_k"].items()} == {"0": "ok", "1": "ok"}
+    for k, r in cfg["per_k"].items():  # the unbatched step timed beside the default at each K
+        assert r["unbatched_median_s"] > 0 and math.isclose(
+            r["unbatched_over_stacked"], r["unbatched_median_s"] / r["median_s"]
+        ), f"K={k}: {r}"
     assert done.returncode == 0, log
     assert "nccl_grad" in done.stdout and "wrote" in done.stdout  # the printed summary
 
