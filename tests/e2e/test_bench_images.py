@@ -24,7 +24,9 @@ def test_learning_images_writes_its_report_and_resumes(tmp_path: Path) -> None:
     assert set(by) == {"bimdsm_k0", "ebm_mdsm"} and not any(r.get("error") for r in by.values())
     assert by["bimdsm_k0"]["samplers"] == ["conditional", "marginal_langevin"]
     point = by["bimdsm_k0"]["points"][-1]
-    assert point["step"] > 20 and {"cfid_conditional", "cfid_marginal_langevin", "denoise_gain"} <= set(point)
+    # at least the 20 calibration steps; how many more fit in 2 CPU seconds depends on the machine
+    # (tests/unit/test_bench_learning_budget.py checks the budget loop on a fake clock)
+    assert point["step"] >= 20 and {"cfid_conditional", "cfid_marginal_langevin", "denoise_gain"} <= set(point)
     assert report["reference"]["held_out"] < report["reference"]["uniform_noise"]
     for name in ("learning_images_digits_t.md", "learning_images_digits_t.png",
                  "learning_images_digits_t_bimdsm_k0_marginal_langevin.png",
